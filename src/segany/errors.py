@@ -1,0 +1,59 @@
+"""The exceptions segany raises for bad input. Each message names the problem and the fix.
+
+Every class derives from :class:`SegAnyError` and from the built-in exception a Python user
+would expect (``FileNotFoundError``, ``ValueError``, ...), so both kinds of ``except`` work.
+"""
+
+from __future__ import annotations
+
+
+class SegAnyError(Exception):
+    """Base class of all segany errors."""
+
+
+class CheckpointError(SegAnyError, ValueError):
+    """A checkpoint file cannot be used (base class of the checkpoint errors)."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The named checkpoint is neither a file, nor in the weights cache, nor a known model name."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """The file is truncated, damaged or not a PyTorch checkpoint at all."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The file is a pickle that needs to run code to load; it is refused and the code never runs."""
+
+
+class UnknownArchitectureError(CheckpointError):
+    """The tensors in the file match no architecture segany knows."""
+
+
+class StateDictMismatchError(CheckpointError):
+    """The file's keys or shapes do not match the recognised architecture (missing/unexpected keys)."""
+
+
+class DownloadError(SegAnyError, OSError):
+    """Weights could not be downloaded (offline, HTTP error, truncated or corrupt file)."""
+
+
+class PromptError(SegAnyError, ValueError):
+    """Prompts of the wrong shape, values or combination."""
+
+
+class ImageError(SegAnyError, ValueError):
+    """An image source that cannot be read (missing, empty, corrupt or of an unsupported type)."""
+
+
+class ImageNotFoundError(ImageError, FileNotFoundError):
+    """An image path that does not exist, or a directory/glob that holds no images."""
+
+
+class ConfigError(SegAnyError, ValueError):
+    """An unknown option or an invalid option value."""
+
+
+class NotAvailableError(SegAnyError, NotImplementedError):
+    """A feature that this version of segany does not provide yet."""

@@ -1,0 +1,183 @@
+"""The one registry of model configurations.
+
+Building (:func:`build_model`), checkpoint recognition and loading (:mod:`segany.checkpoints`),
+weight download (:mod:`segany.hub`), ``info()`` and the CLI all read :data:`MODELS`.
+
+A :class:`ModelConfig` names an architecture ``family`` (a key of :data:`BUILDERS`) and the
+keyword arguments of its builder. SAM 2 adds its own family and builder without changing this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+from .mask_decoder import MaskDecoder
+from .prompt_encoder import PromptEncoder
+from .sam import Sam
+from .transformer import TwoWayTransformer
+from .vit import ImageEncoderViT
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """Where the official weights of a model come from."""
+
+    filename: str  # name in the weights cache
+    url: str
+    sha256_prefix: str | None = None  # Meta's file names carry the first hex digits of the SHA-256
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One named architecture: ``family`` picks the builder, ``params`` are its arguments."""
+
+    name: str
+    family: str
+    params: dict[str, Any]
+    aliases: tuple[str, ...] = ()  # the file names a user may type
+    weights: WeightsFile | None = None
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# Decoder and prompt-encoder settings shared by every SAM (v1) model.
+SAM_DECODER = dict(
+    prompt_embed_dim=256,
+    mask_in_chans=16,
+    decoder_depth=2,
+    decoder_mlp_dim=2048,
+    decoder_heads=8,
+    num_multimask_outputs=3,
+    iou_head_depth=3,
+    iou_head_hidden_dim=256,
+)
+
+
+def _vit(embed_dim: int, depth: int, heads: int, global_attn: tuple[int, ...]) -> dict[str, Any]:
+    encoder = dict(
+        img_size=1024,
+        patch_size=16,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=4.0,
+        window_size=14,
+        global_attn_indexes=global_attn,
+    )
+    return dict(encoder=encoder, **SAM_DECODER)
+
+
+_META = "https://dl.fbaipublicfiles.com/segment_anything/"
+
+MODELS: dict[str, ModelConfig] = {
+    cfg.name: cfg
+    for cfg in [
+        ModelConfig(
+            "sam_b", "sam_vit", _vit(768, 12, 12, (2, 5, 8, 11)),
+            aliases=("sam_b.pt", "sam_vit_b_01ec64.pth", "sam_vit_b.pth"),
+            weights=WeightsFile("sam_vit_b_01ec64.pth", _META + "sam_vit_b_01ec64.pth", "01ec64"),
+            description="SAM ViT-B (Meta)",
+        ),
+        ModelConfig(
+            "sam_l", "sam_vit", _vit(1024, 24, 16, (5, 11, 17, 23)),
+            aliases=("sam_l.pt", "sam_vit_l_0b3195.pth", "sam_vit_l.pth"),
+            weights=WeightsFile("sam_vit_l_0b3195.pth", _META + "sam_vit_l_0b3195.pth", "0b3195"),
+            description="SAM ViT-L (Meta)",
+        ),
+        ModelConfig(
+            "sam_h", "sam_vit", _vit(1280, 32, 16, (7, 15, 23, 31)),
+            aliases=("sam_h.pt", "sam_vit_h_4b8939.pth", "sam_vit_h.pth"),
+            weights=WeightsFile("sam_vit_h_4b8939.pth", _META + "sam_vit_h_4b8939.pth", "4b8939"),
+            description="SAM ViT-H (Meta)",
+        ),
+        ModelConfig(
+            "mobile_sam", "mobile_sam",
+            dict(
+                encoder=dict(
+                    img_size=1024,
+                    embed_dims=(64, 128, 160, 320),
+                    depths=(2, 2, 6, 2),
+                    num_heads=(2, 4, 5, 10),
+                    window_sizes=(7, 7, 14, 7),
+                    mlp_ratio=4.0,
+                    mbconv_expand_ratio=4.0,
+                    local_conv_size=3,
+                    num_classes=1000,
+                ),
+                **SAM_DECODER,
+            ),
+            aliases=("mobile_sam.pt",),
+            weights=WeightsFile(
+                "mobile_sam.pt", "https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt"
+            ),
+            description="MobileSAM (TinyViT-5M encoder)",
+        ),
+    ]
+}
+
+
+def find_config(name: str) -> ModelConfig | None:
+    """The registry entry for a model name (``sam_b``) or a file name a user types (``sam_b.pt``)."""
+    key = name.strip()
+    if key in MODELS:
+        return MODELS[key]
+    for cfg in MODELS.values():
+        if key in cfg.aliases:
+            return cfg
+    return None
+
+
+def _decoder_parts(p: dict[str, Any], embedding_grid: int, img_size: int) -> tuple[PromptEncoder, MaskDecoder]:
+    dim = p["prompt_embed_dim"]
+    prompt_encoder = PromptEncoder(
+        embed_dim=dim,
+        image_embedding_size=(embedding_grid, embedding_grid),
+        input_image_size=(img_size, img_size),
+        mask_in_chans=p["mask_in_chans"],
+    )
+    mask_decoder = MaskDecoder(
+        transformer_dim=dim,
+        transformer=TwoWayTransformer(
+            depth=p["decoder_depth"], embedding_dim=dim, num_heads=p["decoder_heads"], mlp_dim=p["decoder_mlp_dim"]
+        ),
+        num_multimask_outputs=p["num_multimask_outputs"],
+        iou_head_depth=p["iou_head_depth"],
+        iou_head_hidden_dim=p["iou_head_hidden_dim"],
+    )
+    return prompt_encoder, mask_decoder
+
+
+def build_sam_vit(params: dict[str, Any]) -> Sam:
+    """SAM with a ViT image encoder (B/L/H or any custom size)."""
+    enc = dict(params["encoder"])
+    encoder = ImageEncoderViT(out_chans=params["prompt_embed_dim"], **enc)
+    grid = enc["img_size"] // enc["patch_size"]
+    return Sam(encoder, *_decoder_parts(params, grid, enc["img_size"]))
+
+
+def build_mobile_sam(params: dict[str, Any]) -> Sam:
+    """SAM with MobileSAM's TinyViT image encoder."""
+    from .tiny_vit import TinyViT
+
+    enc = dict(params["encoder"])
+    encoder = TinyViT(out_chans=params["prompt_embed_dim"], **enc)
+    return Sam(encoder, *_decoder_parts(params, enc["img_size"] // 16, enc["img_size"]))
+
+
+BUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
+    "sam_vit": build_sam_vit,
+    "mobile_sam": build_mobile_sam,
+}
+
+
+def build_model(config: ModelConfig | str) -> nn.Module:
+    """A model with freshly initialised weights, in eval mode, from a config or a registry name."""
+    if isinstance(config, str):
+        found = find_config(config)
+        if found is None:
+            raise KeyError(f"unknown model {config!r}; known: {', '.join(MODELS)}")
+        config = found
+    return BUILDERS[config.family](config.params).eval()

@@ -1,0 +1,84 @@
+"""The SAM model: image encoder + prompt encoder + mask decoder, with SAM's pixel normalisation,
+padding and mask upsampling. Pure tensors in, tensors out: resizing of images and prompts to the
+model's input frame happens in :mod:`segany.engine`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .mask_decoder import MaskDecoder
+from .prompt_encoder import PromptEncoder
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+class Sam(nn.Module):
+    """Segment Anything (SAM ViT-B/L/H, MobileSAM, and custom sizes).
+
+    State-dict keys are those of Meta's ``Sam`` (``image_encoder.*``, ``prompt_encoder.*``,
+    ``mask_decoder.*``), so Meta's checkpoints load as they are.
+    """
+
+    mask_threshold: float = 0.0
+
+    def __init__(self, image_encoder: nn.Module, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), persistent=False)
+
+    @property
+    def img_size(self) -> int:
+        """Side of the square input the encoder takes (1024 for the official models)."""
+        return self.image_encoder.img_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """Resized RGB ``(B, 3, h, w)`` in 0..255 → normalised, zero-padded ``(B, 3, S, S)``."""
+        x = (x - self.pixel_mean) / self.pixel_std
+        h, w = x.shape[-2:]
+        return F.pad(x, (0, self.img_size - w, 0, self.img_size - h))
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed ``(B, 3, S, S)`` → image embeddings ``(B, 256, S/16, S/16)``."""
+        return self.image_encoder(x)
+
+    def decode(
+        self,
+        image_embeddings: torch.Tensor,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
+        boxes: torch.Tensor | None = None,
+        mask_inputs: torch.Tensor | None = None,
+        multimask_output: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts in the input frame → low-res mask logits ``(B, K, 256, 256)`` and IoU ``(B, K)``.
+
+        ``image_embeddings`` is ``(1, C, h, w)`` (shared by all B prompts) or ``(B, C, h, w)``;
+        points ``(B, N, 2)`` with labels ``(B, N)``; boxes ``(B, 4)`` (x1, y1, x2, y2);
+        mask_inputs ``(B, 1, 256, 256)`` logits.
+        """
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_inputs)
+        return self.mask_decoder(
+            image_embeddings=image_embeddings,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+        )
+
+    def postprocess_masks(
+        self, masks: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
+    ) -> torch.Tensor:
+        """Low-res logits ``(B, K, 256, 256)`` → logits at the original size ``(B, K, H, W)``:
+        upsample to the padded input, drop the padding, upsample to the original size."""
+        masks = F.interpolate(masks, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        masks = masks[..., : input_size[0], : input_size[1]]
+        return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)

@@ -1,0 +1,215 @@
+"""SAM's ViT image encoder (ViT-B/L/H): windowed attention with decomposed relative positions.
+
+Attention runs through ``scaled_dot_product_attention`` with the decomposed relative
+position terms as an additive bias; the index tables that gather those terms are computed
+once per input size and cached, not rebuilt at every call.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .common import LayerNorm2d, MLPBlock
+
+
+class ImageEncoderViT(nn.Module):
+    """Image ``(B, 3, S, S)`` normalised and padded → embedding ``(B, out_chans, S/16, S/16)``."""
+
+    def __init__(
+        self,
+        img_size: int = 1024,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        out_chans: int = 256,
+        qkv_bias: bool = True,
+        use_abs_pos: bool = True,
+        use_rel_pos: bool = True,
+        window_size: int = 14,
+        global_attn_indexes: tuple[int, ...] = (),
+    ) -> None:
+        super().__init__()
+        self.img_size = img_size
+        self.patch_size = patch_size
+        grid = img_size // patch_size
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.pos_embed: nn.Parameter | None = None
+        if use_abs_pos:
+            self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim))
+        self.blocks = nn.ModuleList(
+            Block(
+                dim=embed_dim,
+                num_heads=num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                use_rel_pos=use_rel_pos,
+                window_size=0 if i in global_attn_indexes else window_size,
+                input_size=(grid, grid),
+            )
+            for i in range(depth)
+        )
+        self.neck = nn.Sequential(
+            nn.Conv2d(embed_dim, out_chans, kernel_size=1, bias=False),
+            LayerNorm2d(out_chans),
+            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
+            LayerNorm2d(out_chans),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)  # (B, H, W, C)
+        if self.pos_embed is not None:
+            pos = self.pos_embed
+            if pos.shape[1:3] != x.shape[1:3]:  # another working image size than trained for
+                pos = F.interpolate(pos.permute(0, 3, 1, 2), size=x.shape[1:3], mode="bicubic",
+                                    align_corners=False).permute(0, 2, 3, 1)
+            x = x + pos
+        for blk in self.blocks:
+            x = blk(x)
+        return self.neck(x.permute(0, 3, 1, 2))
+
+
+class PatchEmbed(nn.Module):
+    """``(B, C, H, W)`` → ``(B, H/p, W/p, embed_dim)``."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; ``window_size == 0`` means global attention."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        use_rel_pos: bool,
+        window_size: int,
+        input_size: tuple[int, int],
+    ) -> None:
+        super().__init__()
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        self.norm1 = norm(dim)
+        self.attn = Attention(
+            dim,
+            num_heads=num_heads,
+            qkv_bias=qkv_bias,
+            use_rel_pos=use_rel_pos,
+            input_size=input_size if window_size == 0 else (window_size, window_size),
+        )
+        self.norm2 = norm(dim)
+        self.mlp = MLPBlock(dim, int(dim * mlp_ratio))
+        self.window_size = window_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.norm1(x)
+        if self.window_size > 0:
+            h, w = x.shape[1], x.shape[2]
+            x, pad_hw = window_partition(x, self.window_size)
+            x = window_unpartition(self.attn(x), self.window_size, pad_hw, (h, w))
+        else:
+            x = self.attn(x)
+        x = shortcut + x
+        return x + self.mlp(self.norm2(x))
+
+
+class Attention(nn.Module):
+    """Multi-head attention on ``(B, H, W, C)`` tokens with decomposed relative positions."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        use_rel_pos: bool = False,
+        input_size: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.use_rel_pos = use_rel_pos
+        if use_rel_pos:
+            if input_size is None:
+                raise ValueError("input_size is needed for relative position embeddings")
+            self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, head_dim))
+            self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
+        self._index_cache: dict[tuple[int, str], torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, _ = x.shape
+        # (3, B, heads, H*W, head_dim)
+        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        bias = self._rel_pos_bias(q, h, w) if self.use_rel_pos else None
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        x = x.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+        return self.proj(x)
+
+    def _rel_pos_bias(self, q: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Decomposed relative-position bias ``(B, heads, H*W, H*W)`` (MViTv2)."""
+        rh = self._rel_table(self.rel_pos_h, h)  # (H, H, head_dim)
+        rw = self._rel_table(self.rel_pos_w, w)  # (W, W, head_dim)
+        b, n_heads, _, dim = q.shape
+        r_q = q.reshape(b, n_heads, h, w, dim)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh)
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw)
+        bias = rel_h[..., :, None] + rel_w[..., None, :]  # (B, heads, H, W, H, W)
+        return bias.reshape(b, n_heads, h * w, h * w)
+
+    def _rel_table(self, rel_pos: torch.Tensor, size: int) -> torch.Tensor:
+        """Gather the ``(size, size, head_dim)`` table of relative embeddings."""
+        max_rel_dist = 2 * size - 1
+        if rel_pos.shape[0] != max_rel_dist:  # working size differs from the trained one
+            rel_pos = F.interpolate(
+                rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=max_rel_dist, mode="linear"
+            ).reshape(-1, max_rel_dist).permute(1, 0)
+        key = (size, str(rel_pos.device))
+        idx = self._index_cache.get(key)
+        if idx is None:
+            coords = torch.arange(size, device=rel_pos.device)
+            idx = coords[:, None] - coords[None, :] + (size - 1)
+            self._index_cache[key] = idx
+        return rel_pos[idx]
+
+
+def window_partition(x: torch.Tensor, window_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``(B, H, W, C)`` → windows ``(B * nW, ws, ws, C)`` after zero padding, and the padded size."""
+    b, h, w, c = x.shape
+    pad_h = (window_size - h % window_size) % window_size
+    pad_w = (window_size - w % window_size) % window_size
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    hp, wp = h + pad_h, w + pad_w
+    x = x.view(b, hp // window_size, window_size, wp // window_size, window_size, c)
+    windows = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, c)
+    return windows, (hp, wp)
+
+
+def window_unpartition(
+    windows: torch.Tensor, window_size: int, pad_hw: tuple[int, int], hw: tuple[int, int]
+) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: windows → ``(B, H, W, C)`` without the padding."""
+    hp, wp = pad_hw
+    h, w = hw
+    b = windows.shape[0] // (hp * wp // window_size // window_size)
+    x = windows.view(b, hp // window_size, wp // window_size, window_size, window_size, -1)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, -1)
+    if hp > h or wp > w:
+        x = x[:, :h, :w, :].contiguous()
+    return x
