@@ -1,0 +1,283 @@
+"""The Predictor: encode an image once, answer many prompts (SPEC §4).
+
+State is explicit: :attr:`Predictor.image` holds the current image and its embedding, set only
+after an encode succeeded, so a failed call leaves the predictor as it was. Per-call options
+never persist into the next call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..config import DEFAULTS, EVERYTHING_DEFAULTS, check_options
+from ..errors import ConfigError, PromptError, SegAnyError
+from ..models.registry import ModelConfig
+from .device import autocast, select_device
+from .prompts import Prompts, parse_prompts
+from .results import Results
+from .sources import iter_sources, load_image
+from .transforms import image_to_tensor, scale_coords, upscale_logits
+
+PROMPT_CHUNK = 64  # prompts decoded together; bounds the decoder's transient memory
+
+
+@dataclass
+class ImageState:
+    """An encoded image: what prompts need to become masks."""
+
+    orig_img: np.ndarray  # (H, W, 3) uint8 BGR
+    path: str
+    original_size: tuple[int, int]  # (H, W)
+    input_size: tuple[int, int]  # (h', w') after resizing the longest side to the model's size
+    features: torch.Tensor  # (1, C, h, w) image embedding
+    encode_ms: float = 0.0
+    preprocess_ms: float = 0.0
+
+
+class Predictor:
+    """``Predictor(overrides=dict(model="mobile_sam.pt", imgsz=1024, conf=0.25))``.
+
+    ``set_image`` encodes; calling with prompts decodes on the cached embedding; calling with a
+    ``source`` encodes that source first; calling with no prompts runs segment-everything.
+    """
+
+    def __init__(self, overrides: dict[str, Any] | None = None, model: nn.Module | None = None,
+                 config: ModelConfig | None = None) -> None:
+        self.args: dict[str, Any] = {**DEFAULTS, **check_options(dict(overrides or {}))}
+        self.device = select_device(self.args["device"])
+        self.model: nn.Module | None = None
+        self.model_config: ModelConfig | None = None
+        self.image: ImageState | None = None
+        if model is not None:
+            self._use_model(model, config)
+        elif self.args["model"] is not None:
+            self.setup_model(self.args["model"])
+
+    # -- model -------------------------------------------------------------------------------
+    def setup_model(self, model: str | Path) -> None:
+        """Resolve (download if needed) and load a checkpoint by name or path."""
+        from ..checkpoints import load_model
+        from ..hub import resolve_weights
+
+        net, config = load_model(resolve_weights(model), name=Path(str(model)).stem)
+        self._use_model(net, config)
+
+    def _use_model(self, model: nn.Module, config: ModelConfig | None) -> None:
+        self.model = model.to(self.device).eval()
+        self.model_config = config
+        self.image = None
+
+    def _require_model(self) -> nn.Module:
+        if self.model is None:
+            raise ConfigError("no model loaded: pass overrides=dict(model='sam_b.pt') or call setup_model(...)")
+        return self.model
+
+    def _options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        opts = {**self.args, **check_options(kwargs)}
+        model = self._require_model()
+        if int(opts["imgsz"]) != model.img_size:
+            raise ConfigError(f"imgsz={opts['imgsz']}: this model works at imgsz={model.img_size}")
+        if str(opts["device"]) != str(self.args["device"]):
+            dev = select_device(opts["device"])
+            if dev != self.device:
+                raise ConfigError(f"device={opts['device']!r}: this predictor runs on {self.device}; "
+                                  f"create it with device={opts['device']!r}")
+        return opts
+
+    # -- images ------------------------------------------------------------------------------
+    def encode(self, images: list[np.ndarray], half: bool = False) -> list[tuple[torch.Tensor, tuple[int, int], float]]:
+        """BGR images → per image: embedding ``(1, C, h, w)``, input size, preprocess ms (one encoder pass)."""
+        model = self._require_model()
+        batch, sizes, prep_ms = [], [], []
+        for img in images:
+            t0 = time.perf_counter()
+            x = image_to_tensor(img, model.img_size, self.device)
+            sizes.append(tuple(x.shape[-2:]))
+            batch.append(model.preprocess(x))
+            prep_ms.append((time.perf_counter() - t0) * 1000)
+        with torch.inference_mode(), autocast(self.device, half):
+            feats = model.encode_image(torch.cat(batch)).float()
+        return [(feats[i : i + 1], sizes[i], prep_ms[i]) for i in range(len(images))]
+
+    def _encode_states(self, named: list[tuple[str, np.ndarray]], half: bool) -> list[ImageState]:
+        t0 = time.perf_counter()
+        encoded = self.encode([img for _, img in named], half=half)
+        per_image = (time.perf_counter() - t0) * 1000 / len(named) - sum(e[2] for e in encoded) / len(named)
+        return [
+            ImageState(img, name, img.shape[:2], size, feats, encode_ms=per_image, preprocess_ms=prep)
+            for (name, img), (feats, size, prep) in zip(named, encoded)
+        ]
+
+    def set_image(self, image: Any) -> None:
+        """Encode one image (path, URL, BGR ndarray, PIL image or tensor) and keep its embedding."""
+        name = str(image) if isinstance(image, (str, Path)) else "image0"
+        img = load_image(image)
+        self.image = self._encode_states([(name, img)], half=bool(self.args["half"]))[0]
+
+    def get_image_embedding(self) -> torch.Tensor:
+        """The current image embedding ``(1, C, h, w)``."""
+        return self._require_image().features
+
+    def reset_image(self) -> None:
+        """Forget the current image and its embedding."""
+        self.image = None
+
+    def save_embedding(self, path: str | Path) -> None:
+        """Save the current image and embedding so another process can prompt without encoding."""
+        st = self._require_image()
+        data = {
+            "features": st.features.cpu(),
+            "orig_img": torch.from_numpy(np.ascontiguousarray(st.orig_img)),
+            "original_size": torch.tensor(st.original_size),
+            "input_size": torch.tensor(st.input_size),
+            "img_size": torch.tensor(self._require_model().img_size),
+        }
+        tmp = Path(str(path) + ".tmp")
+        torch.save(data, tmp)
+        tmp.replace(path)
+
+    def load_embedding(self, path: str | Path, name: str | None = None) -> None:
+        """Load an embedding written by :meth:`save_embedding` (tensors only: ``weights_only=True``)."""
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            feats, img = data["features"], data["orig_img"].numpy()
+            orig, inp, size = tuple(data["original_size"].tolist()), tuple(data["input_size"].tolist()), int(data["img_size"])
+        except (OSError, RuntimeError, KeyError, TypeError, EOFError) as e:
+            raise SegAnyError(f"'{path}' is not an embedding saved by Predictor.save_embedding ({e})") from None
+        model = self._require_model()
+        expected = model.prompt_encoder.image_embedding_size
+        if size != model.img_size or tuple(feats.shape[-2:]) != tuple(expected):
+            raise SegAnyError(f"'{path}' was computed for another model (embedding {tuple(feats.shape)})")
+        self.image = ImageState(img, name or str(path), orig, inp, feats.to(self.device))
+
+    def _require_image(self) -> ImageState:
+        if self.image is None:
+            raise PromptError("no image is set: call set_image(...) first, or pass source=... (reset_image() clears it)")
+        return self.image
+
+    # -- prompts -----------------------------------------------------------------------------
+    def __call__(self, source: Any = None, stream: bool = False, bboxes=None, points=None, labels=None,
+                 masks=None, multimask_output: bool | None = None, **kwargs: Any):
+        """Segment ``source`` (or the current image) with prompts, or everything when none are given.
+
+        Returns a list of :class:`Results` (one per image), or a generator when ``stream=True``.
+        """
+        opts = self._options(kwargs)
+        multimask = bool(opts["multimask_output"] if multimask_output is None else multimask_output)
+        prompts = dict(bboxes=bboxes, points=points, labels=labels, masks=masks)
+        has_prompt = any(v is not None for v in prompts.values())
+        if source is None:
+            state = self._require_image()
+            gen = iter([self._run(state, prompts, has_prompt, multimask, opts)])
+        else:
+            gen = self._run_sources(source, prompts, has_prompt, multimask, opts)
+        return gen if stream or opts["stream"] else list(gen)
+
+    def _run_sources(self, source, prompts, has_prompt, multimask, opts) -> Iterator[Results]:
+        batch = opts["batch"] or (8 if self.device.type == "cuda" else 1)
+        pending: list[tuple[str, np.ndarray]] = []
+        for item in iter_sources(source, vid_stride=int(opts["vid_stride"])):
+            pending.append(item)
+            if len(pending) == batch:
+                yield from self._run_batch(pending, prompts, has_prompt, multimask, opts)
+                pending = []
+        if pending:
+            yield from self._run_batch(pending, prompts, has_prompt, multimask, opts)
+
+    def _run_batch(self, named, prompts, has_prompt, multimask, opts) -> Iterator[Results]:
+        if has_prompt:  # check prompts against every image before the expensive encode
+            for _, img in named:
+                parse_prompts(img.shape[:2], **prompts)
+        for state in self._encode_states(named, half=bool(opts["half"])):
+            self.image = state  # the last image stays available for prompt-only calls
+            yield self._run(state, prompts, has_prompt, multimask, opts)
+
+    def _run(self, state: ImageState, prompts, has_prompt, multimask, opts) -> Results:
+        if not has_prompt:
+            from .everything import segment_everything
+
+            return segment_everything(self, state, opts)
+        parsed = parse_prompts(state.original_size, **prompts)
+        t0 = time.perf_counter()
+        low_res, iou = self.decode(state, parsed, multimask, half=bool(opts["half"]))
+        t1 = time.perf_counter()
+        masks = self.logits_to_masks(state, low_res)
+        n, k = iou.shape
+        order = torch.argsort(iou, dim=1, descending=True) if k > 1 else torch.zeros_like(iou, dtype=torch.long)
+        pick = (torch.arange(n, device=order.device)[:, None] * k + order).flatten()
+        cls = torch.arange(n).repeat_interleave(k)
+        t2 = time.perf_counter()
+        return Results(
+            orig_img=state.orig_img,
+            path=state.path,
+            masks=masks.flatten(0, 1)[pick],
+            scores=iou.flatten()[pick].float(),
+            cls=cls,
+            low_res_logits=low_res.flatten(0, 1)[pick].float(),
+            speed=dict(preprocess=state.preprocess_ms, inference=state.encode_ms + (t1 - t0) * 1000,
+                       postprocess=(t2 - t1) * 1000),
+        )
+
+    def decode(self, state: ImageState, prompts: Prompts, multimask: bool, half: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts (original pixels) → low-res logits ``(N, K, 256, 256)`` and IoU ``(N, K)``."""
+        model = self._require_model()
+        dev, size = self.device, model.img_size
+        pts = lab = boxes = mask_in = None
+        if prompts.points is not None:
+            pts = torch.as_tensor(scale_coords(prompts.points, state.original_size, size), dtype=torch.float32, device=dev)
+            lab = torch.as_tensor(prompts.labels, dtype=torch.int64, device=dev)
+        if prompts.boxes is not None:
+            xy = scale_coords(prompts.boxes.reshape(-1, 2, 2), state.original_size, size).reshape(-1, 4)
+            boxes = torch.as_tensor(xy, dtype=torch.float32, device=dev)
+        if prompts.masks is not None:
+            mask_in = self._mask_inputs(state, prompts)
+        outs = []
+        with torch.inference_mode(), autocast(dev, half):
+            for s in range(0, len(prompts), PROMPT_CHUNK):
+                sl = slice(s, s + PROMPT_CHUNK)
+                outs.append(model.decode(
+                    state.features,
+                    points=None if pts is None else (pts[sl], lab[sl]),
+                    boxes=None if boxes is None else boxes[sl],
+                    mask_inputs=None if mask_in is None else mask_in[sl],
+                    multimask_output=multimask,
+                ))
+        return torch.cat([o[0] for o in outs]).float(), torch.cat([o[1] for o in outs]).float()
+
+    def _mask_inputs(self, state: ImageState, prompts: Prompts) -> torch.Tensor:
+        """Mask prompts → ``(N, 1, 256, 256)`` logits. A binary mask at the image size is resized
+        like the image, padded, area-averaged to 256×256 and mapped to ±10 logits (0.5 → 0)."""
+        m = torch.as_tensor(prompts.masks, dtype=torch.float32, device=self.device)[:, None]
+        if prompts.masks_are_logits:
+            return m
+        model = self._require_model()
+        h, w = state.input_size
+        m = F.interpolate(m, (h, w), mode="bilinear", align_corners=False)
+        m = F.pad(m, (0, model.img_size - w, 0, model.img_size - h))
+        low = model.prompt_encoder.mask_input_size
+        m = F.interpolate(m, low, mode="area")
+        return (m - 0.5) * 20.0
+
+    def logits_to_masks(self, state: ImageState, low_res: torch.Tensor) -> torch.Tensor:
+        """Low-res logits ``(N, K, 256, 256)`` → bool masks ``(N, K, H, W)`` at the original size."""
+        model = self._require_model()
+        out = []
+        for s in range(0, len(low_res), 16):  # bounds the float upsampled copy for large images
+            up = upscale_logits(low_res[s : s + 16], model.img_size, state.input_size, state.original_size)
+            out.append(up > model.mask_threshold)
+        return torch.cat(out) if out else torch.zeros((0, low_res.shape[1], *state.original_size), dtype=torch.bool)
+
+
+def everything_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """The segment-everything subset of ``opts``."""
+    return {k: opts[k] for k in EVERYTHING_DEFAULTS}

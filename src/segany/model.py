@@ -1,0 +1,66 @@
+"""``SAM``: the user-facing model (SPEC §1, §3)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .engine.predictor import Predictor
+from .engine.profile import format_summary, layer_table, summarize
+
+
+class SAM:
+    """A Segment Anything model loaded from a checkpoint name or path.
+
+    >>> model = SAM("sam_b.pt")
+    >>> results = model("bus.jpg", bboxes=[439, 437, 524, 709])
+    """
+
+    def __init__(self, model: str | os.PathLike = "sam_b.pt", device: str = "") -> None:
+        from .checkpoints import load_model
+        from .hub import resolve_weights
+
+        self.ckpt_path = str(resolve_weights(model))
+        net, self.config = load_model(self.ckpt_path, name=Path(str(model)).stem)
+        self.predictor = Predictor(overrides=dict(device=device), model=net, config=self.config)
+        self.predictor.args["model"] = self.ckpt_path
+
+    @property
+    def model(self) -> nn.Module:
+        """The underlying ``nn.Module`` (:class:`segany.models.Sam`)."""
+        return self.predictor.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.predictor.device
+
+    def __call__(self, source: Any = None, stream: bool = False, bboxes=None, points=None, labels=None,
+                 masks=None, **kwargs: Any):
+        """Same as :meth:`predict`."""
+        return self.predict(source, stream, bboxes=bboxes, points=points, labels=labels, masks=masks, **kwargs)
+
+    def predict(self, source: Any = None, stream: bool = False, bboxes=None, points=None, labels=None,
+                masks=None, **kwargs: Any):
+        """Prompted segmentation of ``source`` (segment-everything when no prompt is given).
+
+        Without ``source``, the image of the previous call is reused with its cached embedding.
+        Returns a list of :class:`~segany.engine.results.Results`, or a generator with ``stream=True``.
+        """
+        return self.predictor(source, stream=stream, bboxes=bboxes, points=points, labels=labels, masks=masks,
+                              **kwargs)
+
+    def info(self, detailed: bool = False, verbose: bool = True) -> dict[str, Any]:
+        """Print one summary line (and a per-module table with ``detailed=True``); return the figures."""
+        s = summarize(self.model, self.config, self.ckpt_path)
+        if verbose:
+            print(format_summary(s))
+            if detailed:
+                print(layer_table(self.model))
+        return s
+
+    def __repr__(self) -> str:
+        return f"SAM({self.config.name!r}, device={self.device})"

@@ -1,0 +1,103 @@
+"""Shared test fixtures: random-weight SAM models saved as real checkpoint files, and Meta's
+reference model built with the same architecture and weights."""
+
+from __future__ import annotations
+
+import warnings
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+
+from segany.checkpoints import config_with
+from segany.models import MODELS, ModelConfig, build_model
+
+# A ViT SAM small enough for fast tests: 256-pixel input, 4 blocks, 2 global.
+SMALL_VIT = config_with(
+    MODELS["sam_b"], img_size=256, embed_dim=64, depth=4, num_heads=4, global_attn_indexes=(1, 3), window_size=7
+)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Perturb every parameter and buffer with seeded noise, so zero-initialised tensors
+    (relative positions, biases) take part in parity checks."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]:
+            t.add_(torch.randn(t.shape, generator=g) * std)
+    return model
+
+
+def random_sam(config: ModelConfig = SMALL_VIT, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return randomize(build_model(config), seed)
+
+
+def meta_sam(config: ModelConfig):
+    """Meta's ``Sam`` with the architecture of a segany ``sam_vit`` config (random weights)."""
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    p, e = config.params, config.params["encoder"]
+    grid = e["img_size"] // e["patch_size"]
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            depth=e["depth"], embed_dim=e["embed_dim"], img_size=e["img_size"], mlp_ratio=e["mlp_ratio"],
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=e["num_heads"],
+            patch_size=e["patch_size"], qkv_bias=True, use_rel_pos=True,
+            global_attn_indexes=e["global_attn_indexes"], window_size=e["window_size"],
+            out_chans=p["prompt_embed_dim"],
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=p["prompt_embed_dim"], image_embedding_size=(grid, grid),
+            input_image_size=(e["img_size"], e["img_size"]), mask_in_chans=p["mask_in_chans"],
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=p["num_multimask_outputs"],
+            transformer=TwoWayTransformer(depth=p["decoder_depth"], embedding_dim=p["prompt_embed_dim"],
+                                          mlp_dim=p["decoder_mlp_dim"], num_heads=p["decoder_heads"]),
+            transformer_dim=p["prompt_embed_dim"], iou_head_depth=p["iou_head_depth"],
+            iou_head_hidden_dim=p["iou_head_hidden_dim"],
+        ),
+    ).eval()
+
+
+def meta_twin(model: torch.nn.Module, config: ModelConfig):
+    """Meta's model carrying exactly the weights of ``model``."""
+    ref = meta_sam(config)
+    ref.load_state_dict(model.state_dict(), strict=True)
+    return ref
+
+
+def test_image(h: int = 180, w: int = 240, seed: int = 0) -> np.ndarray:
+    """A BGR uint8 image with shapes and noise (something for masks to find)."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 60, (h, w, 3), dtype=np.uint8)
+    img[h // 4 : h // 2, w // 4 : w // 2] = (30, 200, 240)
+    yy, xx = np.mgrid[:h, :w]
+    img[(yy - 0.65 * h) ** 2 + (xx - 0.7 * w) ** 2 < (0.15 * min(h, w)) ** 2] = (220, 60, 40)
+    return img
+
+
+test_image.__test__ = False  # a helper, not a test
+
+
+@pytest.fixture(scope="session")
+def small_ckpt(tmp_path_factory) -> str:
+    """A small random-weight SAM saved as a Meta-style plain state dict."""
+    path = tmp_path_factory.mktemp("ckpt") / "small_sam.pth"
+    torch.save(random_sam(SMALL_VIT, seed=1).state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_weights_dir(tmp_path, monkeypatch):
+    """Never touch the user's weights cache from a test."""
+    monkeypatch.setenv("SEGANY_WEIGHTS_DIR", str(tmp_path / "weights-cache"))
+
+
+def quiet_import_mobile_sam():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import mobile_sam  # noqa: F401
+    return mobile_sam

@@ -1,0 +1,273 @@
+"""Weights cache and downloads, against a real HTTP server on 127.0.0.1 (no outside traffic)."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import http.server
+import os
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+import segany.hub as hub
+from segany.errors import CheckpointNotFoundError, DownloadError
+from segany.hub import download_file, resolve_weights, weights_dir
+from segany.models import registry
+from segany.models.registry import WeightsFile
+
+GOOD = os.urandom(3 * hub._CHUNK // 2 + 17)  # more than one chunk, not a multiple of it
+GOOD_SHA = hashlib.sha256(GOOD).hexdigest()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    # HTTP/1.0: the server closes the connection after each response, which is what
+    # makes the truncated and no-Content-Length responses end.
+    protocol_version = "HTTP/1.0"
+    counts: collections.Counter = collections.Counter()
+    release = threading.Event()
+
+    def log_message(self, *args) -> None:  # keep pytest output clean
+        pass
+
+    def _head(self, length: int | None) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        if length is not None:
+            self.send_header("Content-Length", str(length))
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        self.counts[self.path] += 1
+        if self.path in ("/good", "/bad_sha"):
+            self._head(len(GOOD))
+            self.wfile.write(GOOD)
+        elif self.path == "/no_length":
+            self._head(None)
+            self.wfile.write(GOOD)
+        elif self.path == "/truncated":
+            self._head(len(GOOD))  # promise everything, send a third, then close
+            self.wfile.write(GOOD[: len(GOOD) // 3])
+            self.wfile.flush()
+            self.close_connection = True
+        elif self.path == "/stall":
+            self._head(len(GOOD))
+            self.wfile.write(GOOD[:100])
+            self.wfile.flush()
+            self.release.wait(5)  # bounded; released at teardown
+        else:
+            self.send_error(404, "Not Found")
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        _Handler.release.set()
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+
+@pytest.fixture()
+def counts():
+    _Handler.counts.clear()
+    return _Handler.counts
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch) -> Path:
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("SEGANY_WEIGHTS_DIR", str(folder))
+    return folder
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/x.pt"  # nothing listens there: connection refused
+
+
+def _register(monkeypatch, url: str, sha: str | None = GOOD_SHA[:6]) -> registry.ModelConfig:
+    cfg = dataclasses.replace(
+        registry.MODELS["sam_b"],
+        name="test_model",
+        aliases=("test_model.pt",),
+        weights=WeightsFile(f"test_model_{GOOD_SHA[:6]}.pth", url, sha),
+    )
+    monkeypatch.setitem(registry.MODELS, cfg.name, cfg)
+    return cfg
+
+
+# --- download_file ------------------------------------------------------------------------------
+
+
+def test_download_good(server, counts, tmp_path):
+    dest = tmp_path / "w.pth"
+    assert download_file(server + "/good", dest, GOOD_SHA[:6], progress=False) == dest
+    assert dest.read_bytes() == GOOD
+    assert os.listdir(tmp_path) == ["w.pth"]
+    assert counts["/good"] == 1
+
+
+def test_download_without_content_length(server, tmp_path):
+    dest = tmp_path / "sub" / "w.pth"  # parent folder is created
+    download_file(server + "/no_length", dest, GOOD_SHA[:10], progress=False)
+    assert dest.read_bytes() == GOOD
+    assert os.listdir(dest.parent) == ["w.pth"]
+
+
+def test_download_progress_bar(server, tmp_path, capsys):
+    dest = tmp_path / "w.pth"
+    download_file(server + "/good", dest, progress=True)
+    assert dest.read_bytes() == GOOD
+
+
+def test_download_replaces_existing_file(server, tmp_path):
+    dest = tmp_path / "w.pth"
+    dest.write_bytes(b"old")
+    download_file(server + "/good", dest, progress=False)
+    assert dest.read_bytes() == GOOD
+
+
+@pytest.mark.parametrize(
+    "path, sha, words",
+    [
+        ("/truncated", None, "cut off"),
+        ("/bad_sha", "0" * 6 if not GOOD_SHA.startswith("000000") else "1" * 6, "corrupt"),
+        ("/missing", None, "404"),
+    ],
+)
+def test_download_failures_leave_nothing(server, tmp_path, path, sha, words):
+    dest = tmp_path / "w.pth"
+    url = server + path
+    with pytest.raises(DownloadError) as info:
+        download_file(url, dest, sha, progress=False)
+    message = str(info.value)
+    assert url in message and words in message and str(dest) in message
+    assert os.listdir(tmp_path) == []
+
+
+def test_download_failure_keeps_existing_dest(server, tmp_path):
+    dest = tmp_path / "w.pth"
+    dest.write_bytes(b"old")
+    with pytest.raises(DownloadError):
+        download_file(server + "/truncated", dest, progress=False)
+    assert dest.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["w.pth"]
+
+
+def test_download_offline(tmp_path):
+    url = _closed_port_url()
+    with pytest.raises(DownloadError) as info:
+        download_file(url, tmp_path / "w.pth", progress=False, timeout=5)
+    assert url in str(info.value) and "offline" in str(info.value)
+    assert isinstance(info.value, OSError)
+    assert os.listdir(tmp_path) == []
+
+
+def test_download_timeout(server, tmp_path):
+    url = server + "/stall"
+    with pytest.raises(DownloadError) as info:
+        download_file(url, tmp_path / "w.pth", progress=False, timeout=0.3)
+    assert url in str(info.value) and "timed out" in str(info.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_download_keyboard_interrupt_cleans_up(server, tmp_path, monkeypatch):
+    class InterruptingBar(hub.tqdm):
+        def update(self, n=1):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(hub, "tqdm", InterruptingBar)
+    with pytest.raises(KeyboardInterrupt):
+        download_file(server + "/good", tmp_path / "w.pth", progress=False)
+    assert os.listdir(tmp_path) == []
+
+
+# --- weights_dir and resolve_weights ---------------------------------------------------------------
+
+
+def test_weights_dir_env_and_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEGANY_WEIGHTS_DIR", str(tmp_path / "a" / "b"))
+    assert weights_dir() == tmp_path / "a" / "b" and weights_dir().is_dir()
+    monkeypatch.delenv("SEGANY_WEIGHTS_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert weights_dir() == tmp_path / "home" / ".cache" / "segany" and weights_dir().is_dir()
+
+
+def test_resolve_downloads_once_then_uses_cache(server, counts, cache, monkeypatch):
+    cfg = _register(monkeypatch, server + "/good")
+    target = cache / cfg.weights.filename
+    assert resolve_weights("test_model.pt", progress=False) == target
+    assert target.read_bytes() == GOOD
+    assert counts["/good"] == 1
+    # Alias, registry name and canonical file name all find the cached file without a request.
+    for name in ("test_model.pt", "test_model", cfg.weights.filename):
+        assert resolve_weights(name, progress=False) == target
+    assert counts["/good"] == 1
+    assert os.listdir(cache) == [cfg.weights.filename]
+
+
+def test_resolve_download_failure(server, cache, monkeypatch):
+    cfg = _register(monkeypatch, server + "/missing")
+    with pytest.raises(DownloadError) as info:
+        resolve_weights("test_model.pt", progress=False)
+    message = str(info.value)
+    assert server + "/missing" in message and str(cache / cfg.weights.filename) in message
+    assert os.listdir(cache) == []
+
+
+def test_resolve_existing_path(tmp_path, cache, counts):
+    ckpt = tmp_path / "mine.pt"
+    ckpt.write_bytes(b"x")
+    assert resolve_weights(ckpt) == ckpt
+    assert resolve_weights(str(ckpt)) == ckpt
+    assert sum(counts.values()) == 0
+
+
+def test_resolve_cache_hit_by_file_name(tmp_path, cache, monkeypatch):
+    cache.mkdir(parents=True)
+    (cache / "custom.pt").write_bytes(b"x")
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert resolve_weights("custom.pt") == cache / "custom.pt"
+    # A user-placed file under an alias name wins over downloading the canonical one.
+    (cache / "sam_b.pt").write_bytes(b"y")
+    assert resolve_weights("sam_b.pt", download=False) == cache / "sam_b.pt"
+
+
+def test_resolve_directory_is_an_error(tmp_path, cache):
+    with pytest.raises(CheckpointNotFoundError, match="directory"):
+        resolve_weights(tmp_path)
+
+
+def test_resolve_unknown_name_lists_known_models(cache, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointNotFoundError) as info:
+        resolve_weights("nope.pt")
+    message = str(info.value)
+    assert "nope.pt" in message and "not found" in message
+    for name in ("sam_b", "sam_b.pt", "sam_vit_h_4b8939.pth", "mobile_sam.pt"):
+        assert name in message
+    assert "path" in message
+    assert isinstance(info.value, FileNotFoundError)
+
+
+def test_resolve_no_download_says_where_to_put_it(server, counts, cache, monkeypatch):
+    cfg = _register(monkeypatch, server + "/good")
+    with pytest.raises(CheckpointNotFoundError) as info:
+        resolve_weights("test_model.pt", download=False)
+    message = str(info.value)
+    assert str(cache / cfg.weights.filename) in message and cfg.weights.url in message
+    assert sum(counts.values()) == 0
+    assert os.listdir(cache) == []

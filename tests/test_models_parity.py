@@ -1,0 +1,133 @@
+"""Numerical parity of segany's SAM models with Meta's segment-anything on identical random weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SMALL_VIT, meta_twin, random_sam, test_image
+from segany.checkpoints import config_with
+from segany.engine.transforms import image_to_tensor, scale_coords
+from segany.models import MODELS, build_model
+
+TOL = 1e-4
+
+
+def _meta_input(img_bgr: np.ndarray, size: int) -> torch.Tensor:
+    """Meta's own preprocessing: ResizeLongestSide (torchvision on PIL) and ``Sam.preprocess``."""
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    rgb = img_bgr[..., ::-1].copy()
+    x = torch.as_tensor(ResizeLongestSide(size).apply_image(rgb)).permute(2, 0, 1)[None].float()
+    return x
+
+
+def _prompt_cases(h: int, w: int, size: int, rng: np.random.Generator):
+    """(name, points, labels, boxes, mask_input) in the input frame, as tensors."""
+    def sc(a):
+        return torch.as_tensor(scale_coords(np.asarray(a, float), (h, w), size), dtype=torch.float32)
+    box1 = sc([[0.2 * w, 0.2 * h], [0.6 * w, 0.7 * h]]).reshape(1, 4)
+    boxes3 = sc(rng.uniform(0, 1, (3, 2, 2)) * [w, h]).reshape(3, 4).sort(dim=0).values
+    boxes3 = torch.cat([boxes3[:, :2].minimum(boxes3[:, 2:]), boxes3[:, :2].maximum(boxes3[:, 2:])], 1)
+    pt1 = sc([[[0.5 * w, 0.5 * h]]])
+    pts_multi = sc([[[0.3 * w, 0.3 * h], [0.7 * w, 0.6 * h], [0.1 * w, 0.9 * h]]])
+    mask_in = torch.randn(2, 1, 4 * (size // 16), 4 * (size // 16)) * 3
+    return [
+        ("one box", None, None, box1, None),
+        ("several boxes", None, None, boxes3, None),
+        ("one point", pt1, torch.ones(1, 1, dtype=torch.int64), None, None),
+        ("several points per object", pts_multi, torch.tensor([[1, 1, 1]]), None, None),
+        ("negative point", pts_multi, torch.tensor([[1, 0, 1]]), None, None),
+        ("box and points", pts_multi[:, :2], torch.tensor([[1, 0]]), box1, None),
+        ("mask input", pt1.expand(2, -1, -1), torch.ones(2, 1, dtype=torch.int64), None, mask_in),
+        ("mask input only", None, None, None, mask_in),
+    ]
+
+
+def _check_decoder(ours, ref, emb, h, w, size):
+    rng = np.random.default_rng(0)
+    for name, pts, lab, boxes, mask_in in _prompt_cases(h, w, size, rng):
+        for multimask in (True, False):
+            points = None if pts is None else (pts, lab)
+            with torch.no_grad():
+                low, iou = ours.decode(emb, points=points, boxes=boxes, mask_inputs=mask_in, multimask_output=multimask)
+                sparse, dense = ref.prompt_encoder(points=points, boxes=boxes, masks=mask_in)
+                rlow, riou = ref.mask_decoder(emb, ref.prompt_encoder.get_dense_pe(), sparse, dense, multimask)
+            assert low.shape == rlow.shape, name
+            assert (low - rlow).abs().max() <= TOL, f"{name}: logits differ by {(low - rlow).abs().max()}"
+            assert (iou - riou).abs().max() <= TOL, f"{name}: IoU differs by {(iou - riou).abs().max()}"
+            up = ours.postprocess_masks(low, (h * size // max(h, w), w * size // max(h, w)), (h, w))
+            rup = ref.postprocess_masks(rlow, (h * size // max(h, w), w * size // max(h, w)), (h, w))
+            assert (up - rup).abs().max() <= TOL, name
+
+
+@pytest.fixture(scope="module")
+def vit_b_pair():
+    """ViT-B at full size with random weights, and Meta's twin."""
+    ours = random_sam(MODELS["sam_b"], seed=3)
+    return ours, meta_twin(ours, MODELS["sam_b"])
+
+
+def test_vit_b_full_size_embedding_and_decoder_parity(vit_b_pair):
+    ours, ref = vit_b_pair
+    img = test_image(480, 640, seed=2)
+    x = image_to_tensor(img, 1024, torch.device("cpu"))
+    assert torch.equal(x, _meta_input(img, 1024)), "resize differs from Meta's ResizeLongestSide"
+    with torch.no_grad():
+        emb = ours.encode_image(ours.preprocess(x))
+        ref_emb = ref.image_encoder(ref.preprocess(x))
+    assert emb.shape == (1, 256, 64, 64)
+    assert (emb - ref_emb).abs().max() <= TOL
+    _check_decoder(ours, ref, emb, 480, 640, 1024)
+
+
+@pytest.mark.parametrize("shape", [(180, 240), (300, 97), (256, 256)])
+def test_small_vit_parity(shape):
+    ours = random_sam(SMALL_VIT, seed=5)
+    ref = meta_twin(ours, SMALL_VIT)
+    img = test_image(*shape, seed=1)
+    x = image_to_tensor(img, 256, torch.device("cpu"))
+    assert torch.equal(x, _meta_input(img, 256))
+    with torch.no_grad():
+        emb = ours.encode_image(ours.preprocess(x))
+        ref_emb = ref.image_encoder(ref.preprocess(x))
+    assert (emb - ref_emb).abs().max() <= TOL
+    _check_decoder(ours, ref, emb, *shape, 256)
+
+
+def test_batched_encoder_equals_single():
+    ours = random_sam(SMALL_VIT, seed=7)
+    x = torch.randn(3, 3, 256, 256) * 50
+    with torch.no_grad():
+        batched = ours.encode_image(x)
+        single = torch.cat([ours.encode_image(x[i : i + 1]) for i in range(3)])
+    assert (batched - single).abs().max() <= TOL
+
+
+def _params_on_meta(name: str) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_model(name).parameters())
+
+
+@pytest.mark.parametrize("name,count", [("sam_b", 93_735_472), ("sam_l", 312_342_832), ("sam_h", 641_090_608),
+                                        ("mobile_sam", 10_130_092)])
+def test_parameter_counts_equal_the_references(name, count):
+    assert _params_on_meta(name) == count
+
+
+def test_parameter_counts_match_meta_builders():
+    from segment_anything import sam_model_registry
+
+    for ours_name, ref_name in (("sam_b", "vit_b"), ("sam_l", "vit_l"), ("sam_h", "vit_h")):
+        with torch.device("meta"):
+            ref = sam_model_registry[ref_name]()
+        assert _params_on_meta(ours_name) == sum(p.numel() for p in ref.parameters())
+        assert set(build_model(ours_name).state_dict()) == set(ref.state_dict()) if ours_name == "sam_b" else True
+
+
+def test_custom_size_config_builds():
+    cfg = config_with(MODELS["sam_b"], img_size=512, depth=2, embed_dim=32, num_heads=2, global_attn_indexes=(1,))
+    model = build_model(cfg)
+    with torch.no_grad():
+        assert model.encode_image(torch.zeros(1, 3, 512, 512)).shape == (1, 256, 32, 32)

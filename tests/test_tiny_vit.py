@@ -1,0 +1,105 @@
+"""Parity of MobileSAM's TinyViT encoder (and the whole MobileSAM model) with the reference package."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from segany.models import build_model
+from segany.models.tiny_vit import TinyViT
+
+with warnings.catch_warnings():
+    # mobile_sam imports deprecated timm paths and re-registers timm's tiny_vit models.
+    warnings.simplefilter("ignore")
+    mobile_sam = pytest.importorskip("mobile_sam")
+    from mobile_sam.modeling import TinyViT as RefTinyViT
+
+MOBILE_SAM = dict(
+    embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2], num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7]
+)
+TOL = 1e-4
+
+
+def _perturbed(state: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights that leave nothing at its (often zero or one) initial value."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in state.items():
+        if v.is_floating_point():
+            if k.endswith("running_var"):
+                v = torch.rand(v.shape, generator=g) + 0.5  # must stay positive
+            else:
+                v = v + 0.1 * torch.randn(v.shape, generator=g)
+        out[k] = v
+    return out
+
+
+def _same_weights(ours: torch.nn.Module, ref: torch.nn.Module) -> None:
+    state = _perturbed(ours.state_dict())
+    ours.load_state_dict(state)
+    ref.load_state_dict(state)  # strict: the key sets and shapes are identical
+    ours.eval()
+    ref.eval()  # after loading: the reference caches its gathered attention biases in eval()
+
+
+def _ref_encode(ref: RefTinyViT, x: torch.Tensor) -> torch.Tensor:
+    """The reference forward, whose final reshape is hard-coded to a 64×64 grid (1024 input)."""
+    x = ref.patch_embed(x)
+    for layer in ref.layers:
+        x = layer(x)
+    grid = x.shape[1] ** 0.5
+    x = x.view(x.shape[0], int(grid), int(grid), -1).permute(0, 3, 1, 2)
+    return ref.neck(x)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("img_size", [1024, 256])
+def test_encoder_parity(img_size: int) -> None:
+    torch.manual_seed(0)
+    ours = TinyViT(img_size=img_size, **MOBILE_SAM)
+    ref = RefTinyViT(img_size=img_size, drop_path_rate=0.0, **MOBILE_SAM)
+    _same_weights(ours, ref)
+    x = torch.randn(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(1))
+    out = ours(x)
+    assert out.shape == (1, 256, img_size // 16, img_size // 16)
+    expected = ref(x) if img_size == 1024 else _ref_encode(ref, x)
+    assert (out - expected).abs().max().item() <= TOL
+
+
+def test_state_dict_matches_reference() -> None:
+    ours = TinyViT(**MOBILE_SAM).state_dict()
+    ref = RefTinyViT(img_size=1024, **MOBILE_SAM).state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in ref.items()}
+
+
+def test_parameter_count() -> None:
+    assert sum(p.numel() for p in build_model("mobile_sam").parameters()) == 10_130_092
+
+
+@torch.no_grad()
+def test_mobile_sam_parity() -> None:
+    torch.manual_seed(0)
+    ours = build_model("mobile_sam")
+    ref = mobile_sam.sam_model_registry["vit_t"]()
+    _same_weights(ours, ref)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 3, 1024, 1024, generator=g)
+    emb = ours.encode_image(x)
+    ref_emb = ref.image_encoder(x)
+    assert (emb - ref_emb).abs().max().item() <= TOL
+
+    boxes = torch.tensor([[100.0, 200.0, 600.0, 700.0], [50.0, 40.0, 900.0, 1000.0]])
+    masks, iou = ours.decode(emb, boxes=boxes)
+    sparse, dense = ref.prompt_encoder(points=None, boxes=boxes, masks=None)
+    ref_masks, ref_iou = ref.mask_decoder(
+        image_embeddings=ref_emb,
+        image_pe=ref.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=True,
+    )
+    assert masks.shape == ref_masks.shape == (2, 3, 256, 256)
+    assert (masks - ref_masks).abs().max().item() <= TOL
+    assert (iou - ref_iou).abs().max().item() <= TOL
