@@ -24,8 +24,10 @@ def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch
     (relative positions, biases) take part in parity checks."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for t in list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]:
-            t.add_(torch.randn(t.shape, generator=g) * std)
+        # Only what a checkpoint holds: non-persistent buffers (pixel mean/std) stay as they are.
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.add_(torch.randn(t.shape, generator=g) * std)
     return model
 
 

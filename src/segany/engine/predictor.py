@@ -25,8 +25,9 @@ from .device import autocast, select_device
 from .prompts import Prompts, parse_prompts
 from .results import Results
 from .sources import iter_sources, load_image
-from .transforms import image_to_tensor, scale_coords, upscale_logits
+from .transforms import image_to_tensor, scale_coords
 
+Features = "torch.Tensor | dict[str, torch.Tensor]"
 PROMPT_CHUNK = 64  # prompts decoded together; bounds the decoder's transient memory
 
 
@@ -38,7 +39,7 @@ class ImageState:
     path: str
     original_size: tuple[int, int]  # (H, W)
     input_size: tuple[int, int]  # (h', w') after resizing the longest side to the model's size
-    features: torch.Tensor  # (1, C, h, w) image embedding
+    features: Features  # (1, C, h, w) image embedding; a dict of such tensors for models with several levels
     encode_ms: float = 0.0
     preprocess_ms: float = 0.0
 
@@ -100,13 +101,14 @@ class Predictor:
         batch, sizes, prep_ms = [], [], []
         for img in images:
             t0 = time.perf_counter()
-            x = image_to_tensor(img, model.img_size, self.device)
-            sizes.append(tuple(x.shape[-2:]))
+            size = model.input_size(*img.shape[:2])
+            x = image_to_tensor(img, size, self.device, model.resize_mode)
+            sizes.append(size)
             batch.append(model.preprocess(x))
             prep_ms.append((time.perf_counter() - t0) * 1000)
         with torch.inference_mode(), autocast(self.device, half):
-            feats = model.encode_image(torch.cat(batch)).float()
-        return [(feats[i : i + 1], sizes[i], prep_ms[i]) for i in range(len(images))]
+            feats = model.encode_image(torch.cat(batch))
+        return [(_index_features(feats, i), sizes[i], prep_ms[i]) for i in range(len(images))]
 
     def _encode_states(self, named: list[tuple[str, np.ndarray]], half: bool) -> list[ImageState]:
         t0 = time.perf_counter()
@@ -135,7 +137,8 @@ class Predictor:
         """Save the current image and embedding so another process can prompt without encoding."""
         st = self._require_image()
         data = {
-            "features": st.features.cpu(),
+            **({f"features.{k}": v.cpu() for k, v in st.features.items()} if isinstance(st.features, dict)
+               else {"features": st.features.cpu()}),
             "orig_img": torch.from_numpy(np.ascontiguousarray(st.orig_img)),
             "original_size": torch.tensor(st.original_size),
             "input_size": torch.tensor(st.input_size),
@@ -149,15 +152,17 @@ class Predictor:
         """Load an embedding written by :meth:`save_embedding` (tensors only: ``weights_only=True``)."""
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
-            feats, img = data["features"], data["orig_img"].numpy()
+            feats = data["features"] if "features" in data else {
+                k.split(".", 1)[1]: v for k, v in data.items() if k.startswith("features.")}
+            img = data["orig_img"].numpy()
             orig, inp, size = tuple(data["original_size"].tolist()), tuple(data["input_size"].tolist()), int(data["img_size"])
         except (OSError, RuntimeError, KeyError, TypeError, EOFError) as e:
             raise SegAnyError(f"'{path}' is not an embedding saved by Predictor.save_embedding ({e})") from None
         model = self._require_model()
-        expected = model.prompt_encoder.image_embedding_size
-        if size != model.img_size or tuple(feats.shape[-2:]) != tuple(expected):
-            raise SegAnyError(f"'{path}' was computed for another model (embedding {tuple(feats.shape)})")
-        self.image = ImageState(img, name or str(path), orig, inp, feats.to(self.device))
+        main = feats if isinstance(feats, torch.Tensor) else next(iter(feats.values()), None)
+        if size != model.img_size or main is None:
+            raise SegAnyError(f"'{path}' was computed for another model (input size {size})")
+        self.image = ImageState(img, name or str(path), orig, inp, _features_to(feats, self.device))
 
     def _require_image(self) -> ImageState:
         if self.image is None:
@@ -231,13 +236,14 @@ class Predictor:
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts (original pixels) → low-res logits ``(N, K, 256, 256)`` and IoU ``(N, K)``."""
         model = self._require_model()
-        dev, size = self.device, model.img_size
+        dev = self.device
         pts = lab = boxes = mask_in = None
         if prompts.points is not None:
-            pts = torch.as_tensor(scale_coords(prompts.points, state.original_size, size), dtype=torch.float32, device=dev)
+            pts = torch.as_tensor(scale_coords(prompts.points, state.original_size, state.input_size),
+                                  dtype=torch.float32, device=dev)
             lab = torch.as_tensor(prompts.labels, dtype=torch.int64, device=dev)
         if prompts.boxes is not None:
-            xy = scale_coords(prompts.boxes.reshape(-1, 2, 2), state.original_size, size).reshape(-1, 4)
+            xy = scale_coords(prompts.boxes.reshape(-1, 2, 2), state.original_size, state.input_size).reshape(-1, 4)
             boxes = torch.as_tensor(xy, dtype=torch.float32, device=dev)
         if prompts.masks is not None:
             mask_in = self._mask_inputs(state, prompts)
@@ -273,9 +279,22 @@ class Predictor:
         model = self._require_model()
         out = []
         for s in range(0, len(low_res), 16):  # bounds the float upsampled copy for large images
-            up = upscale_logits(low_res[s : s + 16], model.img_size, state.input_size, state.original_size)
+            up = model.postprocess_masks(low_res[s : s + 16], state.input_size, state.original_size)
             out.append(up > model.mask_threshold)
         return torch.cat(out) if out else torch.zeros((0, low_res.shape[1], *state.original_size), dtype=torch.bool)
+
+
+def _index_features(feats, i: int):
+    """Image ``i`` of a batch of features (a tensor, or a dict of tensors), in fp32."""
+    if isinstance(feats, dict):
+        return {k: v[i : i + 1].float() for k, v in feats.items()}
+    return feats[i : i + 1].float()
+
+
+def _features_to(feats, device: torch.device):
+    if isinstance(feats, dict):
+        return {k: v.to(device) for k, v in feats.items()}
+    return feats.to(device)
 
 
 def everything_options(opts: dict[str, Any]) -> dict[str, Any]:

@@ -4,6 +4,8 @@ model's input frame happens in :mod:`segany.engine`."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -23,6 +25,7 @@ class Sam(nn.Module):
     """
 
     mask_threshold: float = 0.0
+    resize_mode: str = "longest_side"  # how the engine brings an image to the input frame (see engine.transforms)
 
     def __init__(self, image_encoder: nn.Module, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder) -> None:
         super().__init__()
@@ -74,11 +77,27 @@ class Sam(nn.Module):
             multimask_output=multimask_output,
         )
 
+    def input_size(self, h: int, w: int) -> tuple[int, int]:
+        """Size ``(h', w')`` of an ``h × w`` image after resizing its longest side to :attr:`img_size`."""
+        scale = self.img_size * 1.0 / max(h, w)
+        return int(h * scale + 0.5), int(w * scale + 0.5)
+
     def postprocess_masks(
         self, masks: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
     ) -> torch.Tensor:
-        """Low-res logits ``(B, K, 256, 256)`` → logits at the original size ``(B, K, H, W)``:
-        upsample to the padded input, drop the padding, upsample to the original size."""
-        masks = F.interpolate(masks, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
-        masks = masks[..., : input_size[0], : input_size[1]]
-        return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
+        """Low-res logits ``(B, K, s, s)`` → logits at the original size ``(B, K, H, W)``.
+
+        Meta's steps (upsample to the padded input, drop the padding, upsample to the original
+        size) with the same values, but the first upsampling covers only the low-res rows and
+        columns that reach the unpadded region: bilinear upsampling (align_corners=False) by an
+        integer factor reads at most ``ceil(n / factor)`` source cells for ``n`` output cells, so
+        cropping first changes nothing and saves the padded part of the work.
+        """
+        s = masks.shape[-1]
+        factor = self.img_size // s
+        rows = min(s, math.ceil(input_size[0] / factor) + 1)
+        cols = min(s, math.ceil(input_size[1] / factor) + 1)
+        x = F.interpolate(masks[..., :rows, :cols], (rows * factor, cols * factor), mode="bilinear",
+                          align_corners=False)
+        x = x[..., : input_size[0], : input_size[1]]
+        return F.interpolate(x, original_size, mode="bilinear", align_corners=False)

@@ -1,0 +1,166 @@
+"""Writing :class:`~segany.engine.results.Results` out: atomic file writes, YOLO-seg label lines,
+Ultralytics-style summaries and COCO RLE annotations."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+if TYPE_CHECKING:
+    from .results import Results
+
+# SA-1B record fields carried into to_coco() when segment-everything produced them.
+RECORD_FIELDS = ("predicted_iou", "stability_score", "point_coords", "crop_box")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` all at once: a temporary file in the same folder, flushed and
+    fsynced, then ``os.replace``d over the target. Readers never see a half-written file and a
+    failure leaves no temporary file behind. Parent folders are created. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    # os.open with 0o666 honours the umask, unlike mkstemp's 0o600, so the result has the
+    # permissions a plain open() would give.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """:func:`atomic_write_bytes` for UTF-8 text."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def to_numpy(x: Any) -> Any:
+    """Tensor → numpy array (detached, on the CPU); anything else unchanged."""
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
+
+
+def yolo_lines(results: Results, save_conf: bool = False) -> list[str]:
+    """YOLO-seg label lines ``cls x1 y1 x2 y2 ... [conf]``, coordinates normalised to 0..1 with
+    6 decimals. Masks whose polygon has fewer than 3 vertices (empty, 1- or 2-pixel masks) are
+    skipped: they are not valid YOLO polygons."""
+    lines = []
+    cls = to_numpy(results.boxes.cls)
+    conf = to_numpy(results.boxes.conf)
+    for i, poly in enumerate(results.masks.xyn):
+        if len(poly) < 3:
+            continue
+        fields = [str(int(cls[i]))] + [f"{v:.6f}" for v in poly.reshape(-1)]
+        if save_conf:
+            fields.append(f"{float(conf[i]):.6f}")
+        lines.append(" ".join(fields))
+    return lines
+
+
+def summary(results: Results, normalize: bool = False, decimals: int = 5) -> list[dict[str, Any]]:
+    """One dict per mask, with Ultralytics' keys: ``name``, ``class``, ``confidence``,
+    ``box`` (``x1 y1 x2 y2``) and ``segments`` (``x`` and ``y`` lists of the merged polygon).
+    ``normalize=True`` divides by the image width/height."""
+    h, w = results.orig_shape if normalize else (1, 1)
+    xyxy = to_numpy(results.boxes.xyxy).astype(np.float64)
+    conf = to_numpy(results.boxes.conf)
+    cls = to_numpy(results.boxes.cls)
+    out = []
+    for i, poly in enumerate(results.masks.xy):
+        c = int(cls[i])
+        x1, y1, x2, y2 = xyxy[i].tolist()
+        out.append(
+            {
+                "name": results.name_of(c),
+                "class": c,
+                "confidence": round(float(conf[i]), decimals),
+                "box": {
+                    "x1": round(x1 / w, decimals),
+                    "y1": round(y1 / h, decimals),
+                    "x2": round(x2 / w, decimals),
+                    "y2": round(y2 / h, decimals),
+                },
+                "segments": {
+                    "x": (poly[:, 0].astype(np.float64) / w).round(decimals).tolist(),
+                    "y": (poly[:, 1].astype(np.float64) / h).round(decimals).tolist(),
+                },
+            }
+        )
+    return out
+
+
+def to_json(results: Results, normalize: bool = False, decimals: int = 5) -> str:
+    """:func:`summary` as an indented JSON string."""
+    return json.dumps(summary(results, normalize=normalize, decimals=decimals), indent=2)
+
+
+def encode_rle(mask: np.ndarray) -> dict[str, Any]:
+    """``(H, W)`` bool mask → COCO RLE ``{"size": [H, W], "counts": str}`` (JSON-ready)."""
+    rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+    counts = rle["counts"]
+    return {"size": [int(s) for s in rle["size"]], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+
+
+def to_coco(
+    results: Results, image_id: int = 0, category_id: int | None = None, start_id: int = 1
+) -> list[dict[str, Any]]:
+    """COCO annotations, one per mask, in mask order (empty masks included, with area 0).
+
+    ``bbox`` is ``[x, y, w, h]`` with ``w = x2 - x1`` in pixel-edge coordinates (the true width;
+    Meta's AMG reports one pixel less). ``category_id`` overrides the class of every mask;
+    ``id`` is ``start_id + i`` (pass a running counter when building a multi-image file). SA-1B
+    fields of segment-everything records (``predicted_iou``, ``stability_score``,
+    ``point_coords``, ``crop_box``) are copied in when present.
+    """
+    masks = to_numpy(results.masks.data)
+    xyxy = to_numpy(results.boxes.xyxy).astype(np.float64)
+    conf = to_numpy(results.boxes.conf)
+    cls = to_numpy(results.boxes.cls)
+    records = results.records
+    anns = []
+    for i in range(len(masks)):
+        x1, y1, x2, y2 = (float(v) for v in xyxy[i])
+        ann: dict[str, Any] = {
+            "id": start_id + i,
+            "image_id": image_id,
+            "category_id": int(cls[i]) if category_id is None else category_id,
+            "segmentation": encode_rle(masks[i]),
+            "area": int(masks[i].sum()),
+            "bbox": [x1, y1, x2 - x1, y2 - y1],
+            "iscrowd": 0,
+            "score": float(conf[i]),
+        }
+        if records is not None:
+            for key in RECORD_FIELDS:
+                if key in records[i]:
+                    ann[key] = jsonable(records[i][key])
+            if "crop_box" in ann:  # pixel offsets: always ints (Meta's records drift to floats)
+                ann["crop_box"] = [int(round(v)) for v in ann["crop_box"]]
+        anns.append(ann)
+    return anns
+
+
+def jsonable(x: Any) -> Any:
+    """Tensors, numpy arrays and numpy scalars → plain Python lists/numbers (recursively)."""
+    x = to_numpy(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items()}
+    return x

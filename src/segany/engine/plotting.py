@@ -1,0 +1,108 @@
+"""Drawing :class:`~segany.engine.results.Results` onto their image with OpenCV."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+
+from .export import to_numpy
+
+if TYPE_CHECKING:
+    from .results import Results
+
+# Ultralytics' default palette (RGB hex), so plots look familiar; stored as BGR for OpenCV.
+_HEX = (
+    "042AFF", "0BDBEB", "F3F3F3", "00DFB7", "111F68", "FF6FDD", "FF444F", "CCED00", "00F344", "BD00FF",
+    "00B4FF", "DD00BA", "00FFFF", "26C000", "01FFB3", "7D24FF", "7B0068", "FF1B6C", "FC6D2F", "A2FF0B",
+)
+PALETTE_BGR: tuple[tuple[int, int, int], ...] = tuple(
+    (int(h[4:6], 16), int(h[2:4], 16), int(h[0:2], 16)) for h in _HEX
+)
+
+
+def color(i: int) -> tuple[int, int, int]:
+    """BGR colour number ``i`` of the fixed palette (cycles after 20)."""
+    return PALETTE_BGR[int(i) % len(PALETTE_BGR)]
+
+
+def as_bgr(img: np.ndarray) -> np.ndarray:
+    """``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)`` uint8 → a new ``(H, W, 3)`` BGR copy."""
+    img = np.asarray(img)
+    if img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 1):
+        return cv2.cvtColor(np.ascontiguousarray(img.reshape(img.shape[:2])), cv2.COLOR_GRAY2BGR)
+    if img.ndim == 3 and img.shape[2] == 4:
+        return cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_BGRA2BGR)
+    return np.ascontiguousarray(img, dtype=np.uint8).copy()
+
+
+def plot(
+    results: Results,
+    labels: bool = True,
+    boxes: bool = True,
+    masks: bool = True,
+    conf: bool = True,
+    line_width: int | None = None,
+    alpha: float = 0.5,
+) -> np.ndarray:
+    """Masks, outlines, boxes and labels drawn on a copy of ``orig_img`` → ``(H, W, 3)`` uint8 BGR.
+
+    Mask ``i`` gets palette colour ``i`` (every mask its own colour, whatever its class). Masks
+    are blended largest first so small masks stay visible on top of big ones. Labels
+    (``name conf``) are drawn with the boxes, as in Ultralytics: ``boxes=False`` hides both.
+    The original image is never modified.
+    """
+    img = as_bgr(results.orig_img)
+    h, w = img.shape[:2]
+    lw = int(line_width) if line_width else max(round((h + w) / 2 * 0.003), 2)
+    n = len(results)
+    if n == 0:
+        return img
+    data = to_numpy(results.masks.data)
+    xyxy = to_numpy(results.boxes.xyxy)
+    scores = to_numpy(results.boxes.conf)
+    cls = to_numpy(results.boxes.cls)
+    areas = data.reshape(n, -1).sum(1)
+
+    if masks:
+        for i in np.argsort(-areas, kind="stable"):
+            if areas[i] == 0:
+                continue
+            # Blend inside the mask's box only: per-mask work scales with its size, not the image's.
+            x1, y1, x2, y2 = (int(v) for v in xyxy[i])
+            m, roi = data[i, y1:y2, x1:x2], img[y1:y2, x1:x2]
+            c = np.array(color(i), np.float32)
+            roi[m] = (roi[m].astype(np.float32) * (1.0 - alpha) + c * alpha).round().astype(np.uint8)
+            outline = [p.round().astype(np.int32).reshape(-1, 1, 2) for p in results.masks.contours(int(i))]
+            cv2.drawContours(img, outline, -1, color(i), max(lw // 2, 1), cv2.LINE_AA)
+
+    if boxes:
+        for i in range(n):
+            if areas[i] == 0:  # an empty mask has no box to draw
+                continue
+            # Pixel-edge box → inclusive pixel corners for cv2.rectangle.
+            x1, y1, x2, y2 = (int(round(float(v))) for v in xyxy[i])
+            p1, p2 = (x1, y1), (max(x2 - 1, x1), max(y2 - 1, y1))
+            cv2.rectangle(img, p1, p2, color(i), lw, cv2.LINE_AA)
+            if labels:
+                name = results.name_of(int(cls[i]))
+                text = f"{name} {float(scores[i]):.2f}" if conf else name
+                _label(img, text, p1, color(i), lw)
+    return img
+
+
+def _label(img: np.ndarray, text: str, p1: tuple[int, int], bg: tuple[int, int, int], lw: int) -> None:
+    """Filled label box with ``text`` above ``p1`` (inside the box when there is no room above)."""
+    h, w = img.shape[:2]
+    tf = max(lw - 1, 1)  # font thickness
+    sf = lw / 3  # font scale
+    (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, sf, tf)
+    x = min(p1[0], max(w - tw, 0))
+    outside = p1[1] - th - 3 >= 0
+    y_top, y_bot = (p1[1] - th - 3, p1[1]) if outside else (p1[1], p1[1] + th + 3)
+    cv2.rectangle(img, (x, y_top), (x + tw, y_bot), bg, -1, cv2.LINE_AA)
+    # Dark text on light colours, white text on dark ones.
+    luma = 0.114 * bg[0] + 0.587 * bg[1] + 0.299 * bg[2]
+    fg = (0, 0, 0) if luma > 150 else (255, 255, 255)
+    cv2.putText(img, text, (x, y_bot - 2), cv2.FONT_HERSHEY_SIMPLEX, sf, fg, tf, cv2.LINE_AA)

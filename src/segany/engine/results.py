@@ -1,0 +1,195 @@
+"""Prediction results, shaped like Ultralytics' ``Results`` / ``Masks`` / ``Boxes``.
+
+One :class:`Results` per image. ``masks.data`` is ``(N, H, W)`` bool at the original size;
+no masks is an empty ``(0, H, W)`` Masks, never ``None``. Boxes are computed from the masks
+(pixel-edge convention, see :mod:`segany.engine.polygons`). Polygons (``masks.xy``) are one merged
+polygon per mask; the separate outer contours are in ``masks.contours(i)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import export, plotting
+from .containers import ArrayLike, Boxes, Masks, convert, index_positions, take
+from .polygons import masks_to_boxes
+
+__all__ = ["Boxes", "Masks", "Results"]
+
+
+class Results:
+    """Masks, scores and boxes predicted for one image, plus ways to draw and export them.
+
+    ``orig_img``: ``(H, W, 3)`` uint8 BGR. ``masks``: ``(N, H, W)`` (bool, or thresholded at > 0),
+    ``None`` → no masks. ``scores``: ``(N,)`` predicted IoU (default 1.0). ``cls``: ``(N,)`` ints
+    (default the prompt index ``0..N-1``). ``low_res_logits``: ``(N, 256, 256)`` kept for refinement
+    prompts. ``names``: class names (default ``{i: "i"}``). ``speed``: ms per stage.
+    ``records``: optional SA-1B dicts from segment-everything, one per mask.
+    """
+
+    def __init__(
+        self,
+        orig_img: np.ndarray,
+        path: str,
+        masks: ArrayLike | None,
+        scores: ArrayLike | None = None,
+        cls: ArrayLike | None = None,
+        low_res_logits: ArrayLike | None = None,
+        names: dict[int, str] | None = None,
+        speed: dict[str, float | None] | None = None,
+        records: list[dict] | None = None,
+    ) -> None:
+        orig_img = np.asarray(orig_img)
+        if orig_img.ndim not in (2, 3) or orig_img.shape[0] == 0 or orig_img.shape[1] == 0:
+            raise ValueError(f"orig_img must be an (H, W, 3) BGR image, got shape {orig_img.shape}")
+        h, w = orig_img.shape[:2]
+        if masks is None:
+            masks = torch.zeros((0, h, w), dtype=torch.bool)
+        if isinstance(masks, np.ndarray):
+            masks = torch.from_numpy(np.ascontiguousarray(masks))
+        masks = torch.as_tensor(masks)
+        if masks.ndim == 2:
+            masks = masks[None]
+        if masks.ndim != 3 or tuple(masks.shape[1:]) != (h, w):
+            raise ValueError(
+                f"masks must be (N, {h}, {w}) to match the image, got {tuple(masks.shape)}; "
+                "upsample them to the original image size first"
+            )
+        self.masks = Masks(masks, (h, w))
+        n, dev = len(self.masks), masks.device
+        scores = torch.ones(n) if scores is None else torch.as_tensor(scores)
+        cls = torch.arange(n) if cls is None else torch.as_tensor(cls)
+        for name, v in (("scores", scores), ("cls", cls)):
+            if tuple(v.shape) != (n,):
+                raise ValueError(f"{name} must have shape ({n},) (one per mask), got {tuple(v.shape)}")
+        if low_res_logits is not None:
+            low_res_logits = torch.as_tensor(low_res_logits)
+            if low_res_logits.ndim != 3 or len(low_res_logits) != n:
+                raise ValueError(f"low_res_logits must be ({n}, 256, 256), got {tuple(low_res_logits.shape)}")
+        if records is not None and len(records) != n:
+            raise ValueError(f"records must hold one dict per mask ({n}), got {len(records)}")
+
+        data = torch.cat(
+            [masks_to_boxes(self.masks.data), scores.to(dev, torch.float32)[:, None], cls.to(dev, torch.float32)[:, None]],
+            1,
+        )
+        self.boxes = Boxes(data, (h, w))
+        self.orig_img = orig_img
+        self.orig_shape = (h, w)
+        self.path = str(path)
+        self.names = dict(names) if names is not None else {i: str(i) for i in range(n)}
+        self.speed = {"preprocess": None, "inference": None, "postprocess": None, **(speed or {})}
+        self.low_res_logits = low_res_logits
+        self.records = list(records) if records is not None else None
+
+    # --- container behaviour -------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def __getitem__(self, idx: Any) -> Results:
+        """Index, slice, list or bool array → a Results holding those masks (an int keeps N=1)."""
+        sel = index_positions(idx, len(self))
+        return self._new(
+            self.masks[sel],
+            self.boxes[sel],
+            None if self.low_res_logits is None else take(self.low_res_logits, sel),
+            None if self.records is None else [self.records[i] for i in sel],
+        )
+
+    def _new(self, masks: Masks, boxes: Boxes, low_res: ArrayLike | None, records: list | None) -> Results:
+        out = Results.__new__(Results)
+        out.__dict__.update(self.__dict__)
+        out.names, out.speed = dict(self.names), dict(self.speed)
+        out.masks, out.boxes, out.low_res_logits, out.records = masks, boxes, low_res, records
+        return out
+
+    def _apply(self, how: str, device: Any = None) -> Results:
+        masks = {"cpu": self.masks.cpu, "numpy": self.masks.numpy}.get(how, lambda: self.masks.to(device))()
+        boxes = {"cpu": self.boxes.cpu, "numpy": self.boxes.numpy}.get(how, lambda: self.boxes.to(device))()
+        return self._new(masks, boxes, convert(self.low_res_logits, how, device), self.records)
+
+    def cpu(self) -> Results:
+        """A copy with every tensor on the CPU."""
+        return self._apply("cpu")
+
+    def numpy(self) -> Results:
+        """A copy with every tensor as a numpy array."""
+        return self._apply("numpy")
+
+    def to(self, device: Any) -> Results:
+        """A copy with every tensor on ``device``."""
+        return self._apply("to", device)
+
+    def cuda(self) -> Results:
+        return self.to("cuda")
+
+    def name_of(self, c: int) -> str:
+        """Name of class ``c`` (its number as text when ``names`` lacks it)."""
+        return str(self.names.get(int(c), int(c)))
+
+    # --- reporting -----------------------------------------------------------------------
+
+    def verbose(self) -> str:
+        """Short description: ``"3 masks"``, ``"1 mask"`` or ``"0 masks"``."""
+        n = len(self)
+        return f"{n} mask{'' if n == 1 else 's'}"
+
+    def __repr__(self) -> str:
+        h, w = self.orig_shape
+        return f"Results({self.verbose()}, orig_shape=({h}, {w}), path={self.path!r})"
+
+    def summary(self, normalize: bool = False, decimals: int = 5) -> list[dict[str, Any]]:
+        """One dict per mask: ``name``, ``class``, ``confidence``, ``box`` and ``segments``."""
+        return export.summary(self, normalize=normalize, decimals=decimals)
+
+    def to_json(self, normalize: bool = False, decimals: int = 5) -> str:
+        """:meth:`summary` as a JSON string."""
+        return export.to_json(self, normalize=normalize, decimals=decimals)
+
+    def to_coco(self, image_id: int = 0, category_id: int | None = None, start_id: int = 1) -> list[dict[str, Any]]:
+        """COCO annotations with RLE ``segmentation`` (see :func:`segany.engine.export.to_coco`)."""
+        return export.to_coco(self, image_id=image_id, category_id=category_id, start_id=start_id)
+
+    # --- drawing and files ---------------------------------------------------------------
+
+    def plot(
+        self,
+        labels: bool = True,
+        boxes: bool = True,
+        masks: bool = True,
+        conf: bool = True,
+        line_width: int | None = None,
+        alpha: float = 0.5,
+    ) -> np.ndarray:
+        """The annotated image, ``(H, W, 3)`` uint8 BGR (see :func:`segany.engine.plotting.plot`)."""
+        return plotting.plot(self, labels=labels, boxes=boxes, masks=masks, conf=conf, line_width=line_width, alpha=alpha)
+
+    def save(self, filename: str | Path | None = None, **plot_args: Any) -> str:
+        """Write :meth:`plot` to ``filename`` (default ``results_<image name>``), atomically.
+        The format follows the extension (``.jpg`` when there is none). Returns the path."""
+        import cv2
+
+        filename = Path(filename) if filename is not None else Path(f"results_{Path(self.path).name or 'image'}")
+        if not filename.suffix:
+            filename = filename.with_suffix(".jpg")
+        try:
+            ok, buf = cv2.imencode(filename.suffix, self.plot(**plot_args))
+        except cv2.error as e:
+            raise ValueError(f"cannot save an image as {filename.suffix!r} ({filename}); use .jpg or .png") from e
+        if not ok:
+            raise ValueError(f"OpenCV could not encode the plot as {filename.suffix!r} ({filename})")
+        export.atomic_write_bytes(filename, buf.tobytes())
+        return str(filename)
+
+    def save_txt(self, txt_file: str | Path, save_conf: bool = False) -> str:
+        """Write YOLO-seg labels ``cls x1 y1 x2 y2 ... [conf]`` (normalised, 6 decimals), one line
+        per mask whose polygon has at least 3 vertices. The whole file is written atomically and
+        replaces any old one (no appending); no masks → an empty file. Returns the path."""
+        lines = export.yolo_lines(self, save_conf=save_conf)
+        export.atomic_write_text(txt_file, "".join(line + "\n" for line in lines))
+        return str(txt_file)

@@ -1,0 +1,383 @@
+"""Image sources: whatever a user passes as ``source`` becomes H×W×3 uint8 BGR (OpenCV's
+convention): paths, URLs, ``PIL.Image``, numpy arrays, tensors, directories, globs, videos, lists.
+Choices worth knowing:
+
+- Files are decoded with Pillow first (EXIF orientation honoured; 16-bit, grayscale, palette
+  and RGBA files all handled), then with ``cv2.imdecode`` for formats Pillow cannot read.
+  Multi-frame files (GIF, multi-page TIFF) give their first frame.
+- Alpha is dropped, not composited: the colour under a transparent pixel is kept as is.
+- 16-bit data is scaled to 8 bits by /257 (65535 → 255); float data must lie in 0..1 and is
+  scaled by 255; other integer dtypes must hold 0..255. Anything else is refused with a
+  message instead of being guessed at (Pillow "I" images are read as 16-bit data).
+- URLs (http/https) are downloaded with urllib, ``URL_TIMEOUT`` seconds per connect/read.
+- Tensors follow Ultralytics' layout: ``(3,H,W)``, ``(1,3,H,W)`` or a batch ``(B,3,H,W)``,
+  **RGB**, float in 0..1 (uint8 0..255 also accepted).
+- A contiguous ``H×W×3`` uint8 ndarray is returned as is, without a copy.
+- Directories give their image files (not videos, not hidden files), sorted by name,
+  non-recursively; globs give image and video files, sorted. Video frames are named
+  ``path:frame_N`` with N counted from 0 in the file (``vid_stride`` keeps every N-th frame).
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from segany.errors import ConfigError, ImageError, ImageNotFoundError
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    ".avif .bmp .dib .gif .hdr .jp2 .jpe .jpeg .jpg .mpo .pbm .pfm .pgm .png .pnm .ppm .tga .tif "
+    ".tiff .webp".split()
+)
+VIDEO_EXTENSIONS: frozenset[str] = frozenset(
+    ".3gp .asf .avi .flv .m4v .mkv .mov .mp4 .mpeg .mpg .ts .webm .wmv".split()
+)
+URL_TIMEOUT = 30.0  # seconds for connect and each read of a URL download
+
+ARRAY_LAYOUTS = (
+    "expected a numpy image H×W×3 BGR (as cv2.imread returns), H×W grayscale, H×W×1, or "
+    "H×W×4 BGRA (alpha dropped), of dtype uint8 (0..255), uint16 (0..65535) or float (0..1)"
+)
+TENSOR_LAYOUTS = (
+    "expected a torch.Tensor of shape (3,H,W) or (1,3,H,W) (or (B,3,H,W) with iter_sources), "
+    "RGB channel order, float in 0..1 or uint8 in 0..255"
+)
+
+
+def _is_url(s: str) -> bool:
+    return s[:8].lower().startswith(("http://", "https://"))
+
+
+def _suffix(s: str) -> str:
+    return os.path.splitext(s)[1].lower()
+
+
+# ---------------------------------------------------------------- arrays, PIL, tensors → BGR
+
+
+def _to_uint8(a: np.ndarray, what: str) -> np.ndarray:
+    """Bring any supported dtype to uint8, refusing value ranges that would need a guess."""
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == np.bool_:
+        return a.astype(np.uint8) * 255
+    if a.dtype == np.uint16 or (a.dtype.kind == "u" and a.dtype.itemsize == 2):
+        return ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)  # rounded /257
+    if a.dtype.kind == "f":
+        if not np.isfinite(a).all():
+            raise ImageError(f"{what}: float image contains NaN or infinite values")
+        lo, hi = float(a.min()), float(a.max())
+        if lo < -1e-3 or hi > 1.0 + 1e-3:
+            raise ImageError(
+                f"{what}: float image values must lie in 0..1 (got min {lo:g}, max {hi:g}); "
+                "divide 0..255 data by 255 or convert it to uint8"
+            )
+        return np.clip(np.rint(a.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
+    if a.dtype.kind in "iu":
+        if a.min() >= 0 and a.max() <= 255:  # e.g. int64 arrays built from Python ints
+            return a.astype(np.uint8)
+        raise ImageError(
+            f"{what}: integer image of dtype {a.dtype} has values outside 0..255 "
+            f"(min {a.min()}, max {a.max()}); {ARRAY_LAYOUTS}"
+        )
+    raise ImageError(f"{what}: unsupported dtype {a.dtype}; {ARRAY_LAYOUTS}")
+
+
+def _array_to_bgr(a: np.ndarray, what: str = "numpy array") -> np.ndarray:
+    """Channels-last array in BGR(A) or grayscale → contiguous H×W×3 uint8 BGR."""
+    if a.ndim == 3 and a.shape[2] not in (1, 3, 4):
+        hint = ""
+        if a.shape[0] in (1, 3, 4):
+            hint = "; it looks channels-first (C,H,W): use arr.transpose(1, 2, 0)"
+        raise ImageError(f"{what}: got shape {tuple(a.shape)}{hint}; {ARRAY_LAYOUTS}")
+    if a.ndim not in (2, 3):
+        batch = "; for a batch (B,H,W,C) use iter_sources()" if a.ndim == 4 else ""
+        raise ImageError(f"{what}: got shape {tuple(a.shape)}{batch}; {ARRAY_LAYOUTS}")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise ImageError(f"{what}: empty image of shape {tuple(a.shape)}")
+    if a.ndim == 3 and a.shape[2] == 4:
+        a = a[..., :3]  # BGRA: drop alpha
+    elif a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    a = _to_uint8(a, what)
+    if a.ndim == 2:
+        a = cv2.cvtColor(np.ascontiguousarray(a), cv2.COLOR_GRAY2BGR)
+    return np.ascontiguousarray(a)
+
+
+def _pil_to_bgr(im: Image.Image, what: str = "PIL image") -> np.ndarray:
+    """Any Pillow mode → H×W×3 uint8 BGR, after applying the EXIF orientation."""
+    try:
+        im = ImageOps.exif_transpose(im)
+        mode = im.mode
+        if mode.startswith("I;16"):
+            return _array_to_bgr(np.asarray(im).astype(np.uint16), what)
+        if mode == "I":
+            # 32-bit int is how Pillow may hand over 16-bit files: treat it as 0..65535
+            a = np.clip(np.asarray(im), 0, 65535).astype(np.uint16)
+            return _array_to_bgr(a, what)
+        if mode == "F":
+            return _array_to_bgr(np.asarray(im), what)
+        if mode in ("1", "L", "LA"):
+            return _array_to_bgr(np.asarray(im.convert("L")), what)
+        if mode in ("P", "PA"):
+            # palette transparency must go through RGBA or Pillow warns; alpha is dropped anyway
+            rgba = mode == "PA" or "transparency" in im.info
+            im = im.convert("RGBA" if rgba else "RGB")
+        elif mode != "RGB" and mode != "RGBA":
+            im = im.convert("RGB")  # CMYK, YCbCr, RGBX, LAB, ...
+        a = np.asarray(im)
+    except ImageError:
+        raise
+    except Exception as e:  # a lazily loaded PIL image can fail here on a damaged file
+        raise ImageError(f"{what}: Pillow could not read it ({type(e).__name__}: {e})") from e
+    return np.ascontiguousarray(a[..., 2::-1])  # RGB(A) → BGR, alpha dropped
+
+
+def _tensor_to_bgr(t: torch.Tensor, what: str = "tensor") -> np.ndarray:
+    """(3,H,W) / (1,3,H,W) RGB tensor (or 1-channel) → H×W×3 uint8 BGR."""
+    if t.ndim == 4 and t.shape[0] == 1:
+        t = t[0]
+    dtype_ok = t.is_floating_point() or t.dtype == torch.uint8
+    if t.ndim != 3 or t.shape[0] not in (1, 3) or not dtype_ok:
+        batch = f" (a batch of {t.shape[0]}: use iter_sources())" if t.ndim == 4 else ""
+        raise ImageError(
+            f"{what}: got shape {tuple(t.shape)}{batch}, dtype {t.dtype}; {TENSOR_LAYOUTS}"
+        )
+    t = t.detach().cpu()
+    t = t.float() if t.is_floating_point() else t  # numpy has no bfloat16
+    a = t.numpy().transpose(1, 2, 0)
+    if a.shape[2] == 3:
+        a = a[..., ::-1]  # RGB → BGR
+    try:
+        return _array_to_bgr(a, what)
+    except ImageError as e:
+        raise ImageError(f"{e}; {TENSOR_LAYOUTS}") from None
+
+
+# ---------------------------------------------------------------- files and URLs
+
+
+def _decode_bytes(data: bytes, name: str) -> np.ndarray:
+    """Decode encoded image bytes: Pillow first, then OpenCV for what Pillow cannot read."""
+    if not data:
+        raise ImageError(f"{name} is empty (0 bytes), not a readable image")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return _pil_to_bgr(im, name)
+    except Exception as e:
+        pil_error = e
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # applies EXIF too
+    if arr is None or arr.size == 0:
+        raise ImageError(
+            f"{name} is not a readable image (neither Pillow nor OpenCV could decode it; "
+            f"Pillow said: {pil_error})"
+        )
+    return arr
+
+
+def _load_path(s: str) -> np.ndarray:
+    path = Path(s)
+    if not path.exists():
+        raise ImageNotFoundError(f"image file not found: {s}")
+    if path.is_dir():
+        raise ImageError(f"{s} is a directory; load_image reads one image, use iter_sources()")
+    if _suffix(s) in VIDEO_EXTENSIONS:
+        raise ImageError(f"{s} is a video; load_image reads one image, use iter_sources()")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ImageError(f"{s} could not be read: {e}") from e
+    return _decode_bytes(data, s)
+
+
+def _load_url(url: str) -> np.ndarray:
+    request = urllib.request.Request(url, headers={"User-Agent": "segany"})
+    try:
+        with urllib.request.urlopen(request, timeout=URL_TIMEOUT) as response:
+            data = response.read()
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise ImageError(f"could not download image {url}: {e}") from e
+    return _decode_bytes(data, url)
+
+
+def load_image(source: Any) -> np.ndarray:
+    """Read one image as H×W×3 uint8 BGR.
+
+    ``source``: a path (str or ``Path``), an http(s) URL, a ``PIL.Image`` (any mode; EXIF
+    orientation applied), a numpy array (BGR / grayscale / BGRA, uint8 / uint16 / float 0..1)
+    or a ``torch.Tensor`` ((3,H,W) or (1,3,H,W), RGB, float 0..1 or uint8).
+    Raises ``ImageNotFoundError`` for a missing path and ``ImageError`` for anything unreadable.
+    """
+    if isinstance(source, np.ndarray):
+        return _array_to_bgr(source)
+    if isinstance(source, torch.Tensor):
+        return _tensor_to_bgr(source)
+    if isinstance(source, Image.Image):
+        return _pil_to_bgr(source)
+    if isinstance(source, (str, os.PathLike)):
+        s = os.path.expanduser(os.fspath(source))
+        return _load_url(s) if _is_url(s) else _load_path(s)
+    raise ImageError(
+        f"unsupported image source of type {type(source).__name__}; expected a path, URL, "
+        "PIL.Image, numpy array or torch.Tensor"
+    )
+
+
+# ---------------------------------------------------------------- many images
+
+
+def _expand_path(s: str) -> Iterator[str]:
+    """One path-like source → the image/video paths (or URL) it stands for."""
+    if _is_url(s):
+        yield s
+        return
+    path = Path(s)
+    if path.is_dir():
+        entries = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        images = [p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS]
+        if not images:
+            n_videos = sum(p.suffix.lower() in VIDEO_EXTENSIONS for p in entries)
+            hint = f" ({n_videos} video file(s) found: pass them by name or glob)" * bool(n_videos)
+            raise ImageNotFoundError(
+                f"directory {s} holds no image files{hint}; looked for "
+                + " ".join(sorted(IMAGE_EXTENSIONS))
+            )
+        yield from (str(p) for p in images)
+    elif path.exists():
+        yield s
+    elif any(c in s for c in "*?["):
+        known = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
+        matches = [m for m in sorted(glob.glob(s, recursive=True))
+                   if _suffix(m) in known and os.path.isfile(m)]
+        if not matches:
+            raise ImageNotFoundError(f"glob pattern {s!r} matched no image or video files")
+        yield from matches
+    else:
+        raise ImageNotFoundError(f"image source not found: {s}")
+
+
+def _expand(source: Any) -> Iterator[Any]:
+    """Flatten lists/directories/globs into single items (paths, URLs or in-memory images)."""
+    if isinstance(source, (str, os.PathLike)):
+        yield from _expand_path(os.path.expanduser(os.fspath(source)))
+    elif isinstance(source, (np.ndarray, torch.Tensor, Image.Image)):
+        yield source
+    elif isinstance(source, Iterable) and not isinstance(source, (bytes, bytearray, Mapping)):
+        empty = True
+        for item in source:
+            empty = False
+            yield from _expand(item)
+        if empty:
+            raise ImageError("the source is an empty list: give at least one image")
+    else:
+        raise ImageError(
+            f"unsupported image source of type {type(source).__name__}; expected a path, URL, "
+            "directory, glob, video, PIL.Image, numpy array, torch.Tensor or a list of these"
+        )
+
+
+def expand_sources(source: Any) -> list[Any]:
+    """The items ``source`` stands for, undecoded: paths/URLs (videos unexpanded) and in-memory
+    images. Lets a caller decode each item itself and skip the bad ones (``auto_annotate``)."""
+    return list(_expand(source))
+
+
+def _iter_video(s: str, vid_stride: int) -> Iterator[tuple[str, np.ndarray]]:
+    cap = cv2.VideoCapture(s)
+    try:
+        if not cap.isOpened():
+            raise ImageError(f"{s} is not a readable video (OpenCV could not open it)")
+        index = kept = 0
+        while True:
+            if index % vid_stride == 0:
+                ok, frame = cap.read()
+            else:
+                ok, frame = cap.grab(), None  # grab without decoding: skipped frames are cheap
+            if not ok:
+                break
+            if frame is not None:
+                kept += 1
+                yield f"{s}:frame_{index}", _array_to_bgr(frame, f"{s}:frame_{index}")
+            index += 1
+        if kept == 0:
+            raise ImageError(f"{s} is not a readable video (no frame could be decoded)")
+    finally:
+        cap.release()
+
+
+def _load_item(item: Any, vid_stride: int) -> Iterator[tuple[str | None, np.ndarray]]:
+    """One expanded item → (name or None for in-memory images, BGR image) pairs."""
+    if isinstance(item, str):
+        if not _is_url(item) and _suffix(item) in VIDEO_EXTENSIONS:
+            yield from _iter_video(item, vid_stride)
+        else:
+            yield item, load_image(item)
+    elif isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 4:
+        for i in range(item.shape[0]):
+            yield None, load_image(item[i])
+    else:
+        yield None, load_image(item)
+
+
+def _check_stride(vid_stride: int) -> None:
+    if type(vid_stride) is not int or vid_stride < 1:
+        raise ConfigError(f"vid_stride must be a positive integer, got {vid_stride!r}")
+
+
+def iter_sources(source: Any, vid_stride: int = 1) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(name, BGR image)`` for every image ``source`` stands for, lazily and in order.
+
+    ``source``: anything ``load_image`` takes, a directory, a glob, a video file (frames named
+    ``path:frame_N``), a batch tensor ``(B,3,H,W)`` / array ``(B,H,W,C)``, or a list of these.
+    In-memory images are named ``image0``, ``image1``, ... by their position in the stream.
+    """
+    _check_stride(vid_stride)
+    index = 0
+    for item in _expand(source):
+        for name, image in _load_item(item, vid_stride):
+            yield (name if name is not None else f"image{index}"), image
+            index += 1
+
+
+def _video_frames(s: str, vid_stride: int) -> int | None:
+    cap = cv2.VideoCapture(s)
+    try:
+        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else 0
+    finally:
+        cap.release()
+    return -(-n // vid_stride) if n > 0 else None  # containers may not know: None
+
+
+def count_sources(source: Any, vid_stride: int = 1) -> int | None:
+    """Number of images ``iter_sources(source, vid_stride)`` will yield, when cheap to know
+    (for progress bars); ``None`` for generators and videos whose length is unknown.
+    Missing paths raise the same errors as ``iter_sources``."""
+    _check_stride(vid_stride)
+    if isinstance(source, Iterator):
+        return None  # a generator cannot be counted without consuming it
+    if isinstance(source, (list, tuple)) and source:
+        counts = [count_sources(item, vid_stride) for item in source]
+        return None if None in counts else sum(counts)  # type: ignore[arg-type]
+    total = 0
+    for item in _expand(source):  # raises what iter_sources would: missing, empty, bad type
+        if isinstance(item, str) and not _is_url(item) and _suffix(item) in VIDEO_EXTENSIONS:
+            n = _video_frames(item, vid_stride)
+            if n is None:
+                return None
+            total += n
+        else:
+            total += int(item.shape[0]) if getattr(item, "ndim", 0) == 4 else 1
+    return total

@@ -1,0 +1,160 @@
+"""Checkpoint loading as SPEC §1 says: names and paths, file layouts, recognition from tensors, refusals."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+
+import pytest
+import torch
+
+from conftest import SMALL_VIT, random_sam
+from segany import SAM
+from segany.checkpoints import config_with, infer_config, load_model, read_state_dict
+from segany.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    NotAvailableError,
+    StateDictMismatchError,
+    UnknownArchitectureError,
+    UnsafeCheckpointError,
+)
+from segany.models import MODELS, build_model
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("name", ["sam_b", "sam_l", "sam_h", "mobile_sam"])
+def test_architecture_recognised_from_tensors(name):
+    with torch.device("meta"):
+        sd = build_model(name).state_dict()
+    assert infer_config(sd).name == name
+
+
+def test_meta_style_pth_loads(tmp_path):
+    model = random_sam(SMALL_VIT, seed=2)
+    path = tmp_path / "sam_vit_b_01ec64.pth"
+    torch.save(model.state_dict(), path)
+    loaded, cfg = load_model(path)
+    assert _same_weights(loaded, model)
+    assert cfg.params["encoder"]["depth"] == 4 and cfg.params["encoder"]["global_attn_indexes"] == (1, 3)
+
+
+def test_ultralytics_style_name_and_renamed_file(tmp_path, small_ckpt):
+    for name in ("sam_b.pt", "my-finetuned-model.bin"):
+        path = tmp_path / name
+        path.write_bytes(open(small_ckpt, "rb").read())
+        model = SAM(str(path))
+        assert model.model.image_encoder.img_size == 256
+        assert len(model.model.image_encoder.blocks) == 4
+
+
+def test_model_key_wrapper_and_module_prefix(tmp_path):
+    model = random_sam(SMALL_VIT, seed=4)
+    wrapped = tmp_path / "wrapped.pt"
+    torch.save({"model": model.state_dict(), "epoch": torch.tensor(3)}, wrapped)
+    prefixed = tmp_path / "ddp.pt"
+    torch.save({"module." + k: v for k, v in model.state_dict().items()}, prefixed)
+    for path in (wrapped, prefixed):
+        loaded, _ = load_model(path)
+        assert _same_weights(loaded, model)
+
+
+def test_small_custom_config_is_read_off_the_state_dict(tmp_path):
+    cfg = config_with(MODELS["sam_b"], img_size=320, embed_dim=48, depth=3, num_heads=3,
+                      global_attn_indexes=(2,), window_size=5, mlp_ratio=2.0)
+    model = random_sam(cfg, seed=6)
+    path = tmp_path / "custom.pt"
+    torch.save(model.state_dict(), path)
+    loaded, found = load_model(path)
+    assert found.params["encoder"] == {**cfg.params["encoder"]}
+    assert _same_weights(loaded, model)
+
+
+def test_missing_key_names_the_key(tmp_path):
+    sd = random_sam(SMALL_VIT).state_dict()
+    del sd["mask_decoder.iou_token.weight"]
+    path = tmp_path / "missing.pt"
+    torch.save(sd, path)
+    with pytest.raises(StateDictMismatchError, match=r"missing keys: mask_decoder\.iou_token\.weight"):
+        load_model(path)
+
+
+def test_unexpected_and_misshaped_keys_are_named(tmp_path):
+    sd = random_sam(SMALL_VIT).state_dict()
+    sd["extra.weight"] = torch.zeros(3)
+    sd["mask_decoder.iou_token.weight"] = torch.zeros(1, 7)
+    path = tmp_path / "odd.pt"
+    torch.save(sd, path)
+    with pytest.raises(StateDictMismatchError) as e:
+        load_model(path)
+    assert "unexpected keys: extra.weight" in str(e.value)
+    assert "mask_decoder.iou_token.weight" in str(e.value)
+
+
+def test_truncated_file(tmp_path, small_ckpt):
+    data = open(small_ckpt, "rb").read()
+    path = tmp_path / "truncated.pt"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptCheckpointError, match="truncated, damaged"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, this is not a checkpoint\n" * 10])
+def test_file_that_is_not_a_checkpoint(tmp_path, content):
+    path = tmp_path / "notes.pt"
+    path.write_bytes(content)
+    with pytest.raises(CorruptCheckpointError, match="notes.pt"):
+        load_model(path)
+
+
+def test_checkpoint_of_something_else(tmp_path):
+    path = tmp_path / "resnet.pt"
+    torch.save({"conv1.weight": torch.zeros(4, 3, 3, 3)}, path)
+    with pytest.raises(UnknownArchitectureError, match="Supported: SAM ViT"):
+        load_model(path)
+    torch.save([1, 2, 3], path)
+    with pytest.raises(CorruptCheckpointError, match="holds no state dict"):
+        load_model(path)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['SEGANY_MARKER']}",))
+
+
+def test_pickle_that_carries_code_is_refused_and_never_runs(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("SEGANY_MARKER", str(marker))
+    path = tmp_path / "evil.pt"
+    torch.save({"image_encoder.x": torch.zeros(1), "payload": _Payload()}, path)
+    assert zipfile.is_zipfile(path)
+    with pytest.raises(UnsafeCheckpointError, match="needs to run code"):
+        read_state_dict(path)
+    assert not marker.exists()
+    # A legacy (non-zip) pickle is refused the same way.
+    legacy = tmp_path / "evil_legacy.pt"
+    with open(legacy, "wb") as f:
+        pickle.dump(_Payload(), f)
+    with pytest.raises(CheckpointError):
+        read_state_dict(legacy)
+    assert not marker.exists()
+
+
+def test_missing_file_and_unknown_name():
+    with pytest.raises(CheckpointNotFoundError, match="sam_b"):
+        SAM("definitely_not_a_model.pt")
+    with pytest.raises(CheckpointNotFoundError):
+        read_state_dict("/nonexistent/file.pt")
+
+
+def test_sam2_checkpoint_gets_a_clear_message(tmp_path):
+    path = tmp_path / "sam2_hiera_tiny.pt"
+    torch.save({"model": {"image_encoder.trunk.patch_embed.proj.weight": torch.zeros(96, 3, 7, 7)}}, path)
+    with pytest.raises(NotAvailableError, match="SAM 2"):
+        load_model(path)

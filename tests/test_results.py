@@ -1,0 +1,270 @@
+"""Results / Masks / Boxes on synthetic masks: shapes, boxes, polygons, exports, plotting."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+from segany.engine.polygons import mask_contours, merge_contours
+from segany.engine.results import Boxes, Masks, Results
+
+H, W = 120, 160
+
+
+def synthetic_image() -> np.ndarray:
+    """A smooth BGR gradient, so plotted colours always differ from the original."""
+    y, x = np.mgrid[0:H, 0:W]
+    return np.stack([x * 255 // W, y * 255 // H, np.full_like(x, 60)], -1).astype(np.uint8)
+
+
+def synthetic_masks() -> np.ndarray:
+    """(5, H, W): rectangle, circle, two-part mask, empty mask, rectangle touching the border."""
+    m = np.zeros((5, H, W), bool)
+    m[0, 10:40, 20:70] = True  # rows 10..39, cols 20..69
+    cv2.circle(mv := np.zeros((H, W), np.uint8), (110, 60), 25, 1, -1)
+    m[1] = mv.astype(bool)
+    m[2, 70:100, 10:40] = True
+    m[2, 80:110, 60:90] = True
+    m[4, 100:, 130:] = True
+    return m
+
+
+@pytest.fixture
+def res() -> Results:
+    masks = synthetic_masks()
+    return Results(
+        orig_img=synthetic_image(),
+        path="synthetic.jpg",
+        masks=torch.from_numpy(masks),
+        scores=torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5]),
+        low_res_logits=torch.randn(5, 256, 256),
+        speed={"preprocess": 1.0, "inference": 2.0, "postprocess": 3.0},
+    )
+
+
+def rasterise(poly: np.ndarray) -> np.ndarray:
+    out = np.zeros((H, W), np.uint8)
+    if len(poly):
+        cv2.fillPoly(out, [np.round(poly).astype(np.int32).reshape(-1, 1, 2)], 1)
+    return out.astype(bool)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return (a & b).sum() / max((a | b).sum(), 1)
+
+
+def test_attributes_shapes_dtypes(res: Results) -> None:
+    assert len(res) == 5 and res.orig_shape == (H, W) and res.path == "synthetic.jpg"
+    assert res.masks.data.shape == (5, H, W) and res.masks.data.dtype == torch.bool
+    assert res.masks.shape == (5, H, W) and len(res.masks) == 5
+    assert res.boxes.data.shape == (5, 6) and res.boxes.data.dtype == torch.float32
+    assert res.boxes.xyxy.shape == (5, 4) and res.boxes.xywh.shape == (5, 4)
+    assert torch.allclose(res.boxes.conf, torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5]))
+    assert res.boxes.cls.tolist() == [0, 1, 2, 3, 4]  # prompt index by default
+    assert res.names == {i: str(i) for i in range(5)}
+    assert res.speed == {"preprocess": 1.0, "inference": 2.0, "postprocess": 3.0}
+    assert res.low_res_logits.shape == (5, 256, 256)
+    assert res.records is None
+    assert all(p.dtype == np.float32 and p.ndim == 2 and p.shape[1] == 2 for p in res.masks.xy)
+    assert res.masks.xy[3].shape == (0, 2)  # empty mask → empty polygon
+    for p, pn in zip(res.masks.xy, res.masks.xyn):
+        assert np.allclose(pn * [W, H], p, atol=1e-4)
+        assert pn.size == 0 or (pn.min() >= 0 and pn.max() <= 1)
+    assert res.verbose() == "5 masks" and "5 masks" in repr(res)
+
+
+def test_boxes_pixel_edge_convention(res: Results) -> None:
+    xyxy = res.boxes.xyxy.tolist()
+    assert xyxy[0] == [20, 10, 70, 40]  # x2 = max x + 1
+    assert xyxy[1] == [85, 35, 136, 86]
+    assert xyxy[2] == [10, 70, 90, 110]
+    assert xyxy[3] == [0, 0, 0, 0]  # empty mask
+    assert xyxy[4] == [130, 100, 160, 120]  # touches the border: x2 == W
+    assert res.boxes.xywh[0].tolist() == [45, 25, 50, 30]
+    assert torch.allclose(res.boxes.xyxyn[4], torch.tensor([130 / W, 100 / H, 1.0, 1.0]))
+    assert res.boxes.xywhn.shape == (5, 4)
+
+
+def test_indexing(res: Results) -> None:
+    one = res[1]
+    assert isinstance(one, Results) and len(one) == 1 and one.masks.data.shape == (1, H, W)
+    assert one.boxes.cls.tolist() == [1] and one.low_res_logits.shape == (1, 256, 256)
+    assert torch.equal(res[-1].masks.data[0], res.masks.data[4])
+    sub = res[1:3]
+    assert len(sub) == 2 and sub.boxes.conf.tolist() == pytest.approx([0.8, 0.7])
+    picked = res[[0, 4]]
+    assert picked.boxes.cls.tolist() == [0, 4]
+    kept = res[res.boxes.conf > 0.65]
+    assert len(kept) == 3 and kept.names == res.names
+    assert len(res[2:2]) == 0 and res[2:2].masks.data.shape == (0, H, W)
+    with pytest.raises(IndexError):
+        res[7]
+    # Polygons of a subset are the polygons of the same masks.
+    assert np.array_equal(res[2].masks.xy[0], res.masks.xy[2])
+
+
+def test_cpu_numpy_to(res: Results) -> None:
+    n = res.numpy()
+    assert isinstance(n.masks.data, np.ndarray) and n.masks.data.dtype == np.bool_
+    assert isinstance(n.boxes.data, np.ndarray) and n.boxes.xywh.shape == (5, 4)
+    assert isinstance(n.low_res_logits, np.ndarray)
+    assert np.array_equal(n.boxes.xyxy, res.boxes.xyxy.numpy())
+    assert len(n[1:3]) == 2 and n.to_coco()[0]["bbox"] == res.to_coco()[0]["bbox"]
+    c = res.cpu()
+    assert isinstance(c.masks.data, torch.Tensor) and c.masks.data.device.type == "cpu"
+    t = n.to("cpu")
+    assert isinstance(t.masks.data, torch.Tensor) and torch.equal(t.masks.data, res.masks.data)
+    assert isinstance(res.masks.data, torch.Tensor)  # the original is unchanged
+
+
+def test_polygons_multi_part_and_contours(res: Results) -> None:
+    masks = synthetic_masks()
+    assert len(res.masks.contours(2)) == 2  # two separate outer contours
+    assert len(res.masks.contours(0)) == 1 and res.masks.contours(3) == []
+    for i in (0, 1, 2, 4):
+        back = rasterise(res.masks.xy[i])
+        assert iou(back, masks[i]) >= 0.9, i
+        assert not (masks[i] & ~back).any(), i  # every part is recovered
+
+
+def test_merge_many_parts_recovers_every_part() -> None:
+    m = np.zeros((H, W), bool)
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        y, x = rng.integers(0, H - 6), rng.integers(0, W - 6)
+        m[y : y + 5, x : x + 5] = True
+    m[0, 0] = m[H - 1, W - 1] = True  # single pixels in the corners
+    poly = merge_contours(mask_contours(m))
+    assert not (m & ~rasterise(poly)).any()
+    assert merge_contours([]).shape == (0, 2)
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools decode
+def test_to_coco_rle_roundtrip(res: Results) -> None:
+    anns = res.to_coco(image_id=7)
+    json.dumps(anns)  # counts decoded to str
+    masks = synthetic_masks()
+    assert [a["id"] for a in anns] == [1, 2, 3, 4, 5]
+    for i, a in enumerate(anns):
+        assert a["image_id"] == 7 and a["category_id"] == i and a["iscrowd"] == 0
+        rle = {"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()}
+        assert np.array_equal(mask_utils.decode(rle).astype(bool), masks[i])
+        assert a["area"] == masks[i].sum()
+        assert a["score"] == pytest.approx(float(res.boxes.conf[i]))
+    assert anns[0]["bbox"] == [20, 10, 50, 30]  # true width: x2 - x1
+    assert anns[3]["bbox"] == [0, 0, 0, 0] and anns[3]["area"] == 0
+    assert {a["category_id"] for a in res.to_coco(category_id=3)} == {3}
+
+
+def test_records_exposed_and_in_coco() -> None:
+    masks = synthetic_masks()[:2]
+    records = [
+        {"predicted_iou": np.float32(0.91), "stability_score": 0.97, "point_coords": [[30.0, 20.0]],
+         "crop_box": [0.0, 0.0, float(W), float(H)], "area": int(masks[i].sum())}
+        for i in range(2)
+    ]
+    r = Results(synthetic_image(), "x.png", masks, scores=[0.91, 0.5], records=records)
+    assert r.records is not None and len(r.records) == 2 and len(r[1].records) == 1
+    ann = r.to_coco()[0]
+    assert ann["predicted_iou"] == pytest.approx(0.91) and ann["stability_score"] == 0.97
+    assert ann["point_coords"] == [[30.0, 20.0]]
+    assert ann["crop_box"] == [0, 0, W, H] and all(type(v) is int for v in ann["crop_box"])
+    json.dumps(r.to_coco())
+    with pytest.raises(ValueError):
+        Results(synthetic_image(), "x.png", masks, records=records[:1])
+
+
+def test_save_txt_polygons_rasterise_back(res: Results, tmp_path) -> None:
+    path = tmp_path / "labels" / "synthetic.txt"
+    assert res.save_txt(path) == str(path)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 4  # the empty mask is skipped
+    masks = synthetic_masks()
+    for line, i in zip(lines, (0, 1, 2, 4)):
+        fields = line.split()
+        assert int(fields[0]) == i
+        assert all(len(v.split(".")[1]) == 6 for v in fields[1:])
+        xy = np.array(fields[1:], float).reshape(-1, 2)
+        assert len(xy) >= 3 and xy.min() >= 0 and xy.max() <= 1
+        assert iou(rasterise(xy * [W, H]), masks[i]) >= 0.9
+    res.save_txt(path, save_conf=True)  # rewrites, does not append
+    lines = path.read_text().splitlines()
+    assert len(lines) == 4 and float(lines[0].split()[-1]) == pytest.approx(0.9)
+    assert sorted(os.listdir(path.parent)) == ["synthetic.txt"]  # no temp files left
+
+
+def test_summary_and_json(res: Results) -> None:
+    s = res.summary()
+    assert len(s) == 5 and s[0]["name"] == "0" and s[0]["class"] == 0
+    assert s[0]["confidence"] == pytest.approx(0.9)
+    assert s[0]["box"] == {"x1": 20.0, "y1": 10.0, "x2": 70.0, "y2": 40.0}
+    assert len(s[0]["segments"]["x"]) == len(res.masks.xy[0])
+    assert s[3]["segments"] == {"x": [], "y": []}
+    sn = res.summary(normalize=True, decimals=3)
+    assert sn[4]["box"]["x2"] == 1.0 and max(sn[1]["segments"]["x"]) <= 1
+    parsed = json.loads(res.to_json())
+    assert parsed == json.loads(json.dumps(s))
+    json.loads(res.to_json(normalize=True))
+
+
+def test_plot_and_save(res: Results, tmp_path) -> None:
+    img = res.orig_img.copy()
+    out = res.plot()
+    assert out.shape == (H, W, 3) and out.dtype == np.uint8
+    assert np.array_equal(res.orig_img, img)  # the original is untouched
+    masks = synthetic_masks()
+    for i in (0, 1, 2, 4):
+        assert (out[masks[i]] != img[masks[i]]).any(axis=1).mean() > 0.9
+    bare = res.plot(masks=False, boxes=False)
+    assert np.array_equal(bare, img)
+    plain = res.plot(labels=False, conf=False, line_width=1)
+    assert plain.shape == (H, W, 3)
+    target = tmp_path / "out" / "plot.png"
+    assert res.save(target) == str(target)
+    back = cv2.imread(str(target))
+    assert back is not None and np.array_equal(back, out)
+    assert sorted(os.listdir(target.parent)) == ["plot.png"]
+    with pytest.raises(ValueError):
+        res.save(tmp_path / "plot.notanimageformat")
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no temp files from the failed save
+
+
+def test_empty_results(tmp_path) -> None:
+    for masks in (None, np.zeros((0, H, W), bool), torch.zeros((0, H, W), dtype=torch.bool)):
+        r = Results(synthetic_image(), "empty.jpg", masks)
+        assert len(r) == 0 and r.masks is not None
+        assert r.masks.data.shape == (0, H, W) and r.masks.data.dtype == torch.bool
+        assert r.boxes.data.shape == (0, 6) and r.boxes.xyxy.shape == (0, 4) and r.boxes.xywhn.shape == (0, 4)
+        assert r.masks.xy == [] and r.masks.xyn == []
+        assert r.summary() == [] and json.loads(r.to_json()) == [] and r.to_coco() == []
+        assert r.verbose() == "0 masks"
+        assert np.array_equal(r.plot(), r.orig_img)
+        txt = tmp_path / "empty.txt"
+        r.save_txt(txt)
+        assert txt.read_text() == ""
+        assert len(r.numpy()) == 0 and len(r.cpu()[0:0]) == 0
+
+
+def test_input_variants_and_validation() -> None:
+    img = synthetic_image()
+    m = synthetic_masks()
+    r = Results(img, "a.jpg", m[0])  # a single (H, W) mask
+    assert r.masks.data.shape == (1, H, W)
+    logits = np.where(m[:2], 5.0, -5.0).astype(np.float32)
+    r = Results(img, "a.jpg", logits, cls=[3, 3], names={3: "car"})
+    assert r.masks.data.dtype == torch.bool and torch.equal(r.masks.data, torch.from_numpy(m[:2]))
+    assert r.boxes.conf.tolist() == [1.0, 1.0]  # no scores given
+    assert r.summary()[0]["name"] == "car" and r.to_coco()[1]["category_id"] == 3
+    with pytest.raises(ValueError, match="match the image"):
+        Results(img, "a.jpg", np.zeros((1, H + 1, W), bool))
+    with pytest.raises(ValueError, match="scores"):
+        Results(img, "a.jpg", m, scores=[0.5])
+    with pytest.raises(ValueError, match="low_res_logits"):
+        Results(img, "a.jpg", m, low_res_logits=torch.zeros(2, 256, 256))
+    assert len(Masks(m, (H, W))) == 5 and Boxes(np.zeros(6, np.float32), (H, W)).shape == (1, 6)

@@ -1,0 +1,303 @@
+"""Tests of segany.engine.sources: every kind of source becomes H×W×3 uint8 BGR."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segany.engine.sources import (
+    IMAGE_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    count_sources,
+    expand_sources,
+    iter_sources,
+    load_image,
+)
+from segany.errors import ConfigError, ImageError, ImageNotFoundError
+
+H, W = 40, 60
+
+
+def _bgr() -> np.ndarray:
+    """A test image whose channels all differ, so a swapped channel order shows."""
+    img = np.zeros((H, W, 3), np.uint8)
+    img[..., 0] = 30  # B
+    img[..., 1] = np.linspace(0, 255, W, dtype=np.uint8)[None, :]  # G
+    img[..., 2] = 220  # R
+    return img
+
+
+def _assert_bgr(img: np.ndarray, shape: tuple[int, int] = (H, W)) -> None:
+    assert isinstance(img, np.ndarray)
+    assert img.dtype == np.uint8 and img.shape == (*shape, 3) and img.flags.c_contiguous
+
+
+# ---------------------------------------------------------------- files
+
+
+def test_png_is_exact_and_jpg_is_close(tmp_path: Path) -> None:
+    cv2.imwrite(str(tmp_path / "a.png"), _bgr())
+    cv2.imwrite(str(tmp_path / "a.jpg"), _bgr())
+    png = load_image(tmp_path / "a.png")
+    _assert_bgr(png)
+    np.testing.assert_array_equal(png, _bgr())
+    jpg = load_image(str(tmp_path / "a.jpg"))
+    _assert_bgr(jpg)
+    diff = np.abs(jpg.astype(int) - cv2.imread(str(tmp_path / "a.jpg")).astype(int))
+    assert diff.max() <= 3  # Pillow's and OpenCV's JPEG decoders may round differently
+
+
+def test_16bit_png_scaled_to_8bit(tmp_path: Path) -> None:
+    color = _bgr().astype(np.uint16) * 257
+    cv2.imwrite(str(tmp_path / "c16.png"), color)
+    np.testing.assert_array_equal(load_image(tmp_path / "c16.png"), _bgr())
+    gray = np.tile(np.arange(W, dtype=np.uint16) * 1000, (H, 1))
+    cv2.imwrite(str(tmp_path / "g16.png"), gray)
+    out = load_image(tmp_path / "g16.png")
+    _assert_bgr(out)
+    expected = np.rint(gray / 257).astype(np.uint8)
+    for c in range(3):
+        np.testing.assert_array_equal(out[..., c], expected)
+
+
+def test_grayscale_rgba_and_palette_png(tmp_path: Path) -> None:
+    gray = _bgr()[..., 1]
+    cv2.imwrite(str(tmp_path / "g.png"), gray)
+    np.testing.assert_array_equal(load_image(tmp_path / "g.png"), np.dstack([gray] * 3))
+
+    rgb = _bgr()[..., ::-1]
+    rgba = np.dstack([rgb, np.full((H, W), 7, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    np.testing.assert_array_equal(load_image(tmp_path / "rgba.png"), _bgr())  # alpha dropped
+
+    pal = Image.fromarray(np.ascontiguousarray(rgb)).convert("P", palette=Image.ADAPTIVE, colors=16)
+    pal.save(tmp_path / "p.png")
+    np.testing.assert_array_equal(
+        load_image(tmp_path / "p.png"), np.asarray(pal.convert("RGB"))[..., ::-1]
+    )
+    pal.save(tmp_path / "pt.png", transparency=0)
+    np.testing.assert_array_equal(
+        load_image(tmp_path / "pt.png"), np.asarray(pal.convert("RGB"))[..., ::-1]
+    )
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    rgb = np.zeros((H, W, 3), np.uint8)
+    rgb[:, : W // 2] = (255, 0, 0)  # left half red
+    rgb[:, W // 2 :] = (0, 0, 255)  # right half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: display = rotate 90° clockwise
+    Image.fromarray(rgb).save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    out = load_image(tmp_path / "rot.jpg")
+    _assert_bgr(out, (W, H))  # shape swapped
+    # rotating clockwise moves the left (red) half to the top
+    assert out[2, H // 2, 2] > 200 and out[2, H // 2, 0] < 60
+    assert out[-3, H // 2, 0] > 200 and out[-3, H // 2, 2] < 60
+
+
+def test_opencv_fallback_for_formats_pillow_cannot_read(tmp_path: Path) -> None:
+    cv2.imwrite(str(tmp_path / "x.hdr"), np.full((H, W, 3), 0.5, np.float32))
+    out = load_image(tmp_path / "x.hdr")
+    _assert_bgr(out)
+    assert abs(int(out[0, 0, 0]) - 128) <= 2
+
+
+# ---------------------------------------------------------------- in-memory images
+
+
+def test_pil_rgb_and_rgba() -> None:
+    rgb = np.ascontiguousarray(_bgr()[..., ::-1])
+    np.testing.assert_array_equal(load_image(Image.fromarray(rgb)), _bgr())
+    rgba = Image.fromarray(np.dstack([rgb, np.zeros((H, W), np.uint8)]), "RGBA")
+    np.testing.assert_array_equal(load_image(rgba), _bgr())
+    np.testing.assert_array_equal(load_image(Image.fromarray(rgb).convert("L"))[..., 0],
+                                  np.asarray(Image.fromarray(rgb).convert("L")))
+
+
+def test_ndarray_inputs() -> None:
+    bgr = _bgr()
+    assert load_image(bgr) is bgr  # documented: returned as is, no copy
+    gray = bgr[..., 1]
+    np.testing.assert_array_equal(load_image(gray), np.dstack([gray] * 3))
+    np.testing.assert_array_equal(load_image(bgr.astype(np.uint16) * 257), bgr)
+    np.testing.assert_array_equal(load_image(bgr.astype(np.float32) / 255), bgr)
+    bgra = np.dstack([bgr, np.full((H, W), 9, np.uint8)])
+    np.testing.assert_array_equal(load_image(bgra), bgr)
+    np.testing.assert_array_equal(load_image(bgr.astype(np.int64)), bgr)
+
+
+def test_tensor_rgb_to_bgr() -> None:
+    bgr = _bgr()
+    rgb = torch.from_numpy(np.ascontiguousarray(bgr[..., ::-1])).permute(2, 0, 1)
+    np.testing.assert_array_equal(load_image(rgb.float() / 255), bgr)
+    np.testing.assert_array_equal(load_image(rgb[None].float() / 255), bgr)
+    np.testing.assert_array_equal(load_image(rgb), bgr)  # uint8 tensor
+
+
+def test_batch_tensor_yields_each_image() -> None:
+    bgr = _bgr()
+    rgb = torch.from_numpy(np.ascontiguousarray(bgr[..., ::-1])).permute(2, 0, 1).float() / 255
+    batch = torch.stack([rgb, 1 - rgb])
+    items = list(iter_sources(batch))
+    assert [name for name, _ in items] == ["image0", "image1"]
+    np.testing.assert_array_equal(items[0][1], bgr)
+    np.testing.assert_array_equal(items[1][1], 255 - bgr)
+    assert count_sources(batch) == 2
+    with pytest.raises(ImageError, match="a batch of 2"):
+        load_image(batch)
+
+
+# ---------------------------------------------------------------- many images
+
+
+def test_directory_glob_and_list(tmp_path: Path) -> None:
+    cv2.imwrite(str(tmp_path / "b.jpg"), _bgr())
+    cv2.imwrite(str(tmp_path / "a.png"), _bgr())
+    cv2.imwrite(str(tmp_path / ".hidden.png"), _bgr())
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "sub").mkdir()
+    cv2.imwrite(str(tmp_path / "sub" / "c.png"), _bgr())  # not recursive
+
+    names = [n for n, _ in iter_sources(tmp_path)]
+    assert names == [str(tmp_path / "a.png"), str(tmp_path / "b.jpg")]
+    assert count_sources(tmp_path) == 2
+
+    names = [n for n, _ in iter_sources(str(tmp_path / "*.png"))]
+    assert names == [str(tmp_path / "a.png")]
+
+    source = [tmp_path / "b.jpg", _bgr(), Image.fromarray(_bgr()), tmp_path]
+    items = list(iter_sources(source))
+    assert [n for n, _ in items] == [
+        str(tmp_path / "b.jpg"), "image1", "image2", str(tmp_path / "a.png"), str(tmp_path / "b.jpg")
+    ]
+    assert all(img.shape == (H, W, 3) for _, img in items)
+    assert count_sources(source) == 5
+    assert len(expand_sources(source)) == 5
+
+    gen = (x for x in [_bgr(), _bgr()])
+    assert count_sources(gen) is None  # not consumed
+    assert [n for n, _ in iter_sources(gen)] == ["image0", "image1"]
+
+
+def _write_video(path: Path, n: int) -> None:
+    fourcc = "mp4v" if path.suffix == ".mp4" else "MJPG"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 10, (64, 48))
+    assert writer.isOpened(), f"this OpenCV build cannot write {fourcc}"
+    for i in range(n):
+        writer.write(np.full((48, 64, 3), i * 20, np.uint8))
+    writer.release()
+
+
+@pytest.mark.parametrize("name", ["v.mp4", "v.avi"])
+def test_video_frames_and_stride(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    _write_video(path, 10)
+    assert path.suffix in VIDEO_EXTENSIONS
+    frames = list(iter_sources(path))
+    assert [n for n, _ in frames] == [f"{path}:frame_{i}" for i in range(10)]
+    assert all(f.shape == (48, 64, 3) and f.dtype == np.uint8 for _, f in frames)
+    means = [float(f.mean()) for _, f in frames]
+    assert all(abs(m - 20 * i) < 8 for i, m in enumerate(means))
+    strided = list(iter_sources(path, vid_stride=3))
+    assert [n for n, _ in strided] == [f"{path}:frame_{i}" for i in (0, 3, 6, 9)]
+    assert count_sources(path) == 10 and count_sources(path, vid_stride=3) == 4
+    # a directory ignores videos; a glob takes them
+    assert count_sources(str(tmp_path / "*")) == 10
+    with pytest.raises(ImageNotFoundError, match="video"):
+        list(iter_sources(tmp_path))
+    with pytest.raises(ImageError, match="is a video"):
+        load_image(path)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:  # keep test output clean
+        pass
+
+
+def test_url_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    cv2.imwrite(str(tmp_path / "a.png"), _bgr())
+    handler = functools.partial(_QuietHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        np.testing.assert_array_equal(load_image(f"{base}/a.png"), _bgr())
+        assert [n for n, _ in iter_sources([f"{base}/a.png"])] == [f"{base}/a.png"]
+        with pytest.raises(ImageError, match="missing.png"):
+            load_image(f"{base}/missing.png")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_missing_empty_and_corrupt_files(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.jpg"
+    with pytest.raises(ImageNotFoundError, match="nope.jpg") as info:
+        load_image(missing)
+    assert isinstance(info.value, FileNotFoundError)
+    with pytest.raises(ImageNotFoundError, match="nope.jpg"):
+        list(iter_sources([missing]))
+
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(ImageError, match=r"empty\.png is empty .*not a readable image"):
+        load_image(empty)
+
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(np.random.default_rng(0).integers(0, 256, 2048, np.uint8).tobytes())
+    with pytest.raises(ImageError, match=r"corrupt\.jpg is not a readable image"):
+        load_image(corrupt)
+
+
+def test_empty_directory_and_unmatched_glob(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ImageNotFoundError, match="empty holds no image files"):
+        list(iter_sources(tmp_path / "empty"))
+    with pytest.raises(ImageNotFoundError, match="matched no image"):
+        list(iter_sources(str(tmp_path / "*.jpg")))
+    with pytest.raises(ImageError, match="is a directory"):
+        load_image(tmp_path)
+    with pytest.raises(ImageError, match="empty list"):
+        list(iter_sources([]))
+
+
+def test_bad_arrays_tensors_and_types() -> None:
+    with pytest.raises(ImageError, match="H×W×3 BGR"):
+        load_image(np.zeros((5, 5, 2), np.uint8))
+    with pytest.raises(ImageError, match="channels-first"):
+        load_image(np.zeros((3, 20, 30), np.uint8))
+    with pytest.raises(ImageError, match="0..1"):
+        load_image(np.full((5, 5, 3), 200.0, np.float32))
+    with pytest.raises(ImageError, match="empty image"):
+        load_image(np.zeros((0, 5, 3), np.uint8))
+    with pytest.raises(ImageError, match=r"\(3,H,W\)"):
+        load_image(torch.zeros(20, 30, 3))
+    with pytest.raises(ImageError, match="unsupported image source of type int"):
+        load_image(5)
+    with pytest.raises(ImageError, match="unsupported image source"):
+        list(iter_sources([_bgr(), 5]))
+    with pytest.raises(ConfigError, match="vid_stride"):
+        list(iter_sources(_bgr(), vid_stride=0))
+
+
+def test_extension_constants() -> None:
+    assert {".jpg", ".jpeg", ".png", ".tif", ".bmp", ".webp"} <= IMAGE_EXTENSIONS
+    assert {".mp4", ".avi", ".mov", ".mkv", ".webm"} <= VIDEO_EXTENSIONS
+    assert not IMAGE_EXTENSIONS & VIDEO_EXTENSIONS
+    assert all(e.startswith(".") and e == e.lower() for e in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS)
