@@ -16,7 +16,7 @@ PREDICT_DEFAULTS: dict[str, Any] = dict(
     task="segment",
     mode="predict",
     source=None,
-    imgsz=1024,
+    imgsz=None,  # None = the model's own input size (1024 for every official model)
     device="",
     half=False,
     conf=0.25,

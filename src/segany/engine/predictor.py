@@ -85,7 +85,7 @@ class Predictor:
     def _options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         opts = {**self.args, **check_options(kwargs)}
         model = self._require_model()
-        if int(opts["imgsz"]) != model.img_size:
+        if opts["imgsz"] is not None and int(opts["imgsz"]) != model.img_size:
             raise ConfigError(f"imgsz={opts['imgsz']}: this model works at imgsz={model.img_size}")
         if str(opts["device"]) != str(self.args["device"]):
             dev = select_device(opts["device"])
@@ -201,7 +201,7 @@ class Predictor:
     def _run_batch(self, named, prompts, has_prompt, multimask, opts) -> Iterator[Results]:
         if has_prompt:  # check prompts against every image before the expensive encode
             for _, img in named:
-                parse_prompts(img.shape[:2], **prompts)
+                self._parse(img.shape[:2], prompts)
         for state in self._encode_states(named, half=bool(opts["half"])):
             self.image = state  # the last image stays available for prompt-only calls
             yield self._run(state, prompts, has_prompt, multimask, opts)
@@ -211,7 +211,7 @@ class Predictor:
             from .everything import segment_everything
 
             return segment_everything(self, state, opts)
-        parsed = parse_prompts(state.original_size, **prompts)
+        parsed = self._parse(state.original_size, prompts)
         t0 = time.perf_counter()
         low_res, iou = self.decode(state, parsed, multimask, half=bool(opts["half"]))
         t1 = time.perf_counter()
@@ -231,6 +231,10 @@ class Predictor:
             speed=dict(preprocess=state.preprocess_ms, inference=state.encode_ms + (t1 - t0) * 1000,
                        postprocess=(t2 - t1) * 1000),
         )
+
+    def _parse(self, image_size: tuple[int, int], prompts: dict[str, Any]) -> Prompts:
+        low_res = self._require_model().prompt_encoder.mask_input_size[0]
+        return parse_prompts(image_size, low_res_size=low_res, **prompts)
 
     def decode(self, state: ImageState, prompts: Prompts, multimask: bool, half: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -118,7 +118,10 @@ def _parse_points(arr: np.ndarray, labels, h: int, w: int) -> tuple[np.ndarray, 
                 f"labels do not match points: {n} object(s) with {p} point(s) each need {n * p} label(s) "
                 f"(shape ({n}, {p})), got shape {lab_f.shape}"
             )
-        if lab_f.ndim == 2 and lab_f.shape != (n, p):
+        # Any layout that lists the labels in point order is accepted ((N, P), (N,), (1, N), ...);
+        # a transposed (P, N) table is not, since it would pair labels with the wrong points.
+        squeezed = tuple(d for d in lab_f.shape if d != 1)
+        if squeezed not in (tuple(d for d in (n, p) if d != 1), (n * p,), ()):
             raise PromptError(f"labels must have shape ({n}, {p}) to match points, got {lab_f.shape}")
         if not np.isin(lab_f, (0, 1)).all():
             raise PromptError(f"labels must be 1 (positive) or 0 (negative), got {np.unique(lab_f).tolist()}")

@@ -1,0 +1,238 @@
+"""Prompted segmentation through SAM / Predictor: the seed's call shapes, parity with Meta's
+SamPredictor, embeddings, sources and bad input (SPEC §3, §4, §6, §9)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SMALL_VIT, meta_twin, random_sam, test_image
+from segany import SAM, Predictor, Results
+from segany.checkpoints import load_model
+from segany.errors import ConfigError, ImageError, ImageNotFoundError, PromptError
+
+H, W = 180, 240
+
+
+@pytest.fixture()
+def img_path(tmp_path) -> str:
+    path = tmp_path / "scene.png"
+    cv2.imwrite(str(path), test_image(H, W))
+    return str(path)
+
+
+@pytest.fixture()
+def model(small_ckpt) -> SAM:
+    return SAM(small_ckpt)
+
+
+def _check(results, n_masks: int, shape=(H, W)) -> Results:
+    assert isinstance(results, list) and len(results) == 1
+    r = results[0]
+    assert r.masks.data.shape == (n_masks, *shape) and r.masks.data.dtype == torch.bool
+    assert r.boxes.conf.shape == (n_masks,)
+    assert r.low_res_logits.shape == (n_masks, 64, 64)
+    return r
+
+
+def test_seed_examples_sam(model, img_path):
+    # SAM("sam_b.pt") examples of the seed, with a random-weight checkpoint standing in.
+    r = _check(model(img_path, bboxes=[40, 40, 120, 110]), 1)
+    assert r.boxes.cls.tolist() == [0]
+    _check(model(points=[200, 100], labels=[1]), 1)  # no source: the last image
+    r = _check(model(points=[[40, 37], [200, 37]], labels=[1, 1]), 2)
+    assert r.boxes.cls.tolist() == [0, 1]
+    _check(model(points=[[[40, 37], [200, 37]]], labels=[[1, 1]]), 1)
+    _check(model(points=[[[40, 37], [200, 37]]], labels=[[1, 0]]), 1)
+    _check(model(img_path, points=[[40, 37], [200, 37]], labels=[[1, 1]]), 2)  # labels as written in the seed
+    r = _check(model(img_path, bboxes=[[10, 10, 100, 90], [120, 40, 230, 170]]), 2)
+    assert r.boxes.cls.tolist() == [0, 1]
+    r = _check(model(img_path, points=[200, 100], multimask_output=True), 3)
+    assert r.boxes.cls.tolist() == [0, 0, 0]
+    assert torch.all(r.boxes.conf[:-1] >= r.boxes.conf[1:]), "multimask outputs are best first"
+    _check(model(img_path, masks=r.low_res_logits[:1]), 1)  # refinement with the previous logits
+    _check(model(img_path, bboxes=[[10, 10, 100, 90]], points=[[[50, 50], [60, 60]]], labels=[[1, 0]]), 1)
+
+
+def test_seed_examples_predictor(small_ckpt, img_path):
+    overrides = dict(conf=0.25, task="segment", mode="predict", imgsz=256, model=small_ckpt)
+    predictor = Predictor(overrides=overrides)
+    predictor.set_image(img_path)
+    predictor.set_image(cv2.imread(img_path))
+    predictor.set_image(Image.open(img_path))
+    _check(predictor(bboxes=[40, 40, 120, 110]), 1)
+    _check(predictor(points=[200, 100], labels=[1]), 1)
+    _check(predictor(points=[[40, 37], [200, 37]], labels=[1, 1]), 2)
+    _check(predictor(points=[[[40, 37], [200, 37]]], labels=[[1, 0]]), 1)
+    assert predictor.get_image_embedding().shape == (1, 256, 16, 16)
+    predictor.reset_image()
+    with pytest.raises(PromptError, match="set_image"):
+        predictor(bboxes=[40, 40, 120, 110])
+
+
+def _meta_predict(ref, img_bgr, **kw):
+    from segment_anything import SamPredictor
+
+    p = SamPredictor(ref)
+    p.set_image(img_bgr[..., ::-1].copy())
+    return p
+
+
+@pytest.mark.parametrize("shape", [(H, W), (300, 140), (256, 256)])
+def test_parity_with_meta_sam_predictor(tmp_path, shape):
+    h, w = shape
+    ours_model = random_sam(SMALL_VIT, seed=11)
+    ref = meta_twin(ours_model, SMALL_VIT)
+    path = tmp_path / "m.pth"
+    torch.save(ours_model.state_dict(), path)
+    model = SAM(str(path))
+    img = test_image(h, w, seed=4)
+    img_file = tmp_path / "img.png"
+    cv2.imwrite(str(img_file), img)
+    meta = _meta_predict(ref, img)
+    border = [[0, 0], [w - 1, h - 1], [w, h / 2]]  # points on and near the border
+    cases = [
+        dict(box=np.array([0.1 * w, 0.2 * h, 0.6 * w, 0.9 * h])),
+        dict(point_coords=np.array([[0.5 * w, 0.5 * h]]), point_labels=np.array([1])),
+        dict(point_coords=np.array(border, float), point_labels=np.array([1, 0, 1])),
+        dict(point_coords=np.array([[0.3 * w, 0.3 * h]]), point_labels=np.array([0]),
+             box=np.array([0, 0, w, h])),
+    ]
+    for multimask in (False, True):
+        for case in cases:
+            m_masks, m_iou, m_low = meta.predict(multimask_output=multimask, **case)
+            kw = {}
+            if "box" in case:
+                kw["bboxes"] = case["box"]
+            if "point_coords" in case:
+                kw["points"], kw["labels"] = case["point_coords"][None], case["point_labels"][None]
+            r = model(str(img_file), multimask_output=multimask, **kw)[0]
+            order = np.argsort(-m_iou, kind="stable")
+            assert np.abs(r.boxes.conf.numpy() - m_iou[order]).max() <= 1e-4
+            assert np.abs(r.low_res_logits.numpy() - m_low[order]).max() <= 1e-4
+            assert (r.masks.data.numpy() != m_masks[order]).mean() <= 1e-4, case
+            # refinement: the low-res logits fed back as a mask prompt
+            m2, iou2, _ = meta.predict(mask_input=m_low[order][:1], multimask_output=False, **case)
+            r2 = model(masks=r.low_res_logits[:1], multimask_output=False, **kw)[0]
+            assert np.abs(r2.boxes.conf.numpy() - iou2).max() <= 1e-4
+            assert (r2.masks.data.numpy() != m2).mean() <= 1e-4
+
+
+def test_parity_several_boxes_with_meta_predict_torch(tmp_path):
+    ours_model = random_sam(SMALL_VIT, seed=12)
+    ref = meta_twin(ours_model, SMALL_VIT)
+    img = test_image(H, W, seed=5)
+    meta = _meta_predict(ref, img)
+    boxes = np.array([[10, 10, 100, 90], [120, 40, 230, 170], [0, 0, W, H], [50, 60, 51, 61]], float)
+    tb = meta.transform.apply_boxes_torch(torch.as_tensor(boxes), (H, W)).float()
+    m_masks, m_iou, m_low = meta.predict_torch(None, None, boxes=tb, multimask_output=False)
+    predictor = Predictor(model=ours_model, config=SMALL_VIT)
+    predictor.set_image(img)
+    r = predictor(bboxes=boxes)[0]
+    assert r.boxes.cls.tolist() == [0, 1, 2, 3]
+    assert (r.boxes.conf - m_iou[:, 0]).abs().max() <= 1e-4
+    assert (r.low_res_logits - m_low[:, 0]).abs().max() <= 1e-4
+    assert (r.masks.data != m_masks[:, 0]).float().mean() <= 1e-4
+
+
+def test_prompt_call_reuses_the_embedding(model, img_path, monkeypatch):
+    model(img_path, bboxes=[40, 40, 120, 110])
+    monkeypatch.setattr(model.model.image_encoder, "forward", lambda x: pytest.fail("encoder ran again"))
+    _check(model(points=[100, 100]), 1)
+
+
+def test_conf_never_drops_prompted_masks(model, img_path):
+    r = model(img_path, bboxes=[[10, 10, 100, 90], [120, 40, 230, 170]], conf=0.999)[0]
+    assert len(r) == 2
+
+
+def test_binary_mask_prompt_at_image_size(model, img_path):
+    mask = np.zeros((H, W), bool)
+    mask[40:100, 50:120] = True
+    _check(model(img_path, masks=mask), 1)
+    _check(model(img_path, masks=np.stack([mask, ~mask])), 2)
+
+
+def test_embedding_saved_and_loaded_in_a_second_predictor(small_ckpt, img_path, tmp_path):
+    a = Predictor(overrides=dict(model=small_ckpt))
+    a.set_image(img_path)
+    expected = a(bboxes=[40, 40, 120, 110])[0]
+    a.save_embedding(tmp_path / "emb.pt")
+    net, cfg = load_model(small_ckpt)
+    net.image_encoder.forward = lambda x: pytest.fail("the second predictor must not encode")
+    b = Predictor(model=net, config=cfg)
+    b.load_embedding(tmp_path / "emb.pt")
+    got = b(bboxes=[40, 40, 120, 110])[0]
+    assert torch.equal(got.masks.data, expected.masks.data)
+    assert torch.allclose(got.boxes.conf, expected.boxes.conf)
+
+
+def test_sources_list_stream_directory(model, tmp_path):
+    paths = []
+    for i, (h, w) in enumerate([(120, 160), (200, 90), (64, 64)]):
+        p = tmp_path / "imgs" / f"im{i}.png"
+        p.parent.mkdir(exist_ok=True)
+        cv2.imwrite(str(p), test_image(h, w, seed=i))
+        paths.append(str(p))
+    res = model(paths, bboxes=[5, 5, 50, 50], batch=2)
+    assert [r.orig_shape for r in res] == [(120, 160), (200, 90), (64, 64)]
+    single = [model(p, bboxes=[5, 5, 50, 50])[0] for p in paths]
+    for a, b in zip(res, single):
+        assert (a.masks.data != b.masks.data).float().mean() < 1e-3
+    gen = model(str(tmp_path / "imgs"), bboxes=[5, 5, 50, 50], stream=True)
+    assert not isinstance(gen, list)
+    assert [r.path for r in gen] == paths
+    arr = [cv2.imread(p) for p in paths[:2]]
+    assert len(model(arr, points=[10, 10])) == 2
+    t = torch.from_numpy(cv2.imread(paths[0])[..., ::-1].copy()).permute(2, 0, 1).float() / 255
+    assert model(t, points=[10, 10])[0].orig_shape == (120, 160)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(labels=[1]), "labels were given without points"),
+    (dict(points=[[10, 10], [20, 20]], labels=[1, 1, 0]), "labels do not match points"),
+    (dict(points=[[[[10, 10]]]]), "points must be"),
+    (dict(bboxes=[1, 2, 3]), "bboxes must be"),
+    (dict(points=[float("nan"), 10]), "NaN"),
+    (dict(bboxes=[10, 10, float("inf"), 50]), "NaN or infinite"),
+    (dict(bboxes=[100, 10, 50, 50]), "x2 < x1"),
+    (dict(points=[5000, 10]), "outside"),
+    (dict(bboxes=[5000, 5000, 6000, 6000]), "outside"),
+    (dict(points=[10, 10], labels=[2]), "1 \\(positive\\) or 0"),
+    (dict(bboxes=[[1, 1, 20, 20], [2, 2, 30, 30]], points=[[[5, 5]]]), "different numbers of objects"),
+    (dict(masks=np.zeros((7, 9))), "masks must be"),
+])
+def test_bad_prompts_are_clear_errors_and_leave_the_predictor_usable(model, img_path, kwargs, match):
+    model(img_path, bboxes=[40, 40, 120, 110])
+    with pytest.raises(PromptError, match=match):
+        model(**kwargs)
+    with pytest.raises(PromptError, match=match):
+        model(img_path, **kwargs)
+    _check(model(bboxes=[40, 40, 120, 110]), 1)
+
+
+def test_box_partly_outside_is_clipped_with_a_warning(model, img_path):
+    with pytest.warns(UserWarning, match="clipped"):
+        _check(model(img_path, bboxes=[-20, -20, 100, 500]), 1)
+
+
+def test_bad_images_and_options(model, tmp_path, small_ckpt):
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(np.random.default_rng(0).integers(0, 255, 500, dtype=np.uint8).tobytes())
+    with pytest.raises(ImageNotFoundError, match="missing.jpg"):
+        model(str(tmp_path / "missing.jpg"), bboxes=[1, 1, 5, 5])
+    with pytest.raises(ImageError, match="empty"):
+        model(str(empty), bboxes=[1, 1, 5, 5])
+    with pytest.raises(ImageError, match="corrupt.jpg"):
+        model(str(corrupt), bboxes=[1, 1, 5, 5])
+    with pytest.raises(ConfigError, match="Did you mean 'multimask_output'"):
+        model(str(corrupt), bboxes=[1, 1, 5, 5], multimask_ouput=True)
+    with pytest.raises(ConfigError, match="unknown option 'confidence'"):
+        Predictor(overrides=dict(model=small_ckpt, confidence=0.3))
+    with pytest.raises(PromptError, match="set_image"):
+        Predictor(overrides=dict(model=small_ckpt))(points=[1, 1])
