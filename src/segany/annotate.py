@@ -1,0 +1,309 @@
+"""``auto_annotate``: boxes (a detector, YOLO box labels or a COCO JSON) → SAM masks → a
+segmentation dataset (SPEC §8).
+
+Choices worth knowing:
+
+- **One prompt call per image.** The image is encoded once and all its boxes go through the
+  decoder together (``multimask_output=False``); mask ``i`` belongs to box ``i``.
+- **Classes never shift.** A box whose mask comes out empty, or too small for a polygon of 3
+  vertices, or that lies off the image, is skipped and listed in ``summary.empty_masks``; every
+  other object keeps its own box's class (the reference shifts classes onto the wrong masks).
+  Both formats keep the same objects.
+- **YOLO-seg output**: ``<output_dir>/<image stem>.txt``, lines ``cls x1 y1 x2 y2 ...`` normalised
+  to 0..1 (6 decimals). A mask of several parts becomes ONE polygon, its parts joined by
+  zero-width bridges exactly as ``Results.masks.xy`` does (holes are filled); filling the polygon
+  gives the parts back. ``write_names=True`` adds ``classes.txt`` and a minimal ``data.yaml``.
+- **No detections → an empty label file.** YOLO trainers read an empty (or missing) label file
+  as a background image; the empty file also marks the image as done for a rerun.
+- **Atomic and resumable.** Each label file is written whole (temp file + ``os.replace``); a
+  rerun skips images whose label file exists (``overwrite=True`` redoes them) and removes temp
+  files left by a killed run. Failed images get no file, so a rerun retries them.
+- **COCO output** (``format="coco"``): one ``<output_dir>/annotations.json`` with RLE masks,
+  written atomically once at the end; a killed COCO run leaves nothing and starts over, and a
+  rerun with that file present does nothing unless ``overwrite=True``. Category ids are the
+  class ids (the JSON's own ids when the boxes came from a COCO JSON).
+- **Errors per image** (unreadable image, malformed label file, a SAM failure) are reported in
+  ``summary.failed`` and do not stop the run. ``conf``, ``iou``, ``imgsz`` and ``max_det`` apply
+  to the detector only; ``classes`` filters every box source.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from tqdm import tqdm
+
+from . import __version__
+from .annotate_boxes import DEFAULT_DET_MODEL, BoxSourceError, check_classes, make_box_source
+from .engine.export import atomic_write_text, encode_rle, to_numpy
+from .engine.sources import VIDEO_EXTENSIONS, expand_sources, load_image
+from .errors import ConfigError, ImageError, SegAnyError
+
+COCO_FILE = "annotations.json"
+# Temp files of export.atomic_write_bytes: ".<name>.<pid>.<8 hex>.tmp".
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+class EmptyMask(NamedTuple):
+    """A box that gave no usable mask: ``index`` is its position among the image's boxes."""
+
+    image: str
+    index: int
+    cls: int
+    reason: str
+
+
+@dataclass
+class AnnotateSummary:
+    """What a run did. Lists hold image paths; ``written`` includes the images that got an
+    empty file (``no_detections``); ``failed`` maps image path → reason."""
+
+    written: list[str] = field(default_factory=list)
+    skipped_existing: list[str] = field(default_factory=list)
+    no_detections: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    empty_masks: list[EmptyMask] = field(default_factory=list)
+    output_dir: str = ""
+    elapsed: float = 0.0
+
+    def __str__(self) -> str:
+        rate = len(self.written) / self.elapsed if self.elapsed > 0 else 0.0
+        lines = [
+            f"auto_annotate: {len(self.written)} image(s) written ({len(self.no_detections)} without detections), "
+            f"{len(self.skipped_existing)} skipped (labels exist), {len(self.failed)} failed, "
+            f"{len(self.empty_masks)} empty mask(s) skipped; {self.elapsed:.1f}s ({rate:.2f} images/s) "
+            f"→ {self.output_dir}"
+        ]
+        lines += [f"  failed: {path}: {reason}" for path, reason in self.failed.items()]
+        lines += [f"  no mask: {e.image} box {e.index} (class {e.cls}): {e.reason}" for e in self.empty_masks]
+        return "\n".join(lines)
+
+
+def auto_annotate(
+    data: Any,
+    det_model: Any = DEFAULT_DET_MODEL,
+    sam_model: Any = "sam_b.pt",
+    device: str = "",
+    conf: float = 0.25,
+    iou: float = 0.45,
+    imgsz: int = 640,
+    max_det: int = 300,
+    classes: Any = None,
+    output_dir: str | os.PathLike | None = None,
+    labels: str | os.PathLike | None = None,
+    format: str = "yolo",
+    overwrite: bool = False,
+    class_names: Any = None,
+    write_names: bool = True,
+    verbose: bool = True,
+) -> AnnotateSummary:
+    """Segment every image of ``data`` (folder, file, glob or list of paths) from boxes and write labels.
+
+    Boxes come from ``labels`` (a folder of YOLO box labels ``<stem>.txt``, or a COCO ``.json``)
+    when given, else from the Ultralytics detector ``det_model`` (needs ``pip install
+    segany[annotate]``). ``sam_model``: a checkpoint name/path or a :class:`segany.SAM`.
+    ``class_names`` (list, dict or text file) overrides the source's names. Returns an
+    :class:`AnnotateSummary` (printed when ``verbose``). See the module docstring for the rules.
+    """
+    t0 = time.perf_counter()
+    if format not in ("yolo", "coco"):
+        raise ConfigError(f"format={format!r}: use 'yolo' (one .txt per image) or 'coco' (one JSON)")
+    keep = check_classes(classes)
+    summary = AnnotateSummary()
+    items = expand_sources(data)
+    if any(not isinstance(p, (str, os.PathLike)) for p in items):
+        raise ConfigError("auto_annotate needs image files (labels are named after them), not in-memory images")
+    paths = [os.fspath(p) for p in items]
+    for p in paths:
+        if os.path.splitext(p)[1].lower() in VIDEO_EXTENSIONS:
+            summary.failed[p] = "videos are not annotated; extract their frames as images first"
+    paths = [p for p in paths if p not in summary.failed]
+    root = Path(os.path.expanduser(os.fspath(data))) if isinstance(data, (str, os.PathLike)) else None
+    root = root if root is not None and root.is_dir() else None  # COCO file_name is relative to it
+    out = Path(output_dir) if output_dir is not None else _default_output_dir(data)
+    if labels is not None and out.resolve() == Path(labels).resolve():
+        raise ConfigError(f"output_dir={str(out)!r} is the labels folder: the box labels would be overwritten")
+    summary.output_dir = str(out)
+    source = make_box_source(det_model, labels, paths, root, class_names, conf, iou, imgsz, max_det, keep, device)
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(out)
+
+    coco_done = format == "coco" and (out / COCO_FILE).exists() and not overwrite
+    targets = _label_files(paths, out, summary) if format == "yolo" else {p: out / COCO_FILE for p in paths}
+    coco: dict[str, list] = {"images": [], "annotations": []}
+    predictor = None
+    # Iterating the bar counts an image when the next one is asked for: the rate is images done per second.
+    bar = tqdm(list(targets.items()), desc="auto_annotate", unit="img", disable=not verbose)
+    try:
+        for image_id, (path, target) in enumerate(bar, 1):
+            if coco_done or (format == "yolo" and target.exists() and not overwrite):
+                summary.skipped_existing.append(path)
+                continue
+            try:
+                image = load_image(path)
+                xyxy, cls = source(path, image)
+            except (ImageError, BoxSourceError, OSError) as e:
+                summary.failed[path] = str(e)
+                continue
+            if keep is not None:
+                xyxy, cls = xyxy[np.isin(cls, keep)], cls[np.isin(cls, keep)]
+            if predictor is None and len(xyxy):
+                predictor = _load_sam(sam_model, device)
+            try:
+                objects = _segment(predictor, path, image, xyxy, cls, summary) if len(xyxy) else []
+            except (SegAnyError, RuntimeError, ValueError) as e:  # RuntimeError: e.g. out of memory
+                summary.failed[path] = f"SAM failed: {e}"
+                continue
+            if not len(xyxy):
+                summary.no_detections.append(path)
+            if format == "yolo":
+                atomic_write_text(target, "".join(_yolo_line(c, poly) + "\n" for c, poly, *_ in objects))
+            else:
+                _add_coco(coco, image_id, path, root, image.shape[:2], objects, source.category_ids)
+            summary.written.append(path)
+    finally:
+        bar.close()
+    if format == "coco" and not coco_done:
+        _write_coco(out / COCO_FILE, coco, source.names, source.category_ids)
+    elif format == "yolo" and write_names:
+        _write_names(out, source.names, clash="classes" in {t.stem for t in targets.values()})
+    summary.elapsed = time.perf_counter() - t0
+    if verbose:
+        print(summary)
+    return summary
+
+
+def _default_output_dir(data: Any) -> Path:
+    """``<data>_auto_annotate_labels`` beside ``data`` (as the reference does)."""
+    if not isinstance(data, (str, os.PathLike)) or any(c in os.fspath(data) for c in "*?["):
+        raise ConfigError("data is a list or a glob: give output_dir=... for the labels")
+    p = Path(os.path.expanduser(os.fspath(data))).resolve()
+    return p.parent / f"{p.name if p.is_dir() else p.stem}_auto_annotate_labels"
+
+
+def _label_files(paths: list[str], out: Path, summary: AnnotateSummary) -> dict[str, Path]:
+    """Image → ``<out>/<stem>.txt``; a second image with the same stem is reported, not overwritten."""
+    owner: dict[str, str] = {}
+    targets: dict[str, Path] = {}
+    for p in paths:
+        stem = Path(p).stem
+        if stem in owner:
+            summary.failed[p] = f"same file stem as {owner[stem]}: both would need the label file {stem}.txt"
+            continue
+        owner[stem] = p
+        targets[p] = out / f"{stem}.txt"
+    return targets
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Delete temp files that a killed run left behind (their process is gone)."""
+    for f in out.iterdir():
+        m = _TEMP.match(f.name)
+        if not m or not m["name"].endswith((".txt", ".json", ".yaml")):
+            continue
+        pid = int(m["pid"])
+        if os.name == "posix":
+            try:
+                os.kill(pid, 0)  # signal 0 only checks that the process exists
+                continue
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue  # alive, owned by someone else
+        elif time.time() - f.stat().st_mtime < 86400:
+            continue  # no cheap liveness test here (os.kill would terminate it): only old files go
+        f.unlink(missing_ok=True)
+
+
+def _load_sam(sam_model: Any, device: str):
+    from .model import SAM
+
+    model = sam_model if isinstance(sam_model, SAM) else SAM(sam_model, device=device)
+    return model.predictor
+
+
+def _segment(predictor, path: str, image: np.ndarray, xyxy: np.ndarray, cls: np.ndarray,
+             summary: AnnotateSummary) -> list[tuple[int, np.ndarray, np.ndarray, float, np.ndarray]]:
+    """All boxes of one image in one prompt call → ``(cls, normalised polygon, mask, score, box)``
+    per box that gave a usable mask, in box order. The others go to ``summary.empty_masks``."""
+    h, w = image.shape[:2]
+    boxes = xyxy.copy()
+    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
+    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
+    valid = np.flatnonzero((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
+    found: dict[int, tuple] = {}
+    if len(valid):
+        predictor.set_image(image)
+        res = predictor(bboxes=boxes[valid], multimask_output=False)[0]
+        masks, scores, polys = to_numpy(res.masks.data), to_numpy(res.boxes.conf), res.masks.xyn
+        for j, i in enumerate(valid):
+            found[int(i)] = (polys[j], masks[j], float(scores[j]), to_numpy(res.boxes.xyxy[j]))
+    objects = []
+    for i, c in enumerate(cls.tolist()):
+        if i not in found:
+            reason = "box lies off the image or has no area"
+        elif not found[i][1].any():
+            reason = "empty mask"
+        elif len(found[i][0]) < 3:
+            reason = "mask too small for a polygon (< 3 vertices)"
+        else:
+            objects.append((c, *found[i]))
+            continue
+        summary.empty_masks.append(EmptyMask(path, i, c, reason))
+    return objects
+
+
+def _yolo_line(c: int, poly: np.ndarray) -> str:
+    # Same format as Results.save_txt (export.yolo_lines), with the box's class.
+    return " ".join([str(int(c))] + [f"{v:.6f}" for v in poly.reshape(-1)])
+
+
+def _add_coco(coco: dict, image_id: int, path: str, root: Path | None, shape: tuple[int, int],
+              objects: list, category_ids: dict[int, int] | None) -> None:
+    name = Path(os.path.relpath(path, root)).as_posix() if root is not None else Path(path).name
+    coco["images"].append({"id": image_id, "file_name": name, "height": int(shape[0]), "width": int(shape[1])})
+    for c, _, mask, score, box in objects:
+        x1, y1, x2, y2 = (float(v) for v in box)
+        coco["annotations"].append({
+            "id": len(coco["annotations"]) + 1,
+            "image_id": image_id,
+            "category_id": category_ids.get(c, c) if category_ids else c,
+            "segmentation": encode_rle(mask),
+            "area": int(mask.sum()),
+            "bbox": [x1, y1, x2 - x1, y2 - y1],  # of the mask, pixel edges (as Results.to_coco)
+            "iscrowd": 0,
+            "score": score,
+        })
+
+
+def _write_coco(file: Path, coco: dict, names: dict[int, str], category_ids: dict[int, int] | None) -> None:
+    cats = [{"id": category_ids.get(k, k) if category_ids else k, "name": n} for k, n in sorted(names.items())]
+    doc = {"info": {"description": "segany auto_annotate", "version": __version__}, "licenses": [],
+           "images": coco["images"], "annotations": coco["annotations"], "categories": cats}
+    atomic_write_text(file, json.dumps(doc))
+
+
+def _write_names(out: Path, names: dict[int, str], clash: bool) -> None:
+    """``classes.txt`` (one name per line, by id) and a minimal ``data.yaml`` for YOLO trainers."""
+    n = max(names, default=-1) + 1
+    full = [names.get(i, str(i)) for i in range(n)]
+    # json.dumps gives double-quoted strings, which YAML reads as the same strings.
+    yaml = ("# written by segany auto_annotate: add train/val image paths to train on it\n"
+            f"nc: {n}\nnames:\n" + "".join(f"  {i}: {json.dumps(s)}\n" for i, s in enumerate(full)))
+    files = {"data.yaml": yaml, "classes.txt": "".join(s + "\n" for s in full)}
+    if clash:
+        warnings.warn("an image is named 'classes': classes.txt is not written (it is that image's label file)",
+                      stacklevel=3)
+        del files["classes.txt"]
+    for name, text in files.items():
+        f = out / name
+        if not (f.is_file() and f.read_text(encoding="utf-8") == text):  # a rerun leaves it untouched
+            atomic_write_text(f, text)

@@ -1,0 +1,246 @@
+"""Where :func:`segany.auto_annotate` gets its boxes: an Ultralytics YOLO detector, a folder of
+YOLO detection labels, or a COCO JSON with boxes.
+
+Every source is called as ``source(path, image) -> (xyxy, cls)``: ``(N, 4)`` float64 boxes in
+pixels of the decoded image and ``(N,)`` int64 class ids, in the order the source lists them.
+``names`` maps class id → name. Class ids are contiguous from 0 (what YOLO labels need); a COCO
+source also keeps ``category_ids`` (class id → the JSON's category id) for COCO output.
+A problem with one image's boxes raises :class:`BoxSourceError` (reported, the run goes on);
+a problem with the whole source raises :class:`~segany.errors.ConfigError` before any work.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError, SegAnyError
+
+DEFAULT_DET_MODEL = "yolo11x.pt"
+
+
+class MissingDependencyError(SegAnyError, ImportError):
+    """An optional package that a feature needs is not installed."""
+
+
+class BoxSourceError(SegAnyError, ValueError):
+    """The boxes of one image cannot be read (malformed label line, size mismatch, ...)."""
+
+
+def _empty() -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros((0, 4), np.float64), np.zeros((0,), np.int64)
+
+
+def parse_class_names(class_names: Any) -> dict[int, str] | None:
+    """``None``, a list/tuple of names, a ``{id: name}`` dict, or a text file with one name per line."""
+    if class_names is None:
+        return None
+    if isinstance(class_names, (str, os.PathLike)):
+        path = Path(class_names)
+        if not path.is_file():
+            raise ConfigError(f"class_names={str(class_names)!r}: no such file; give a list of names or a "
+                              "text file with one name per line")
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return {i: s.strip() for i, s in enumerate(lines) if s.strip()}
+    if isinstance(class_names, dict):
+        try:
+            return {int(k): str(v) for k, v in class_names.items()}
+        except (TypeError, ValueError):
+            raise ConfigError("class_names as a dict must map integer class ids to names") from None
+    if isinstance(class_names, Iterable):
+        return {i: str(v) for i, v in enumerate(class_names)}
+    raise ConfigError(f"class_names must be a list, a dict or a file path, got {type(class_names).__name__}")
+
+
+def check_classes(classes: Any) -> list[int] | None:
+    """``classes``: None, one int, or ints (the class ids to keep)."""
+    if classes is None:
+        return None
+    items = [classes] if isinstance(classes, (int, np.integer)) else classes
+    try:
+        out = [int(c) for c in items]
+        if any(c != float(x) for c, x in zip(out, items)):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"classes must be a class id or a list of class ids, got {classes!r}") from None
+    return out
+
+
+class YoloDetector:
+    """Boxes from an Ultralytics YOLO model (``ultralytics`` is imported only here)."""
+
+    def __init__(self, det_model: Any, conf: float, iou: float, imgsz: int, max_det: int,
+                 classes: list[int] | None, device: str) -> None:
+        if isinstance(det_model, (str, os.PathLike)):
+            try:
+                from ultralytics import YOLO
+            except ImportError as e:
+                raise MissingDependencyError(
+                    f"det_model={str(det_model)!r} needs the 'ultralytics' package, which could not be "
+                    f"imported ({e}); install it with "
+                    "pip install segany[annotate] (or pip install ultralytics). Without a detector, pass "
+                    "labels=<folder of YOLO box labels or a COCO .json> and det_model=None."
+                ) from e
+            det_model = YOLO(str(det_model))
+        self.model = det_model  # an already built detector object is used as is
+        self.kwargs = dict(conf=conf, iou=iou, imgsz=imgsz, max_det=max_det, classes=classes, device=device,
+                           verbose=False)
+        self.names = {int(k): str(v) for k, v in dict(getattr(det_model, "names", {}) or {}).items()}
+        self.category_ids: dict[int, int] | None = None
+
+    def __call__(self, path: str, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # The decoded BGR array is passed (Ultralytics reads numpy input as BGR): one decode per image.
+        result = self.model.predict(image, **self.kwargs)[0]
+        boxes = result.boxes
+        if boxes is None or len(boxes) == 0:
+            return _empty()
+        xyxy, cls = (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+                     for v in (boxes.xyxy, boxes.cls))
+        return np.asarray(xyxy, np.float64).reshape(-1, 4), np.asarray(cls).astype(np.int64).reshape(-1)
+
+
+class YoloLabels:
+    """Boxes from YOLO detection labels: ``<folder>/<image stem>.txt`` with lines ``cls xc yc w h``
+    (normalised; a sixth field, a confidence, is ignored). A missing file is a background image."""
+
+    def __init__(self, folder: Path, images: list[str], class_names: dict[int, str] | None) -> None:
+        self.folder = folder
+        stems = {Path(p).stem for p in images}
+        files = {p.stem: p for p in folder.glob("*.txt")}
+        if stems and not stems & set(files):
+            raise ConfigError(f"labels={str(folder)!r} holds no <image name>.txt file for any of the "
+                              f"{len(stems)} image(s); YOLO box labels are matched by file stem")
+        if class_names is None and "classes" in files and "classes" not in stems:
+            class_names = parse_class_names(files["classes"])  # LabelImg writes names here
+        if class_names is None:
+            # Scanned up front so that names (and classes.txt) do not depend on which images a run redoes.
+            top = -1
+            for stem in stems & set(files):
+                try:
+                    _, cls = self._read(files[stem], 1, 1)
+                    top = max(top, int(cls.max(initial=-1)))
+                except BoxSourceError:
+                    pass  # reported when that image comes up
+            class_names = {i: str(i) for i in range(top + 1)}
+        self.names = class_names
+        self.category_ids: dict[int, int] | None = None
+
+    @staticmethod
+    def _read(file: Path, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise BoxSourceError(f"label file {file} cannot be read ({e})") from None
+        boxes, classes = [], []
+        for n, line in enumerate(text.splitlines(), 1):
+            fields = line.split()
+            if not fields:
+                continue
+            try:
+                values = [float(v) for v in fields]
+            except ValueError:
+                values = []
+            if len(values) not in (5, 6) or not all(math.isfinite(v) for v in values):
+                raise BoxSourceError(f"{file}:{n}: expected 'cls xc yc w h' (YOLO box label), got {line.strip()!r}")
+            c, xc, yc, bw, bh = values[:5]
+            if c < 0 or c != int(c):
+                raise BoxSourceError(f"{file}:{n}: class {fields[0]!r} is not a non-negative integer")
+            if min(xc, yc, bw, bh) < 0 or max(xc, yc, bw, bh) > 1.0 + 1e-6:
+                raise BoxSourceError(f"{file}:{n}: box values must be normalised to 0..1, got {line.strip()!r}")
+            boxes.append([(xc - bw / 2) * w, (yc - bh / 2) * h, (xc + bw / 2) * w, (yc + bh / 2) * h])
+            classes.append(int(c))
+        if not boxes:
+            return _empty()
+        return np.asarray(boxes, np.float64), np.asarray(classes, np.int64)
+
+    def __call__(self, path: str, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        file = self.folder / f"{Path(path).stem}.txt"
+        if not file.is_file():
+            return _empty()
+        return self._read(file, *image.shape[:2])
+
+
+class CocoBoxes:
+    """Boxes from a COCO JSON (``bbox`` = x, y, w, h in pixels). Images are matched by
+    ``file_name``: its path relative to ``root`` first, else its base name when unique.
+    Crowd annotations (``iscrowd: 1``) are skipped: their box covers a group, not one object."""
+
+    def __init__(self, file: Path, images: list[str], root: Path | None) -> None:
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+            cats = sorted(data["categories"], key=lambda c: int(c["id"]))
+            entries = data["images"]
+            anns = data.get("annotations", [])
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"labels={str(file)!r} is not a COCO JSON with images and categories ({e})") from None
+        # YOLO class ids must be 0..K-1: categories are numbered in the order of their ids.
+        self.category_ids = {k: int(c["id"]) for k, c in enumerate(cats)}
+        self.names = {k: str(c.get("name", c["id"])) for k, c in enumerate(cats)}
+        to_class = {cid: k for k, cid in self.category_ids.items()}
+        by_name: dict[str, list[dict]] = {}
+        for e in entries:
+            name = str(e["file_name"]).replace("\\", "/")
+            by_name.setdefault(name, []).append(e)
+            by_name.setdefault("/" + Path(name).name, []).append(e)  # "/" marks a base-name key
+        self.entry: dict[str, dict] = {}
+        for p in images:
+            rel = Path(p).name if root is None else Path(os.path.relpath(p, root)).as_posix()
+            found = by_name.get(rel) or by_name.get("/" + Path(p).name) or []
+            if len(found) == 1:
+                self.entry[p] = found[0]
+        if images and not self.entry:
+            raise ConfigError(f"labels={str(file)!r}: no image of the COCO JSON matches any of the "
+                              f"{len(images)} image(s) by file_name")
+        self.boxes: dict[Any, list[tuple[list[float], int]]] = {}
+        for a in anns:
+            if a.get("iscrowd", 0) or "bbox" not in a:
+                continue
+            self.boxes.setdefault(a["image_id"], []).append((a["bbox"], to_class.get(a.get("category_id"), -1)))
+
+    def __call__(self, path: str, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        entry = self.entry.get(path)
+        if entry is None:
+            return _empty()  # not in the JSON: a background image, like a missing YOLO label file
+        h, w = image.shape[:2]
+        if (entry.get("width", w), entry.get("height", h)) != (w, h):
+            raise BoxSourceError(f"the COCO JSON says {entry.get('width')}x{entry.get('height')} but the image "
+                                 f"is {w}x{h}: its boxes would not fit")
+        items = self.boxes.get(entry["id"], [])
+        if any(c < 0 for _, c in items):
+            raise BoxSourceError("an annotation has a category_id missing from the JSON's categories")
+        try:
+            xywh = np.asarray([b for b, _ in items], np.float64).reshape(-1, 4)
+        except (TypeError, ValueError):
+            raise BoxSourceError("a bbox is not four numbers [x, y, w, h]") from None
+        xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+        return xyxy, np.asarray([c for _, c in items], np.int64)
+
+
+def make_box_source(det_model: Any, labels: Any, images: list[str], root: Path | None, class_names: Any,
+                    conf: float, iou: float, imgsz: int, max_det: int, classes: list[int] | None, device: str):
+    """The box source the arguments ask for (``labels`` wins over the default detector)."""
+    names = parse_class_names(class_names)
+    if labels is not None:
+        if det_model is not None and det_model != DEFAULT_DET_MODEL:
+            raise ConfigError("give det_model=... (a detector) or labels=... (existing boxes), not both")
+        path = Path(labels)
+        if path.is_dir():
+            return YoloLabels(path, images, names)
+        if path.is_file() and path.suffix.lower() == ".json":
+            source = CocoBoxes(path, images, root)
+        else:
+            raise ConfigError(f"labels={str(labels)!r} must be a folder of YOLO box labels (<image stem>.txt) "
+                              "or a COCO .json file")
+    elif det_model is None:
+        raise ConfigError("no boxes: give det_model=<YOLO detector> or labels=<YOLO labels folder or COCO .json>")
+    else:
+        source = YoloDetector(det_model, conf, iou, imgsz, max_det, classes, device)
+    if names is not None:
+        source.names = names
+    return source
