@@ -25,7 +25,7 @@ from pycocotools.coco import COCO
 
 import segany
 from segany import auto_annotate
-from segany.annotate_boxes import MissingDependencyError
+from segany.errors import MissingDependencyError
 from segany.engine.predictor import Predictor
 from segany.errors import ConfigError
 

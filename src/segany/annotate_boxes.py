@@ -20,17 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, SegAnyError
+from .errors import BoxSourceError, ConfigError, MissingDependencyError
 
 DEFAULT_DET_MODEL = "yolo11x.pt"
-
-
-class MissingDependencyError(SegAnyError, ImportError):
-    """An optional package that a feature needs is not installed."""
-
-
-class BoxSourceError(SegAnyError, ValueError):
-    """The boxes of one image cannot be read (malformed label line, size mismatch, ...)."""
 
 
 def _empty() -> tuple[np.ndarray, np.ndarray]:

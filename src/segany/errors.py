@@ -57,3 +57,11 @@ class ConfigError(SegAnyError, ValueError):
 
 class NotAvailableError(SegAnyError, NotImplementedError):
     """A feature that this version of segany does not provide yet."""
+
+
+class MissingDependencyError(SegAnyError, ImportError):
+    """An optional package that a feature needs is not installed."""
+
+
+class BoxSourceError(SegAnyError, ValueError):
+    """The boxes of one image cannot be read (malformed label line, size mismatch, ...)."""
