@@ -167,10 +167,12 @@ class Attention(nn.Module):
         rw = self._rel_table(self.rel_pos_w, w)  # (W, W, head_dim)
         b, n_heads, _, dim = q.shape
         r_q = q.reshape(b, n_heads, h, w, dim)
-        rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh)
-        rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw)
+        # Contiguous terms make the broadcast sum contiguous, so the final reshape is a view:
+        # for a 64×64 global block the bias is 805 MB at ViT-B, and a copy of it costs as much as the add.
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh).contiguous()
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw).contiguous()
         bias = rel_h[..., :, None] + rel_w[..., None, :]  # (B, heads, H, W, H, W)
-        return bias.reshape(b, n_heads, h * w, h * w)
+        return bias.view(b, n_heads, h * w, h * w)
 
     def _rel_table(self, rel_pos: torch.Tensor, size: int) -> torch.Tensor:
         """Gather the ``(size, size, head_dim)`` table of relative embeddings."""
