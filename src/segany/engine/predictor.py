@@ -8,6 +8,7 @@ never persist into the next call.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,8 +201,10 @@ class Predictor:
 
     def _run_batch(self, named, prompts, has_prompt, multimask, opts) -> Iterator[Results]:
         if has_prompt:  # check prompts against every image before the expensive encode
-            for _, img in named:
-                self._parse(img.shape[:2], prompts)
+            with warnings.catch_warnings():  # warnings come once, from the real call below
+                warnings.simplefilter("ignore")
+                for _, img in named:
+                    self._parse(img.shape[:2], prompts)
         for state in self._encode_states(named, half=bool(opts["half"])):
             self.image = state  # the last image stays available for prompt-only calls
             yield self._run(state, prompts, has_prompt, multimask, opts)

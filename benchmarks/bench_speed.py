@@ -1,0 +1,176 @@
+"""segany vs the reference implementations, same weights, same image, same process, interleaved.
+
+Measures (median of --repeat runs after a warm-up):
+  encoder      set_image on a 1024-long image: ViT-B (Meta segment-anything), MobileSAM (its own code)
+  1 box        one box prompt → mask at the original size (Meta SamPredictor.predict)
+  64 boxes     64 box prompts in one batch (Meta SamPredictor.predict_torch)
+  peak RSS     of a ViT-B set_image + 1 box, each side in its own fresh process
+
+Usage:
+  python benchmarks/bench_speed.py                 # full size (ViT-B, MobileSAM), several minutes on 2 CPU cores
+  python benchmarks/bench_speed.py --quick         # small random config, seconds (run by the tests)
+  python benchmarks/bench_speed.py --half          # segany with half=True (bf16) against Meta fp32
+Weights are random: speed does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def _models(quick: bool):
+    from conftest import SMALL_VIT, meta_twin, random_sam
+
+    from segany.models import MODELS
+
+    cfg = SMALL_VIT if quick else MODELS["sam_b"]
+    ours = random_sam(cfg, seed=0)
+    return cfg, ours, meta_twin(ours, cfg)
+
+
+def _median_ms(fn, repeat: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def _pair(name, ours_fn, ref_fn, repeat, rows):
+    # interleave the two sides so that machine noise hits both alike
+    o, r = [], []
+    for _ in range(2):
+        r.append(_median_ms(ref_fn, max(1, repeat // 2)))
+        o.append(_median_ms(ours_fn, max(1, repeat // 2)))
+    ours_ms, ref_ms = min(o), min(r)
+    rows.append(dict(job=name, segany_ms=round(ours_ms, 1), reference_ms=round(ref_ms, 1),
+                     ratio=round(ours_ms / ref_ms, 3)))
+    print(f"{name:<34} segany {ours_ms:10.1f} ms   reference {ref_ms:10.1f} ms   ratio {ours_ms / ref_ms:.2f}", flush=True)
+
+
+def run_speed(quick: bool, repeat: int, half: bool) -> list[dict]:
+    from segment_anything import SamPredictor
+
+    from segany import Predictor
+
+    rows: list[dict] = []
+    cfg, ours, ref = _models(quick)
+    h, w = (180, 240) if quick else (768, 1024)
+    img = (np.random.default_rng(0).random((h, w, 3)) * 255).astype(np.uint8)
+    op = Predictor(overrides=dict(half=half), model=ours, config=cfg)
+    mp = SamPredictor(ref)
+    with torch.inference_mode():
+        _pair(f"encoder {cfg.name}", lambda: op.set_image(img), lambda: mp.set_image(img[..., ::-1].copy()),
+              repeat, rows)
+        box = np.array([0.1 * w, 0.2 * h, 0.6 * w, 0.8 * h])
+        _pair("1 box -> original-size mask", lambda: op(bboxes=box),
+              lambda: mp.predict(box=box, multimask_output=False), repeat, rows)
+        rng = np.random.default_rng(1)
+        xy = rng.uniform(0, 0.7, (64, 2)) * [w, h]
+        boxes = np.concatenate([xy, xy + rng.uniform(0.05, 0.3, (64, 2)) * [w, h]], 1)
+
+        def meta64():
+            tb = mp.transform.apply_boxes_torch(torch.as_tensor(boxes), (h, w)).float()
+            mp.predict_torch(None, None, boxes=tb, multimask_output=False)
+
+        _pair("64 boxes -> masks", lambda: op(bboxes=boxes), meta64, max(1, repeat // 2), rows)
+        if not quick:
+            rows += run_mobile_sam(repeat, half, img)
+    return rows
+
+
+def run_mobile_sam(repeat: int, half: bool, img: np.ndarray) -> list[dict]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from mobile_sam import SamPredictor as MobilePredictor
+        from mobile_sam import sam_model_registry
+    from conftest import randomize
+
+    from segany import Predictor
+    from segany.models import MODELS, build_model
+
+    ours = randomize(build_model("mobile_sam"), 0)
+    ref = sam_model_registry["vit_t"]().eval()
+    ref.load_state_dict(ours.state_dict())
+    rows: list[dict] = []
+    op = Predictor(overrides=dict(half=half), model=ours, config=MODELS["mobile_sam"])
+    mp = MobilePredictor(ref)
+    with torch.inference_mode():
+        _pair("encoder mobile_sam", lambda: op.set_image(img), lambda: mp.set_image(img[..., ::-1].copy()),
+              repeat, rows)
+    return rows
+
+
+def _peak_child(side: str, quick: bool) -> None:
+    """Runs in a fresh process: one set_image and one box prompt, then prints ru_maxrss."""
+    from segment_anything import SamPredictor
+
+    from segany import Predictor
+
+    cfg, ours, ref = _models(quick)
+    img = (np.random.default_rng(0).random((768, 1024, 3)) * 255).astype(np.uint8)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.inference_mode():
+        if side == "segany":
+            del ref
+            p = Predictor(model=ours, config=cfg)
+            p.set_image(img)
+            p(bboxes=[10, 10, 500, 400])
+        else:
+            del ours
+            p = SamPredictor(ref)
+            p.set_image(img[..., ::-1].copy())
+            p.predict(box=np.array([10, 10, 500, 400]), multimask_output=False)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps(dict(peak_mb=peak / 1024, before_mb=base / 1024)))
+
+
+def run_peak(quick: bool) -> list[dict]:
+    out = {}
+    for side in ("reference", "segany"):
+        args = [sys.executable, __file__, "--peak-child", side] + (["--quick"] if quick else [])
+        res = subprocess.run(args, capture_output=True, text=True, check=True)
+        out[side] = json.loads(res.stdout.strip().splitlines()[-1])["peak_mb"]
+    print(f"{'peak RSS (set_image + 1 box)':<34} segany {out['segany']:10.0f} MB   reference {out['reference']:10.0f} MB"
+          f"   ratio {out['segany'] / out['reference']:.2f}")
+    return [dict(job="peak RSS MB", segany_ms=round(out["segany"]), reference_ms=round(out["reference"]),
+                 ratio=round(out["segany"] / out["reference"], 3))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small random config (seconds)")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--half", action="store_true", help="segany with half=True (bf16)")
+    ap.add_argument("--json", type=str, default=None, help="also write the rows to this file")
+    ap.add_argument("--peak-child", choices=["segany", "reference"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.peak_child:
+        _peak_child(args.peak_child, args.quick)
+        return
+    print(f"# {time.strftime('%Y-%m-%d')} {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads,"
+          f" torch {torch.__version__}, command: python {' '.join(sys.argv)}")
+    rows = run_speed(args.quick, args.repeat, args.half) + run_peak(args.quick)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""The ``segany`` command line, run as a real subprocess (console script, or ``python -m segany``).
+
+Every subprocess imports torch (~2 s), so independent commands run concurrently where they can.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from conftest import test_image
+
+# pycocotools' decode under numpy 2 warns about __array__(copy=...); not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+SCRIPT = shutil.which("segany")
+BASE = [SCRIPT] if SCRIPT else [sys.executable, "-m", "segany"]
+
+
+def run(args: list[str], cwd: Path, env: dict[str, str] | None = None, base: list[str] | None = None
+        ) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k != "SEGANY_DEBUG"}
+    full_env["SEGANY_WEIGHTS_DIR"] = str(cwd / "weights-cache")
+    full_env.update(env or {})
+    return subprocess.run([*(base or BASE), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def run_many(cases: list, cwd: Path, **kw) -> list[subprocess.CompletedProcess]:
+    """Run commands concurrently; a case is an argument list, or (arguments, base command)."""
+    def one(case):
+        args, base = case if isinstance(case, tuple) else (case, None)
+        return run(args, cwd, base=base, **kw)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(one, cases))
+
+
+def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert p.returncode == 0, f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+    return p
+
+
+def one_line_error(p: subprocess.CompletedProcess, code: int, *fragments: str) -> str:
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == code, f"exit {p.returncode}, expected {code}\nstderr:\n{p.stderr}"
+    assert "Traceback" not in p.stderr
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{p.stderr}"
+    assert lines[0].startswith("segany: error: ")
+    for frag in fragments:
+        assert frag in lines[0], f"{frag!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+@pytest.fixture
+def image(tmp_path) -> Path:
+    path = tmp_path / "img.jpg"
+    cv2.imwrite(str(path), test_image(180, 240))
+    return path
+
+
+def load_coco(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    h, w = data["image"]["height"], data["image"]["width"]
+    for ann in data["annotations"]:
+        m = mask_utils.decode(ann["segmentation"])
+        assert m.shape == (h, w)
+        assert int(m.sum()) == ann["area"]
+    return data
+
+
+# ----------------------------------------------------------------------------------- predict
+
+
+def test_predict_box_and_mask_prompt_writes_outputs(small_ckpt, tmp_path, image):
+    mask = np.zeros((180, 240), np.uint8)
+    mask[40:90, 60:120] = 255
+    cv2.imwrite(str(tmp_path / "mask.png"), mask)
+    p = ok(run(["predict", f"model={small_ckpt}", "source=img.jpg", "bboxes=[60,45,120,90]", "masks=mask.png",
+                "save_txt=True"], tmp_path))
+    assert "image 1/1 img.jpg: " in p.stdout and "1 mask," in p.stdout
+    out = tmp_path / "runs" / "segment" / "predict"
+    assert f"Results saved to {Path('runs/segment/predict')}" in p.stdout
+    plotted = cv2.imread(str(out / "img.jpg"))
+    assert plotted is not None and plotted.shape == (180, 240, 3)
+    data = load_coco(out / "img.json")
+    assert (data["image"]["height"], data["image"]["width"]) == (180, 240)
+    assert len(data["annotations"]) == 1 and data["annotations"][0]["segmentation"]["size"] == [180, 240]
+    assert (out / "labels" / "img.txt").is_file()
+
+
+def test_predict_dash_dash_form_points_and_run_numbering(small_ckpt, tmp_path, image):
+    (tmp_path / "runs" / "segment" / "predict").mkdir(parents=True)  # an earlier run: this one is predict2
+    p = ok(run(["predict", "--model", small_ckpt, "--source", str(image), "--points", "[[60,50],", "[180,120]]",
+                "--labels", "[1,1]", "--multimask-output", "--save-txt", "--save_conf", "true"], tmp_path))
+    assert "6 masks" in p.stdout  # 2 points x 3 candidates; the shell-split list was joined back
+    out = tmp_path / "runs" / "segment" / "predict2"
+    assert len(load_coco(out / "img.json")["annotations"]) == 6
+    lines = (out / "labels" / "img.txt").read_text().splitlines()
+    assert lines and all(len(line.split()) % 2 == 0 for line in lines)  # cls, pairs, conf
+
+
+def test_predict_directory_source_lines_and_named_run(small_ckpt, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, (h, w) in enumerate([(180, 240), (200, 150), (120, 120)]):
+        cv2.imwrite(str(folder / f"im{i}.png"), test_image(h, w, seed=i))
+    (folder / "notes.txt").write_text("not an image")
+    p = ok(run(["predict", f"model={small_ckpt}", "source=images", "bboxes=[10,10,100,100]", "project=out",
+                "name=boxes"], tmp_path))
+    for i in range(3):
+        assert f"image {i + 1}/3 im{i}.png: " in p.stdout
+    assert "Results saved to" in p.stdout and str(Path("out/boxes")) in p.stdout
+    out = tmp_path / "out" / "boxes"
+    assert sorted(f.name for f in out.glob("*.json")) == ["im0.json", "im1.json", "im2.json"]
+    assert load_coco(out / "im1.json")["image"]["height"] == 200
+
+
+def test_predict_segment_everything(small_ckpt, tmp_path, image):
+    p = ok(run(["predict", f"model={small_ckpt}", "source=img.jpg", "points_per_side=4", "conf_thres=0",
+                "stability_score_thresh=0", "conf=0"], tmp_path))
+    assert "image 1/1 img.jpg: " in p.stdout
+    anns = load_coco(tmp_path / "runs" / "segment" / "predict" / "img.json")["annotations"]
+    assert anns, "thresholds at 0 keep at least one mask"
+    assert {"predicted_iou", "stability_score", "point_coords", "crop_box"} <= set(anns[0])
+
+
+# ---------------------------------------------------------------------------- info, benchmark
+
+
+def test_info_and_benchmark(small_ckpt, tmp_path):
+    cache = tmp_path / "weights-cache"
+    cache.mkdir()
+    shutil.copy(small_ckpt, cache / "mobile_sam.pt")  # found in the cache under a registry alias
+    info, bench_json, bench_table = run_many([
+        ["info", f"model={small_ckpt}", "detailed=True"],
+        ["benchmark", f"model={small_ckpt},missing_model.pt", "format=json", "runs=1", "warmup=0", "everything=False"],
+        ["benchmark", "runs=1", "warmup=0", "everything=False", "device=cpu"],
+    ], tmp_path)
+    out = ok(info).stdout
+    assert "summary:" in out and "4,940,144 parameters" in out and "GFLOPs" in out and "MB" in out
+    assert "image_encoder" in out  # the detailed table
+
+    rows = json.loads(ok(bench_json).stdout)
+    assert [r["status"] for r in rows] == ["ok", "skipped"]
+    assert rows[0]["size_mb"] > 1 and abs(rows[0]["params_m"] - 4.940144) < 1e-6
+    assert rows[0]["encoder_ms"] > 0 and rows[0]["prompt_ms"] > 0 and rows[0]["everything_ms"] is None
+    assert "not found locally" in rows[1]["reason"]
+
+    table = ok(bench_table).stdout
+    assert "size (MB)" in table and "params (M)" in table and "encoder (ms/im)" in table
+    timed = [line for line in table.splitlines() if line.startswith("mobile_sam ")]
+    assert len(timed) == 1 and "4.94" in timed[0]
+    assert "skipped:" in table and "sam_b: not found locally" in table
+
+
+# ------------------------------------------------------------------------------ version, help
+
+
+def test_version_and_help(tmp_path):
+    from segany import __version__
+
+    version, top, predict = run_many(
+        [["--version"], (["--help"], [sys.executable, "-m", "segany"]), ["predict", "--help"]], tmp_path)
+    assert ok(version).stdout.startswith(f"segany {__version__}")
+    for word in ("predict", "info", "benchmark", "annotate", "exit status"):
+        assert word in ok(top).stdout
+    for word in ("bboxes", "points", "labels", "masks", "multimask_output", "points_stride", "pred_iou_thresh",
+                 "save_txt", "project"):
+        assert word in ok(predict).stdout
+
+
+# -------------------------------------------------------------------------------- bad usage
+
+BAD_USAGE = {
+    "unknown command": (["predcit"], ["unknown command 'predcit'", "Did you mean 'predict'?"]),
+    "unknown key": (["predict", "modle=x"], ["unknown option 'modle'", "Did you mean 'model'?"]),
+    # an unknown --key with no value after it: the name is what is wrong
+    "unknown --key": (["info", "--detials"], ["unknown option 'detials'", "Did you mean 'detailed'?"]),
+    "malformed list": (["predict", "source=img.jpg", "bboxes=[439,437,524"], ["bboxes=", "malformed list"]),
+    "labels without points": (["predict", "source=img.jpg", "labels=[1]"], ["labels were given without points"]),
+    "missing source": (["predict", "source=nope.jpg", "bboxes=[1,1,5,5]"], ["not found", "nope.jpg"]),
+    "empty directory": (["predict", "source=empty", "bboxes=[1,1,5,5]"], ["holds no image files"]),
+    "unwritable output": (["predict", "source=img.jpg", "bboxes=[1,1,5,5]", "project=img.jpg"],
+                          ["cannot write results", "not a folder"]),
+    "checkpoint not found": (["predict", "model=missing_model.pt", "source=img.jpg", "bboxes=[1,1,5,5]"],
+                             ["missing_model.pt", "not found"]),
+    "bad value": (["predict", "imgsz=abc"], ["imgsz='abc'", "expected an integer"]),
+    "bad format": (["benchmark", "format=xml"], ["format=xml", "table, json or csv"]),
+    "value missing": (["predict", "--bboxes", "--save"], ["--bboxes needs a value"]),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_usage_runs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    cwd = tmp_path_factory.mktemp("bad")
+    cv2.imwrite(str(cwd / "img.jpg"), test_image(60, 80))
+    (cwd / "empty").mkdir()
+    (cwd / "empty" / "readme.txt").write_text("no images here")
+    names = list(BAD_USAGE)
+    return dict(zip(names, run_many([BAD_USAGE[n][0] for n in names], cwd)))
+
+
+@pytest.mark.parametrize("case", list(BAD_USAGE))
+def test_bad_usage_exits_2_with_one_line(case, bad_usage_runs):
+    one_line_error(bad_usage_runs[case], 2, *BAD_USAGE[case][1])
+
+
+def test_runtime_failure_exits_1_and_verbose_shows_traceback(tmp_path, image):
+    (tmp_path / "broken.pt").write_bytes(b"this is not a checkpoint")
+    args = ["predict", "model=broken.pt", "source=img.jpg", "bboxes=[1,1,5,5]"]
+    plain, verbose, env_debug = run_many([args, [*args, "--verbose"]], tmp_path) + [
+        run(args, tmp_path, env={"SEGANY_DEBUG": "1"})]
+    one_line_error(plain, 1, "broken.pt")
+    for p in (verbose, env_debug):
+        assert p.returncode == 1 and "Traceback" in p.stderr and "segany: error:" in p.stderr
