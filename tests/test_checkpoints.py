@@ -16,7 +16,6 @@ from segany.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
-    NotAvailableError,
     StateDictMismatchError,
     UnknownArchitectureError,
     UnsafeCheckpointError,
@@ -154,7 +153,13 @@ def test_missing_file_and_unknown_name():
 
 
 def test_sam2_checkpoint_gets_a_clear_message(tmp_path):
+    # SAM 2 and SAM 2.1 are recognised from their tensors (loading and parity: tests/test_sam2.py) ...
+    for name in ("sam2_t", "sam2.1_t"):
+        with torch.device("meta"):
+            sd = build_model(name).state_dict()
+        assert infer_config(sd).name == name
+    # ... and a file that only starts like one is refused with a message that names the missing tensor.
     path = tmp_path / "sam2_hiera_tiny.pt"
     torch.save({"model": {"image_encoder.trunk.patch_embed.proj.weight": torch.zeros(96, 3, 7, 7)}}, path)
-    with pytest.raises(NotAvailableError, match="SAM 2"):
+    with pytest.raises(StateDictMismatchError, match="SAM 2 / SAM 2.1 checkpoint.*lacks the tensor image_encoder"):
         load_model(path)

@@ -11,6 +11,7 @@ import dataclasses
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,11 @@ from torch import nn
 from .errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
-    NotAvailableError,
     StateDictMismatchError,
     UnknownArchitectureError,
     UnsafeCheckpointError,
 )
-from .models.registry import MODELS, SAM_DECODER, ModelConfig, build_model
+from .models.registry import MODELS, SAM_DECODER, ModelConfig, build_model, find_config
 
 StateDict = dict[str, torch.Tensor]
 
@@ -81,9 +81,12 @@ def infer_config(sd: StateDict, name: str = "custom") -> ModelConfig:
     The registry entry is returned when the tensors match one exactly (so ``info()`` can say
     ``sam_b``), otherwise a custom config read off the shapes.
     """
+    if "image_encoder.trunk.patch_embed.proj.weight" in sd:
+        return _sam2_config(sd, name)
     if any(k.startswith(("image_encoder.trunk.", "memory_attention.", "sam_mask_decoder.")) for k in sd):
-        raise NotAvailableError(
-            "this is a SAM 2 / SAM 2.1 checkpoint; SAM 2 models are not supported by this version of segany yet"
+        raise UnknownArchitectureError(
+            "this looks like a SAM 2 / SAM 2.1 checkpoint, but it has no Hiera patch embedding "
+            "(image_encoder.trunk.patch_embed.proj.weight): the file is incomplete or from another model"
         )
     if "image_encoder.patch_embed.proj.weight" in sd:
         family, params = "sam_vit", {"encoder": _vit_encoder_params(sd), **_decoder_params(sd)}
@@ -93,12 +96,92 @@ def infer_config(sd: StateDict, name: str = "custom") -> ModelConfig:
         sample = ", ".join(list(sd)[:5])
         raise UnknownArchitectureError(
             f"the tensors match no known architecture (first keys: {sample}). Supported: SAM ViT-B/L/H "
-            f"and custom ViT sizes, MobileSAM ({', '.join(MODELS)})."
+            f"and custom ViT sizes, MobileSAM, SAM 2 / SAM 2.1 Hiera ({', '.join(MODELS)})."
         )
     for cfg in MODELS.values():
         if cfg.family == family and _same(cfg.params, params):
             return cfg
     return ModelConfig(name=name, family=family, params=params, description=f"custom {family}")
+
+
+def _sam2_config(sd: StateDict, name: str) -> ModelConfig:
+    """SAM 2 vs SAM 2.1 and the Hiera size, read off the tensors (see :func:`_sam2_params`).
+
+    A file whose name says one registry model but whose tensors are another (a SAM 2 file
+    named ``sam2.1_t.pt``) loads as what it is, with a warning that says so.
+    """
+    try:
+        params = _sam2_params(sd)
+    except KeyError as e:
+        raise StateDictMismatchError(
+            f"this looks like a SAM 2 / SAM 2.1 checkpoint (it has a Hiera image encoder), but it lacks "
+            f"the tensor {e.args[0]}: the file is incomplete or was saved from a modified model"
+        ) from None
+    version = params["version"]
+    found = next((cfg for cfg in MODELS.values() if cfg.family == "sam2" and _same(cfg.params, params)), None)
+    named = find_config(name) or find_config(f"{name}.pt")
+    if named is not None and named is not found:
+        what = found.name if found is not None else f"a custom SAM {version} size"
+        warnings.warn(
+            f"checkpoint '{name}' is named like {named.name} ({named.description}) but its tensors are "
+            f"SAM {version}: {what}; loading it as what it is",
+            stacklevel=3,
+        )
+    if found is not None:
+        return found
+    label = f"sam{version}_custom" if named is not None else name
+    return ModelConfig(name=label, family="sam2", params=params, description=f"custom SAM {version} (Hiera)")
+
+
+def _sam2_params(sd: StateDict) -> dict[str, Any]:
+    """Builder parameters of a SAM 2 state dict.
+
+    Readable from the tensors: SAM 2 vs 2.1 (2.1 adds ``no_obj_embed_spatial`` and
+    ``obj_ptr_tpos_proj``), the Hiera width, stage depths (a stage starts at each block with a
+    ``proj`` shortcut), width and MLP multipliers, first-stage window and background
+    position-table size, and the decoder/memory widths. Not in the tensors: head counts, global
+    blocks, later window sizes and the image size; those come from the official model with the
+    same width and depths, else from Hiera-T's pattern (1 head, the last stride-16 block global)
+    at 1024 pixels.
+    """
+    t = "image_encoder.trunk."
+    embed_dim = sd[t + "patch_embed.proj.weight"].shape[0]
+    depth = _count(sd, r"image_encoder\.trunk\.blocks\.(\d+)\.")
+    starts = [i for i in range(depth) if f"{t}blocks.{i}.proj.weight" in sd]
+    bounds = [0, *starts, depth]
+    stages = tuple(b - a for a, b in zip(bounds, bounds[1:]))
+    version = "2.1" if "no_obj_embed_spatial" in sd or "obj_ptr_tpos_proj.weight" in sd else "2"
+    d_model = sd["image_encoder.neck.convs.0.conv.weight"].shape[0]
+    out_proj = sd.get("memory_encoder.out_proj.weight")
+    heads = dict(
+        d_model=d_model,
+        mem_dim=out_proj.shape[0] if out_proj is not None else d_model,
+        num_maskmem=sd["maskmem_tpos_enc"].shape[0] if "maskmem_tpos_enc" in sd else 7,
+        memory_layers=_count(sd, r"memory_attention\.layers\.(\d+)\."),
+    )
+    official = next((cfg.params["encoder"] for cfg in MODELS.values() if cfg.family == "sam2"
+                     and cfg.params["encoder"]["embed_dim"] == embed_dim
+                     and tuple(cfg.params["encoder"]["stages"]) == stages), None)
+    if official is not None:
+        encoder = dict(official)
+    else:
+        n = len(stages)
+        encoder = dict(img_size=1024, embed_dim=embed_dim, num_heads=1, stages=stages,
+                       global_att_blocks=(sum(stages[:3]) - 1,) if n >= 3 else (),
+                       window_spec=((8, 4, 14, 7) + (7,) * n)[:n])
+        if n != 4:
+            encoder["q_pool"] = n - 1
+    window0 = sd[t + "pos_embed_window"].shape[-1]
+    encoder["window_spec"] = (window0, *encoder["window_spec"][1:])
+    encoder["window_pos_embed_bkg_spatial_size"] = tuple(sd[t + "pos_embed"].shape[-2:])
+    if starts:
+        dim_mul = sd[f"{t}blocks.{starts[0]}.proj.weight"].shape[0] / embed_dim
+        if dim_mul != 2.0:
+            encoder["dim_mul"] = dim_mul
+    mlp_ratio = sd[t + "blocks.0.mlp.layers.0.weight"].shape[0] / embed_dim
+    if mlp_ratio != 4.0:
+        encoder["mlp_ratio"] = mlp_ratio
+    return dict(encoder=encoder, version=version, **heads)
 
 
 def _same(a: dict, b: dict) -> bool:

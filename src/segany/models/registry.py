@@ -119,6 +119,48 @@ MODELS: dict[str, ModelConfig] = {
 }
 
 
+# -- SAM 2 / SAM 2.1 (Hiera) --------------------------------------------------------------------
+# Sizes of the parts every official SAM 2 model shares: decoder width, memory width, memory frames,
+# memory-attention layers. ``version`` "2.1" adds no_obj_embed_spatial and obj_ptr_tpos_proj.
+SAM2_HEADS = dict(d_model=256, mem_dim=64, num_maskmem=7, memory_layers=4)
+
+
+def _hiera(embed_dim: int, heads: int, stages: tuple[int, ...], global_blocks: tuple[int, ...],
+           window_spec: tuple[int, ...] = (8, 4, 14, 7), bkg: tuple[int, int] = (7, 7)) -> dict[str, Any]:
+    return dict(img_size=1024, embed_dim=embed_dim, num_heads=heads, stages=stages,
+                global_att_blocks=global_blocks, window_spec=window_spec,
+                window_pos_embed_bkg_spatial_size=bkg)
+
+
+_HIERA = {  # short name, file-name size, description size, trunk
+    "t": ("tiny", "tiny", _hiera(96, 1, (1, 2, 7, 2), (5, 7, 9))),
+    "s": ("small", "small", _hiera(96, 1, (1, 2, 11, 2), (7, 10, 13))),
+    "b": ("base_plus", "base+", _hiera(112, 2, (2, 3, 16, 3), (12, 16, 20), bkg=(14, 14))),
+    "l": ("large", "large", _hiera(144, 2, (2, 6, 36, 4), (23, 33, 43), window_spec=(8, 4, 16, 8))),
+}
+_META2 = {"2": "https://dl.fbaipublicfiles.com/segment_anything_2/072824/",
+          "2.1": "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"}
+
+
+def _sam2_configs() -> list[ModelConfig]:
+    out = []
+    for version in ("2", "2.1"):
+        for short, (size, label, trunk) in _HIERA.items():
+            name, official = f"sam{version}_{short}", f"sam{version}_hiera_{size}.pt"
+            config_style = f"sam{version}_hiera_{'b+' if short == 'b' else short}.pt"  # Meta's yaml names
+            aliases = (f"{name}.pt", official, config_style)
+            out.append(ModelConfig(
+                name, "sam2", dict(encoder=dict(trunk), version=version, **SAM2_HEADS),
+                aliases=aliases,
+                weights=WeightsFile(official, _META2[version] + official),
+                description=f"SAM {version} Hiera-{label} (Meta)",
+            ))
+    return out
+
+
+MODELS.update((cfg.name, cfg) for cfg in _sam2_configs())
+
+
 def find_config(name: str) -> ModelConfig | None:
     """The registry entry for a model name (``sam_b``) or a file name a user types (``sam_b.pt``)."""
     key = name.strip()
@@ -167,9 +209,40 @@ def build_mobile_sam(params: dict[str, Any]) -> Sam:
     return Sam(encoder, *_decoder_parts(params, enc["img_size"] // 16, enc["img_size"]))
 
 
+def build_sam2(params: dict[str, Any]) -> nn.Module:
+    """SAM 2 / SAM 2.1 with a Hiera image encoder (official or custom sizes)."""
+    from .hiera import Hiera
+    from .sam2 import Sam2
+    from .sam2_decoder import Sam2MaskDecoder, Sam2PromptEncoder, sam2_two_way_transformer
+    from .sam2_memory import MemoryAttention, MemoryEncoder
+    from .sam2_neck import FpnNeck, Sam2ImageEncoder
+
+    enc = dict(params["encoder"])
+    img_size = enc.pop("img_size")
+    d_model, mem_dim = params["d_model"], params["mem_dim"]
+    trunk = Hiera(**enc)
+    neck = FpnNeck(d_model, trunk.channel_list, fpn_top_down_levels=(2, 3), fpn_interp_model="nearest")
+    grid = img_size // 16  # stride of the lowest level kept (scalp=1 drops the stride-32 one)
+    prompt_encoder = Sam2PromptEncoder(d_model, (grid, grid), (img_size, img_size), mask_in_chans=16)
+    mask_decoder = Sam2MaskDecoder(d_model, sam2_two_way_transformer(2, d_model, 8, 2048))
+    is_2_1 = str(params["version"]) == "2.1"
+    return Sam2(
+        Sam2ImageEncoder(trunk, neck, img_size=img_size, scalp=1),
+        prompt_encoder,
+        mask_decoder,
+        MemoryAttention(d_model, params["memory_layers"], mem_dim, feat_sizes=(grid, grid)),
+        MemoryEncoder(mem_dim, d_model),
+        num_maskmem=params["num_maskmem"],
+        mem_dim=mem_dim,
+        no_obj_embed_spatial=is_2_1,
+        proj_tpos_enc_in_obj_ptrs=is_2_1,
+    )
+
+
 BUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
     "sam_vit": build_sam_vit,
     "mobile_sam": build_mobile_sam,
+    "sam2": build_sam2,
 }
 
 

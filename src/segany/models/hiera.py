@@ -1,0 +1,210 @@
+"""The Hiera image trunk of SAM 2 (tiny, small, base+, large and custom sizes).
+
+A hierarchical ViT: a 7×7 stride-4 patch embedding, then four stages whose resolution halves
+(query pooling in the first block of each new stage) while the width and head count double.
+Most blocks attend inside windows; a few "global" blocks attend over the whole map.
+
+State-dict keys and numerics are those of Meta's ``sam2.modeling.backbones.hieradet.Hiera``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class Hiera(nn.Module):
+    """Normalised image ``(B, 3, S, S)`` → one feature map per stage, highest resolution first:
+    ``(B, C, S/4, S/4)``, ``(B, 2C, S/8, S/8)``, ``(B, 4C, S/16, S/16)``, ``(B, 8C, S/32, S/32)``.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 96,
+        num_heads: int = 1,
+        stages: tuple[int, ...] = (2, 3, 16, 3),
+        global_att_blocks: tuple[int, ...] = (12, 16, 20),
+        window_spec: tuple[int, ...] = (8, 4, 14, 7),
+        window_pos_embed_bkg_spatial_size: tuple[int, int] = (14, 14),
+        q_pool: int = 3,
+        q_stride: tuple[int, int] = (2, 2),
+        dim_mul: float = 2.0,
+        head_mul: float = 2.0,
+        mlp_ratio: float = 4.0,
+    ) -> None:
+        super().__init__()
+        if len(stages) != len(window_spec):
+            raise ValueError("window_spec needs one window size per stage")
+        self.stage_ends = [sum(stages[: i + 1]) - 1 for i in range(len(stages))]
+        if not 0 <= q_pool <= len(stages) - 1:
+            raise ValueError(f"q_pool must be in 0..{len(stages) - 1}")
+        q_pool_blocks = [end + 1 for end in self.stage_ends[:-1]][:q_pool]
+
+        self.patch_embed = PatchEmbed(embed_dim)
+        # Windowed positional embedding (arXiv:2311.05613): a small background table interpolated
+        # to the feature size plus a per-window table tiled over it.
+        self.pos_embed = nn.Parameter(torch.zeros(1, embed_dim, *window_pos_embed_bkg_spatial_size))
+        self.pos_embed_window = nn.Parameter(torch.zeros(1, embed_dim, window_spec[0], window_spec[0]))
+
+        self.blocks = nn.ModuleList()
+        stage = 0
+        dim = embed_dim
+        for i in range(sum(stages)):
+            dim_out = dim
+            # The window size lags a block behind the stage: the first block of a stage pools its
+            # queries from the previous stage's windows, so it keeps that stage's window size.
+            window = 0 if i in global_att_blocks else window_spec[stage]
+            if i - 1 in self.stage_ends:
+                dim_out = int(dim * dim_mul)
+                num_heads = int(num_heads * head_mul)
+                stage += 1
+            self.blocks.append(
+                MultiScaleBlock(
+                    dim, dim_out, num_heads, mlp_ratio=mlp_ratio, window_size=window,
+                    q_stride=q_stride if i in q_pool_blocks else None,
+                )
+            )
+            dim = dim_out
+        # Channels of the outputs, lowest resolution first (the order the FPN neck lists them in).
+        self.channel_list = [self.blocks[i].dim_out for i in self.stage_ends[::-1]]
+
+    def _get_pos_embed(self, hw: tuple[int, int]) -> torch.Tensor:
+        """Positional embedding ``(1, h, w, C)`` for an ``h × w`` token map."""
+        pos = F.interpolate(self.pos_embed, size=hw, mode="bicubic")
+        win = self.pos_embed_window
+        pos = pos + win.tile([p // w for p, w in zip(pos.shape, win.shape)])
+        return pos.permute(0, 2, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.patch_embed(x)  # (B, H, W, C)
+        x = x + self._get_pos_embed(x.shape[1:3])
+        outputs = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i in self.stage_ends:
+                outputs.append(x.permute(0, 3, 1, 2))
+        return outputs
+
+
+class PatchEmbed(nn.Module):
+    """``(B, 3, H, W)`` → ``(B, H/4, W/4, embed_dim)`` with an overlapping 7×7 stride-4 convolution."""
+
+    def __init__(self, embed_dim: int, in_chans: int = 3) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=7, stride=4, padding=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
+class MultiScaleBlock(nn.Module):
+    """Pre-norm transformer block on ``(B, H, W, dim)``; with ``q_stride`` it halves the resolution
+    and widens to ``dim_out`` (the shortcut is projected and pooled the same way)."""
+
+    def __init__(
+        self,
+        dim: int,
+        dim_out: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        window_size: int = 0,
+        q_stride: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.dim, self.dim_out = dim, dim_out
+        self.window_size = window_size
+        self.q_stride = q_stride
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.pool = nn.MaxPool2d(kernel_size=q_stride, stride=q_stride) if q_stride else None
+        self.attn = MultiScaleAttention(dim, dim_out, num_heads, q_pool=self.pool)
+        self.norm2 = nn.LayerNorm(dim_out, eps=1e-6)
+        self.mlp = GeluMLP(dim_out, int(dim_out * mlp_ratio))
+        if dim != dim_out:
+            self.proj = nn.Linear(dim, dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.norm1(x)
+        if self.dim != self.dim_out:
+            shortcut = _pool(self.proj(x), self.pool)
+
+        window = self.window_size
+        h, w = x.shape[1:3]
+        if window > 0:
+            x, pad_hw = window_partition(x, window)
+        x = self.attn(x)
+        if self.window_size > 0:
+            if self.q_stride:
+                # Query pooling shrank every window (and the map) by the stride.
+                window = self.window_size // self.q_stride[0]
+                h, w = shortcut.shape[1:3]
+                pad_hw = (h + (window - h % window) % window, w + (window - w % window) % window)
+            x = window_unpartition(x, window, pad_hw, (h, w))
+
+        x = shortcut + x
+        return x + self.mlp(self.norm2(x))
+
+
+class MultiScaleAttention(nn.Module):
+    """Attention on ``(B, H, W, dim)`` → ``(B, H', W', dim_out)``; queries optionally max-pooled."""
+
+    def __init__(self, dim: int, dim_out: int, num_heads: int, q_pool: nn.Module | None = None) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_pool = q_pool
+        self.qkv = nn.Linear(dim, dim_out * 3)
+        self.proj = nn.Linear(dim_out, dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, _ = x.shape
+        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1)
+        q, k, v = torch.unbind(qkv, 2)  # each (B, H*W, heads, C/heads)
+        if self.q_pool is not None:
+            q = _pool(q.reshape(b, h, w, -1), self.q_pool)
+            h, w = q.shape[1:3]
+            q = q.reshape(b, h * w, self.num_heads, -1)
+        x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.proj(x.transpose(1, 2).reshape(b, h, w, -1))
+
+
+class GeluMLP(nn.Module):
+    """Two linear layers with GELU between them (``layers.0``/``layers.1`` keys, as sam2's ``MLP``)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(dim, hidden_dim), nn.Linear(hidden_dim, dim)])
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers[1](self.act(self.layers[0](x)))
+
+
+def _pool(x: torch.Tensor, pool: nn.Module | None) -> torch.Tensor:
+    """Pool a channels-last ``(B, H, W, C)`` map."""
+    if pool is None:
+        return x
+    return pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``(B, H, W, C)`` → windows ``(B * nW, window, window, C)`` (zero-padded) and the padded size."""
+    b, h, w, c = x.shape
+    pad_h, pad_w = (window - h % window) % window, (window - w % window) % window
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    hp, wp = h + pad_h, w + pad_w
+    x = x.view(b, hp // window, window, wp // window, window, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window, window, c), (hp, wp)
+
+
+def window_unpartition(
+    windows: torch.Tensor, window: int, pad_hw: tuple[int, int], hw: tuple[int, int]
+) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: windows → ``(B, H, W, C)`` without the padding."""
+    hp, wp = pad_hw
+    h, w = hw
+    b = windows.shape[0] // (hp * wp // window // window)
+    x = windows.reshape(b, hp // window, wp // window, window, window, -1)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, -1)
+    return x[:, :h, :w, :] if hp > h or wp > w else x
