@@ -191,7 +191,7 @@ def check_type(key: str, value: Any, default: Any) -> Any:
 
 # ----------------------------------------------------------------------------- commands
 
-COMMANDS = ("predict", "info", "benchmark", "annotate")
+COMMANDS = ("predict", "info", "benchmark", "annotate", "serve", "train", "val")
 USAGE_ERRORS = (UsageError, ConfigError, PromptError, ImageNotFoundError, CheckpointNotFoundError, DownloadError)
 
 HELP = """\
@@ -205,6 +205,9 @@ commands:
   info        print a model summary: layers, parameters, GFLOPs, checkpoint size
   benchmark   size, parameters and speed of the checkpoints available locally
   annotate    auto-annotate a folder: detector boxes -> SAM masks -> YOLO-seg labels
+  serve       a JSON API and a click-to-segment web page on 127.0.0.1 (segany[serve])
+  train       fine-tune SAM on COCO / YOLO-seg / synthetic data with simulated prompts
+  val         box / point / multi-point mIoU of a model on a dataset
 
 examples:
   segany predict model=sam_b.pt source=path/to/image.jpg
@@ -306,7 +309,10 @@ def _dispatch(args: list[str]) -> int:
 
     runners = dict(predict=(c.predict_help, c.run_predict), info=(lambda: c.INFO_HELP, c.run_info),
                    benchmark=(lambda: b.BENCHMARK_HELP, b.run_cli),
-                   annotate=(lambda: c.ANNOTATE_HELP, c.run_annotate))
+                   annotate=(lambda: c.ANNOTATE_HELP, c.run_annotate),
+                   serve=(lambda: c.serve_command().SERVE_HELP, lambda t: c.serve_command().run_serve(t)),
+                   train=(lambda: c.train_command().TRAIN_HELP, lambda t: c.train_command().run_train(t)),
+                   val=(lambda: c.train_command().VAL_HELP, lambda t: c.train_command().run_val(t)))
     help_text, run = runners[cmd]
     if _wants_help(rest):
         print(help_text())

@@ -37,6 +37,26 @@ def run_info(tokens: list[str]) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------- serve
+
+
+def serve_command():
+    """The ``serve`` command's module (:mod:`segany.serve.command`; FastAPI is imported only to run it)."""
+    from .serve import command
+
+    return command
+
+
+# ---------------------------------------------------------------------------------- train, val
+
+
+def train_command():
+    """The ``train`` / ``val`` commands' module (:mod:`segany.train.command`)."""
+    from .train import command
+
+    return command
+
+
 # ------------------------------------------------------------------------------------ annotate
 
 ANNOTATE_HELP = """\

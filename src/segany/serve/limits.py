@@ -1,0 +1,79 @@
+"""Request size limits and the API's error type."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import HTTPException
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class ApiError(HTTPException):
+    """An error answered as JSON ``{"detail": ..., "field": ...}`` with an HTTP status.
+
+    An ``HTTPException`` so that FastAPI's body parsing passes it through (a body over the cap
+    found while FastAPI reads a JSON body must stay a 413)."""
+
+    def __init__(self, status: int, detail: str, field: str | None = None) -> None:
+        super().__init__(status_code=status, detail=detail)
+        self.status, self.field = status, field
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over ``max_bytes``: at once from ``Content-Length``, else while reading."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, int(max_bytes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope.setdefault("state", {})["max_body_bytes"] = self.max_bytes
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            from starlette.responses import JSONResponse
+
+            bad = not length.isdigit()
+            resp = JSONResponse({"detail": "bad Content-Length" if bad else
+                                 f"body of {int(length)} bytes is over the cap of {self.max_bytes} bytes",
+                                 "field": "body"}, status_code=400 if bad else 413)
+            await resp(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:  # chunked upload without a length: stop reading
+                    raise ApiError(413, f"body over the cap of {self.max_bytes} bytes", "body")
+            return msg
+
+        await self.app(scope, limited, send)
+
+
+async def read_body(request: Request) -> bytes:
+    """The uploaded image bytes: the ``file`` field of a multipart form, or the raw body."""
+    data = await request.body()
+    ctype = request.headers.get("content-type", "").lower()
+    if not ctype.startswith("multipart/form-data"):
+        return data
+    replay: list[Any] = [{"type": "http.request", "body": data, "more_body": False}]
+
+    async def receive() -> Message:
+        return replay.pop() if replay else {"type": "http.disconnect"}
+
+    try:
+        form = await Request(request.scope, receive).form(max_files=1, max_fields=8)
+    except Exception as e:  # a broken form is the client's input, not a server failure
+        raise ApiError(400, f"malformed multipart form: {e}", "file") from None
+    try:
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(422, "the multipart form needs a file field named 'file'", "file")
+        return await upload.read()
+    finally:
+        await form.close()

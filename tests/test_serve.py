@@ -1,0 +1,304 @@
+"""``segany serve``: every endpoint and every bad-input case, in process (FastAPI's TestClient)."""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+from pycocotools import mask as mask_utils  # noqa: E402
+
+from conftest import test_image  # noqa: E402
+from segany import SAM  # noqa: E402
+from segany.cli import main  # noqa: E402
+from segany.serve import create_app  # noqa: E402
+from segany.serve.command import is_loopback  # noqa: E402
+from segany.serve.worker import ENCODE, EVERYTHING, PROMPT, ModelWorker, QueueFullError  # noqa: E402
+
+IMG = test_image()  # 180 x 240 BGR
+PNG = cv2.imencode(".png", IMG)[1].tobytes()
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def sam(small_ckpt):
+    return SAM(small_ckpt, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(small_ckpt):
+    app = create_app(SAM(small_ckpt, device="cpu"), max_pixels=200 * 200 * 2, max_body_bytes=1 << 20, max_prompts=8)
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def image_id(client):
+    r = client.post("/api/images", files={"file": ("img.png", PNG, "image/png")})
+    assert r.status_code == 200, r.text
+    return r.json()["id"]
+
+
+def rle_to_mask(rle: dict) -> np.ndarray:
+    return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool)
+
+
+def check_error(r, status: int, field: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert isinstance(body["detail"], str) and body["detail"]
+    if field is not None:
+        assert body["field"] == field, body
+    return body
+
+
+# ------------------------------------------------------------------------------- endpoints
+
+def test_health_models_docs(client):
+    h = client.get("/api/health").json()
+    assert h["status"] == "ok" and set(h["queue"]) == {"prompt", "encode", "everything"}
+    m = client.get("/api/models").json()["models"]
+    assert m[0]["img_size"] == 256 and m[0]["device"] == "cpu" and m[0]["active"]
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/api/images", "/api/images/{image_id}/prompt", "/api/images/{image_id}/everything",
+            "/api/models", "/api/health"} <= set(paths)
+    assert client.get("/docs").status_code == 200
+
+
+def test_page_and_static_files(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "/static/app.js" in page.text
+    for name in ("app.js", "style.css", "index.html"):
+        assert client.get(f"/static/{name}").status_code == 200
+    for name in ("app.js", "style.css", "index.html"):  # works offline: nothing from another host
+        assert "://" not in client.get(f"/static/{name}").text
+
+
+@pytest.mark.parametrize("path", ["/static/../app.py", "/static/%2e%2e/app.py", "/static/..%2fservice.py",
+                                  "/static//etc/passwd", "/static/%2fetc%2fpasswd"])
+def test_no_path_escapes_static(client, path):
+    r = client.get(path)
+    assert r.status_code == 404 and "import" not in r.text and "root:" not in r.text
+
+
+def test_upload_multipart_and_raw_bytes_share_the_id(client, image_id):
+    raw = client.post("/api/images", content=PNG, headers={"Content-Type": "image/png"})
+    assert raw.status_code == 200 and raw.json() == {"id": image_id, "width": 240, "height": 180}
+    jpg = cv2.imencode(".jpg", IMG)[1].tobytes()
+    other = client.post("/api/images", content=jpg, headers={"Content-Type": "application/octet-stream"}).json()
+    assert other["id"] != image_id and (other["width"], other["height"]) == (240, 180)
+
+
+PROMPTS = [
+    dict(points=[[60, 50]], labels=[1]),
+    dict(points=[[60, 50], [170, 120]], labels=[1, 1]),
+    dict(points=[[[60, 50], [170, 120]]], labels=[[1, 0]]),
+    dict(points=[100, 70]),
+    dict(boxes=[50, 40, 130, 95]),
+    dict(boxes=[[50, 40, 130, 95], [130, 90, 210, 160]]),
+    dict(boxes=[50, 40, 130, 95], points=[[[80, 60]]], labels=[[1]]),
+    dict(points=[[60, 50]], labels=[1], multimask_output=True),
+    dict(points=[[60, 50], [170, 120]], multimask_output=True),
+]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_prompt_masks_equal_sam(client, image_id, sam, prompt):
+    r = client.post(f"/api/images/{image_id}/prompt", json=prompt)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    kw = dict(prompt)
+    if "boxes" in kw:
+        kw["bboxes"] = kw.pop("boxes")
+    ref = sam(IMG.copy(), **kw)[0]
+    assert len(body["masks"]) == len(ref) > 0
+    k = 3 if prompt.get("multimask_output") else 1
+    for i, m in enumerate(body["masks"]):
+        assert (m["prompt"], m["rank"]) == (i // k, i % k)
+        np.testing.assert_array_equal(rle_to_mask(m["rle"]), ref.masks.data[i].numpy())
+        assert m["score"] == pytest.approx(float(ref.boxes.conf[i]), abs=1e-5)
+        assert m["area"] == int(ref.masks.data[i].sum())
+
+
+def test_png_polygons_and_mask_input(client, image_id, sam):
+    r = client.post(f"/api/images/{image_id}/prompt", json=dict(points=[[60, 50]], labels=[1], png=True, polygons=True))
+    m = r.json()["masks"][0]
+    png = cv2.imdecode(np.frombuffer(base64.b64decode(m["png"]), np.uint8), cv2.IMREAD_GRAYSCALE)
+    np.testing.assert_array_equal(png > 127, rle_to_mask(m["rle"]))
+    ref = sam(IMG.copy(), points=[[60, 50]], labels=[1])[0]
+    np.testing.assert_allclose(np.asarray(m["polygon"]), ref.masks.xy[0], atol=0.01)
+    # Refinement: the logits of that answer as mask_input, exactly as SAM(..., masks=logits).
+    r2 = client.post(f"/api/images/{image_id}/prompt",
+                     json=dict(points=[[60, 50]], labels=[1], mask_input=m["logits_id"]))
+    assert r2.status_code == 200, r2.text
+    ref2 = sam(IMG.copy(), points=[[60, 50]], labels=[1], masks=ref.low_res_logits[:1])[0]
+    np.testing.assert_array_equal(rle_to_mask(r2.json()["masks"][0]["rle"]), ref2.masks.data[0].numpy())
+
+
+def test_everything_equals_sam(client, image_id, sam):
+    params = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    r = client.post(f"/api/images/{image_id}/everything", json={**params, "polygons": True})
+    assert r.status_code == 200, r.text
+    masks = r.json()["masks"]
+    ref = sam(IMG.copy(), **params)[0]
+    assert len(masks) == len(ref)
+    for m, want in zip(masks, ref.masks.data.numpy()):
+        np.testing.assert_array_equal(rle_to_mask(m["rle"]), want)
+        assert {"predicted_iou", "stability_score", "crop_box", "polygon"} <= set(m)
+
+
+def test_everything_without_body_uses_defaults(client, image_id):
+    r = client.post(f"/api/images/{image_id}/everything")
+    assert r.status_code == 200 and isinstance(r.json()["masks"], list)
+
+
+# ------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("endpoint", ["prompt", "everything"])
+@pytest.mark.parametrize("bad_id", ["0" * 32, "nope", "..%2f..%2fetc"])
+def test_unknown_image_id_is_404(client, endpoint, bad_id):
+    r = client.post(f"/api/images/{bad_id}/{endpoint}", json={"points": [[1, 1]]} if endpoint == "prompt" else {})
+    assert r.status_code == 404
+    if r.json().get("field") is not None:
+        assert r.json()["field"] == "image_id"
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"points": "here"}, "points"),
+    ({"points": [[1, 2, 3]]}, "points"),
+    ({"points": [[1000, 10]]}, "points"),
+    ({"points": [[10, 10]], "labels": [7]}, "labels"),
+    ({"points": [[10, 10]], "labels": [1, 1]}, "labels"),
+    ({"labels": [1]}, "points"),
+    ({}, "points"),
+    ({"boxes": [10, 10, 5, 5]}, "boxes"),
+    ({"boxes": [1, 2, 3]}, "boxes"),
+    ({"boxes": [[1, 1, 9, 9]], "points": [[1, 1], [2, 2]]}, None),
+    ({"points": [[10, 10]], "mask_input": "deadbeef"}, "mask_input"),
+    ({"points": [[10, 10]], "multimask_output": "maybe"}, "multimask_output"),
+    ({"points": [[10, 10]], "colour": "red"}, "colour"),
+    ({"points": [[i, i] for i in range(9)]}, "points"),
+])
+def test_malformed_prompt_is_422_naming_the_field(client, image_id, body, field):
+    check_error(client.post(f"/api/images/{image_id}/prompt", json=body), 422, field)
+
+
+def test_invalid_json_is_422(client, image_id):
+    check_error(client.post(f"/api/images/{image_id}/prompt", content=b"{not json", headers=JSON), 422, "body")
+
+
+def test_mask_input_of_another_image_is_422(client, image_id):
+    other = client.post("/api/images", content=cv2.imencode(".png", test_image(seed=3))[1].tobytes()).json()["id"]
+    lid = client.post(f"/api/images/{other}/prompt", json={"points": [[5, 5]]}).json()["masks"][0]["logits_id"]
+    body = check_error(client.post(f"/api/images/{image_id}/prompt", json={"points": [[5, 5]], "mask_input": [lid]}),
+                       422, "mask_input")
+    assert "another image" in body["detail"]
+
+
+@pytest.mark.parametrize("body,field", [({"points_per_side": 0}, "points_per_side"),
+                                        ({"crop_n_layers": 9}, "crop_n_layers"),
+                                        ({"pred_iou_thresh": 2}, "pred_iou_thresh"),
+                                        ({"points_stride": 8}, "points_stride"),
+                                        ({"points_per_batch": 1}, "points_per_batch"),
+                                        ({"points_per_side": 40, "crop_n_layers": 1}, "points_per_side")])
+def test_bad_everything_params_are_422(client, image_id, body, field):
+    check_error(client.post(f"/api/images/{image_id}/everything", json=body), 422, field)
+
+
+@pytest.mark.parametrize("data", [b"not an image at all", b"", b"\x89PNG\r\n\x1a\n" + b"\0" * 64])
+def test_not_an_image_is_415(client, data):
+    check_error(client.post("/api/images", content=data, headers={"Content-Type": "image/png"}), 415, "file")
+
+
+def test_multipart_without_file_field_is_422(client):
+    check_error(client.post("/api/images", data={"image": "x"}, files={"other": ("a.png", PNG)}), 422, "file")
+
+
+def test_image_over_pixel_cap_is_413(client):
+    big = cv2.imencode(".png", np.zeros((300, 300, 3), np.uint8))[1].tobytes()  # 90k pixels > 80k cap
+    check_error(client.post("/api/images", content=big), 413, "file")
+
+
+def test_body_over_size_cap_is_413(client, image_id):
+    blob = b"\0" * ((1 << 20) + 1)
+    check_error(client.post("/api/images", content=blob), 413, "body")
+    check_error(client.post("/api/images", files={"file": ("a.png", blob)}), 413, "body")
+
+    def chunks():  # no Content-Length: the cap is enforced while reading
+        for _ in range(20):
+            yield b"\0" * (1 << 16)
+
+    check_error(client.post("/api/images", content=chunks()), 413, "body")
+    big_json = b'{"points": [[1, 1]], "pad": "' + b"x" * (1 << 20) + b'"}'
+    check_error(client.post(f"/api/images/{image_id}/prompt", content=big_json, headers=JSON), 413, "body")
+
+
+def test_wrong_method_and_route_are_json_4xx(client):
+    check_error(client.get("/api/images"), 405)
+    check_error(client.get("/api/nothing"), 404)
+
+
+# ------------------------------------------------------------------------------- worker and CLI
+
+def test_worker_serves_prompts_before_queued_long_jobs():
+    w = ModelWorker(max_pending=4, max_everything=1)
+    gate, order = threading.Event(), []
+    try:
+        first = w.submit(EVERYTHING, gate.wait, 10)  # occupies the model thread
+        time.sleep(0.05)
+        jobs = [w.submit(EVERYTHING, order.append, "everything"), w.submit(ENCODE, order.append, "encode"),
+                w.submit(PROMPT, order.append, "prompt1"), w.submit(PROMPT, order.append, "prompt2")]
+        with pytest.raises(QueueFullError):
+            w.submit(PROMPT, order.append, "one too many")
+        gate.set()
+        for j in [first, *jobs]:
+            j.result(timeout=10)
+        assert order == ["prompt1", "prompt2", "encode", "everything"]
+        with pytest.raises(QueueFullError):  # only max_everything segment-everything jobs may wait
+            gate.clear()
+            w.submit(PROMPT, gate.wait, 10)  # busy again, so the next jobs wait
+            time.sleep(0.05)
+            w.submit(EVERYTHING, order.append, "a")
+            w.submit(EVERYTHING, order.append, "b")
+    finally:
+        gate.set()
+        w.stop()
+
+
+def test_worker_passes_exceptions_to_the_caller():
+    w = ModelWorker()
+    try:
+        with pytest.raises(ZeroDivisionError):
+            w.submit(PROMPT, lambda: 1 / 0).result(timeout=10)
+        assert w.submit(PROMPT, lambda: 42).result(timeout=10) == 42  # the thread survived
+    finally:
+        w.stop()
+
+
+def test_cli_serve_help_and_bad_options(capsys):
+    assert main(["serve", "--help"]) == 0
+    assert "pip install segany[serve]" in capsys.readouterr().out
+    assert main(["serve", "port=70000"]) == 2
+    assert main(["serve", "prot=80"]) == 2
+    assert "serve" in (main([]) == 0 and capsys.readouterr().out)
+
+
+def test_cli_serve_without_fastapi_says_what_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "uvicorn" else real(n, *a))
+    assert main(["serve", "model=whatever.pt"]) == 1
+    assert "pip install segany[serve]" in capsys.readouterr().err
+
+
+def test_loopback_detection():
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2") and not is_loopback("example.com")
