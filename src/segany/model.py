@@ -62,5 +62,22 @@ class SAM:
                 print(layer_table(self.model))
         return s
 
+    def train(self, data: Any, **kwargs: Any) -> dict[str, Any]:
+        """Fine-tune this model in place on ``data`` (COCO JSON, YOLO-seg folder, ``"synthetic:N"``);
+        see :func:`segany.train.train` for the options. Returns the run summary (checkpoint paths...)."""
+        from .train import train
+
+        kwargs.setdefault("device", self.device)
+        out = train(self.model, data, **kwargs)
+        self.predictor.reset_image()  # a cached embedding came from the weights before training
+        return out
+
+    def val(self, data: Any, **kwargs: Any) -> dict[str, Any]:
+        """Box / point / multi-point mIoU on ``data``; see :func:`segany.train.val`."""
+        from .train import val
+
+        kwargs.setdefault("device", self.device)
+        return val(self.model, data, **kwargs)
+
     def __repr__(self) -> str:
         return f"SAM({self.config.name!r}, device={self.device})"

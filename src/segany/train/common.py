@@ -1,0 +1,91 @@
+"""What training and validation share: resolving ``model=``, bringing samples into the model's
+input frame, atomic checkpoint writes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..data.datasets import Sample
+from ..errors import ConfigError
+from ..engine.transforms import image_to_tensor
+from ..models.registry import ModelConfig
+
+
+def resolve_model(model: Any, imgsz: int | None = None) -> tuple[nn.Module, ModelConfig]:
+    """``model=`` as users give it → ``(Sam, config)``.
+
+    A registry architecture name without a file suffix (``sam_b``, ``mobile_sam``) builds that
+    architecture with fresh weights (``imgsz`` sets its input size); anything else is a
+    checkpoint (path or weights name such as ``sam_b.pt``), loaded as :class:`segany.SAM` does.
+    A :class:`segany.SAM` or an ``nn.Module`` is used as it is.
+    """
+    from ..checkpoints import config_with, infer_config, load_model
+    from ..models.registry import MODELS, build_model
+
+    if hasattr(model, "predictor") and hasattr(model, "config"):  # segany.SAM
+        return model.model, model.config
+    if isinstance(model, nn.Module):
+        return model, infer_config(model.state_dict())
+    name = str(model)
+    if name in MODELS and not Path(name).exists():
+        config = MODELS[name]
+        if config.family not in ("sam_vit", "mobile_sam"):
+            raise ConfigError(f"training supports SAM (ViT) and MobileSAM architectures, not {config.family}")
+        if imgsz and imgsz != config.params["encoder"]["img_size"]:
+            config = config_with(config, img_size=int(imgsz))
+        return build_model(config), config
+    from ..hub import resolve_weights
+
+    net, config = load_model(resolve_weights(name), name=Path(name).stem)
+    if config.family == "sam2":
+        raise ConfigError("training supports SAM (ViT) and MobileSAM checkpoints; SAM 2 is not supported yet")
+    if imgsz and imgsz != net.img_size:
+        raise ConfigError(f"imgsz={imgsz} differs from the checkpoint's input size {net.img_size}; "
+                         "a checkpoint trains at its own size")
+    return net, config
+
+
+def prepare(model: nn.Module, sample: Sample, device: torch.device, flip: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """A sample in the model's input frame: normalised padded image ``(1, 3, S, S)``, masks
+    ``(N, S, S)`` bool resized like the image and zero-padded, and the unpadded size ``(h', w')``."""
+    image, masks = sample.image, sample.masks
+    if flip:  # horizontal flip: the cheapest augmentation that keeps every mask valid
+        image, masks = image[:, ::-1], masks[:, :, ::-1]
+    h, w = image.shape[:2]
+    size = model.input_size(h, w)
+    x = model.preprocess(image_to_tensor(np.ascontiguousarray(image), size, device))
+    m = torch.from_numpy(np.ascontiguousarray(masks)).to(device)[:, None].float()
+    if len(m):
+        m = F.interpolate(m, size, mode="bilinear", align_corners=False)
+    else:
+        m = m.new_zeros((0, 1, *size))
+    s = model.img_size
+    m = F.pad(m[:, 0] > 0.5, (0, s - size[1], 0, s - size[0]))
+    return x, m, size
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file renamed into place: never a half-written checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def next_run_dir(project: str | os.PathLike, name: str, exist_ok: bool) -> Path:
+    """``project/name``, or ``name2``, ``name3`` ... when it exists (unless ``exist_ok``)."""
+    root = Path(project)
+    path = root / name
+    k = 2
+    while path.exists() and not exist_ok:
+        path = root / f"{name}{k}"
+        k += 1
+    path.mkdir(parents=True, exist_ok=True)
+    return path

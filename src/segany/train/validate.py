@@ -1,0 +1,179 @@
+"""Validation as the SAM paper evaluates single-object prompts: for every ground-truth instance,
+the mIoU of the mask from one box, from one point, and from several points.
+
+- ``box``: the instance's tight box, one output.
+- ``point_best3``: the most interior point of the instance, 3 outputs, the best by IoU with the
+  ground truth (the paper's "oracle"); ``point_auto``: the one with the highest predicted IoU;
+  ``point_single``: the same point with one output.
+- ``points_K``: the point above, then ``K - 1`` corrective clicks, each at the most interior point
+  of the larger error region (positive on a miss, negative on a false positive), with the previous
+  low-res logits fed back as the mask prompt.
+
+IoU is measured at the original image size. ``runner=`` replaces the model by any object with
+``set_sample(sample)`` and ``__call__(boxes=, points=, labels=, mask_input=, multimask=)`` →
+``(masks (N, K, H, W) bool, iou_pred (N, K), low_res_logits or None)``, e.g. an oracle.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.datasets import Sample, load_dataset
+from ..engine.device import select_device
+from ..engine.transforms import image_to_tensor, scale_coords
+from .losses import mask_iou
+from .prompts_sim import center_point, corrective_point, mask_box
+
+KINDS = ("box", "point", "points")
+
+
+class SamRunner:
+    """Prompts in original pixels → masks at the original size, from a SAM model."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.model, self.device = model, device
+        self.emb = None
+
+    @torch.inference_mode()
+    def set_sample(self, sample: Sample) -> None:
+        h, w = sample.image.shape[:2]
+        self.original_size, self.input_size = (h, w), self.model.input_size(h, w)
+        x = image_to_tensor(sample.image, self.input_size, self.device)
+        self.emb = self.model.encode_image(self.model.preprocess(x))
+
+    @torch.inference_mode()
+    def __call__(self, boxes=None, points=None, labels=None, mask_input=None, multimask=False):
+        dev, o, i = self.device, self.original_size, self.input_size
+        b = p = None
+        if boxes is not None:
+            b = torch.as_tensor(scale_coords(boxes.reshape(-1, 2, 2), o, i).reshape(-1, 4), dtype=torch.float32,
+                                device=dev)
+        if points is not None:
+            p = (torch.as_tensor(scale_coords(points, o, i), dtype=torch.float32, device=dev),
+                 torch.as_tensor(labels, dtype=torch.int64, device=dev))
+        logits, iou = self.model.decode(self.emb, points=p, boxes=b, mask_inputs=mask_input,
+                                        multimask_output=multimask)
+        # In chunks: the float upsampled copy of many masks of a large image is what takes memory.
+        masks = torch.cat([self.model.postprocess_masks(logits[s : s + 8], i, o) > self.model.mask_threshold
+                           for s in range(0, len(logits), 8)])
+        return masks, iou, logits
+
+
+class OracleRunner:
+    """A stand-in model that answers every prompt with the ground truth (``"perfect"``) or with
+    empty masks (``"empty"``): checks of the metric itself."""
+
+    def __init__(self, mode: str = "perfect") -> None:
+        self.mode = mode
+
+    def set_sample(self, sample: Sample) -> None:
+        self.masks = torch.from_numpy(sample.masks)
+        self.order: list[int] = []
+
+    def __call__(self, boxes=None, points=None, labels=None, mask_input=None, multimask=False):
+        n, k = len(self.order), 3 if multimask else 1
+        m = self.masks[self.order][:, None].expand(n, k, *self.masks.shape[1:]).clone()
+        if self.mode == "empty":
+            m.zero_()
+        return m, torch.ones(n, k), None
+
+
+def val(model: Any = None, data: Any = None, kinds: tuple[str, ...] = KINDS, n_points: int = 3,
+        max_images: int | None = None, max_instances: int | None = None, device: Any = "",
+        runner: Any = None, save_json: str | Path | None = None, verbose: bool = True,
+        threads: int | None = None) -> dict[str, Any]:
+    """mIoU of ``model`` on ``data`` per prompt kind; prints a table and returns a dict
+    (``box``, ``point_best3``, ``point_auto``, ``point_single``, ``points_{n_points}``, counts)."""
+    from .common import resolve_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    if data is None:
+        raise ValueError("val needs data= (a COCO .json, a YOLO-seg folder or 'synthetic:N:SEED')")
+    ds = load_dataset(data)
+    dev = select_device(device)
+    if runner is None:
+        net, _ = resolve_model(model)
+        net.to(dev).eval()
+        runner = SamRunner(net, dev)
+    ious: dict[str, list[float]] = {}
+    n_img = min(len(ds), max_images) if max_images else len(ds)
+    for idx in _progress(range(n_img), verbose):
+        sample = ds[idx]
+        keep = [j for j in range(len(sample.masks)) if sample.masks[j].any()][:max_instances]
+        if not keep:
+            continue
+        sample = Sample(sample.image, sample.masks[keep], sample.classes[keep], sample.path)
+        runner.set_sample(sample)
+        if isinstance(runner, OracleRunner):
+            runner.order = list(range(len(keep)))
+        gt = torch.from_numpy(sample.masks)
+        _evaluate(runner, sample.masks, gt, kinds, n_points, ious)
+    out: dict[str, Any] = {k: float(np.mean(v)) if v else float("nan") for k, v in ious.items()}
+    out["images"] = n_img
+    out["instances"] = len(next(iter(ious.values()), []))
+    if verbose:
+        print(format_table(out))
+    if save_json:
+        Path(save_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(save_json).write_text(json.dumps(out, indent=2))
+    return out
+
+
+def _evaluate(runner, masks_np: np.ndarray, gt: torch.Tensor, kinds, n_points: int, ious: dict) -> None:
+    def add(key: str, values: torch.Tensor) -> None:
+        ious.setdefault(key, []).extend(values.float().tolist())
+
+    if "box" in kinds:
+        boxes = np.stack([mask_box(m) for m in masks_np])
+        m, _, _ = runner(boxes=boxes)
+        add("box", mask_iou(m[:, 0].cpu(), gt))
+    if "point" in kinds or "points" in kinds:
+        pts = np.stack([center_point(m) for m in masks_np])[:, None]
+        labels = np.ones(pts.shape[:2], np.int64)
+        m, score, logits = runner(points=pts, labels=labels, multimask=True)
+        all_iou = mask_iou(m.cpu(), gt[:, None])  # (N, 3)
+        auto = score.cpu().argmax(1)
+        rows = torch.arange(len(gt))
+        if "point" in kinds:
+            add("point_best3", all_iou.max(1).values)
+            add("point_auto", all_iou[rows, auto])
+            m1, _, _ = runner(points=pts, labels=labels, multimask=False)
+            add("point_single", mask_iou(m1[:, 0].cpu(), gt))
+        if "points" in kinds and n_points > 1:
+            prev = m[rows, auto].cpu().numpy()
+            prev_logits = None if logits is None else logits[rows, auto][:, None]
+            for _ in range(n_points - 1):
+                new_pts, new_lab = [], []
+                for k in range(len(gt)):
+                    c = corrective_point(prev[k], masks_np[k])
+                    c = c if c is not None else (pts[k, 0], 1)  # already right: repeat the first click
+                    new_pts.append(c[0])
+                    new_lab.append(c[1])
+                pts = np.concatenate([pts, np.stack(new_pts)[:, None]], 1)
+                labels = np.concatenate([labels, np.array(new_lab)[:, None]], 1)
+                m1, _, lg = runner(points=pts, labels=labels, mask_input=prev_logits, multimask=False)
+                prev, prev_logits = m1[:, 0].cpu().numpy(), lg
+            add(f"points_{n_points}", mask_iou(torch.from_numpy(prev), gt))
+
+
+def format_table(res: dict[str, Any]) -> str:
+    """The metrics as a two-column text table."""
+    rows = [(k, v) for k, v in res.items() if k not in ("images", "instances")]
+    lines = [f"{'prompt':<14}{'mIoU':>8}", "-" * 22]
+    lines += [f"{k:<14}{v:>8.4f}" for k, v in rows]
+    lines.append(f"{res.get('images', 0)} images, {res.get('instances', 0)} instances")
+    return "\n".join(lines)
+
+
+def _progress(it, verbose: bool):
+    if not verbose:
+        return it
+    from tqdm import tqdm
+
+    return tqdm(it, desc="val", leave=False, dynamic_ncols=True)

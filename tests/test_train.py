@@ -1,0 +1,167 @@
+"""Training and validation: the loss falls, checkpoints reload bit-identically (also into Meta's
+``Sam``), resume equals an uninterrupted run, and the metric reads 1 for perfect and 0 for empty masks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from segany import SAM
+from segany.cli import main
+from segany.data import SyntheticDataset
+from segany.models import ModelConfig, build_model
+from segany.models.registry import SAM_DECODER
+from segany.train import OracleRunner, train, val
+from segany.train.losses import sam_loss
+from segany.train.prompts_sim import center_point, corrective_point, noisy_box, random_point
+
+from conftest import meta_twin
+
+# Smaller than conftest.SMALL_VIT, decoder included: a training step takes milliseconds.
+TINY = ModelConfig("tiny", "sam_vit", dict(
+    encoder=dict(img_size=128, patch_size=16, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, window_size=4,
+                 global_attn_indexes=(1,)),
+    **dict(SAM_DECODER, prompt_embed_dim=64, decoder_mlp_dim=128, iou_head_hidden_dim=64)))
+DATA = SyntheticDataset(6, seed=0, size=128, max_objects=3)
+FAST = dict(batch=2, lr=1e-3, verbose=False, trainable="all", exist_ok=True)
+
+
+def tiny_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(TINY)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Shared CPUs, and bit-identical runs: one thread.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_loss_prefers_the_best_candidate():
+    target = torch.zeros(1, 16, 16)
+    target[0, 4:12, 4:12] = 1
+    good = (target * 20 - 10)[:, None]
+    logits = torch.cat([-good, good, torch.zeros_like(good)], 1)  # wrong, right, undecided
+    iou = torch.tensor([[0.0, 1.0, 0.0]])
+    loss, best, parts = sam_loss(logits, iou, target)
+    assert best.tolist() == [1]
+    assert float(loss) < 0.01 and float(parts["miou"]) == 1.0
+
+
+def test_simulated_prompts_stay_on_the_mask():
+    rng = np.random.default_rng(0)
+    m = np.zeros((50, 60), bool)
+    m[10:30, 20:50] = True
+    x1, y1, x2, y2 = noisy_box(m, rng)
+    assert 0 <= x1 < x2 <= 59 and 0 <= y1 < y2 <= 49
+    for _ in range(20):
+        x, y = random_point(m, rng)
+        assert m[int(y), int(x)]
+    cx, cy = center_point(m)  # a 20-pixel-high bar: any point of its middle row is most interior
+    assert cy == pytest.approx(20, abs=1) and 29 <= cx <= 41
+    pred = np.zeros_like(m)
+    pred[10:30, 20:35] = True  # misses the right half: the click is positive, in the miss
+    (x, y), label = corrective_point(pred, m)
+    assert label == 1 and m[int(y), int(x)] and not pred[int(y), int(x)]
+    assert corrective_point(m, m) is None
+
+
+def test_training_reduces_the_loss(tmp_path):
+    out = train(tiny_model(), DATA, epochs=4, project=tmp_path, name="run", **FAST)
+    losses = [h["loss"] for h in out["history"]]
+    assert len(losses) == 4 and out["steps"] == 12
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_checkpoint_reloads_bit_identically_and_in_meta(tmp_path):
+    out = train(tiny_model(), DATA, epochs=1, project=tmp_path, name="run", click_rounds=0, **FAST)
+    trained = out["model"].state_dict()
+    sd = torch.load(out["last"], weights_only=True)
+    assert set(sd) == set(trained) and all(isinstance(v, torch.Tensor) for v in sd.values())  # a plain state dict
+    assert all(torch.equal(sd[k], trained[k]) for k in sd)
+    model = SAM(out["last"])
+    assert all(torch.equal(v, trained[k]) for k, v in model.model.state_dict().items())
+    assert torch.load(out["best"], weights_only=True).keys() == sd.keys()
+    # Meta's Sam of the same architecture takes the file as it is and gives the same masks.
+    pytest.importorskip("segment_anything")
+    ref = meta_twin(model.model, model.config)
+    ref.load_state_dict(sd, strict=True)
+    x = torch.randn(1, 3, 128, 128)
+    box = torch.tensor([[10.0, 20.0, 90.0, 100.0]])
+    with torch.no_grad():
+        ours = model.model.decode(model.model.encode_image(x), boxes=box, multimask_output=True)
+        emb = ref.image_encoder(x)
+        sparse, dense = ref.prompt_encoder(points=None, boxes=box, masks=None)
+        theirs = ref.mask_decoder(emb, ref.prompt_encoder.get_dense_pe(), sparse, dense, True)
+    torch.testing.assert_close(ours[0], theirs[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours[1], theirs[1], atol=1e-4, rtol=0)
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = train(tiny_model(), DATA, epochs=2, project=tmp_path, name="straight", **FAST)
+
+    def stop(epoch, record):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model(), DATA, epochs=2, project=tmp_path, name="cut", on_epoch_end=stop, **FAST)
+    state = torch.load(tmp_path / "cut" / "last_state.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["step"] == 3
+    resumed = train(tiny_model(seed=5), DATA, epochs=2, project=tmp_path, name="cut",
+                    resume=str(tmp_path / "cut" / "last.pt"), **FAST)
+    assert resumed["steps"] == 6 and [h["epoch"] for h in resumed["history"]] == [1, 2]
+    a, b = straight["model"].state_dict(), resumed["model"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_val_oracle_perfect_and_empty(tmp_path):
+    data = SyntheticDataset(3, seed=4, size=96)
+    perfect = val(data=data, runner=OracleRunner("perfect"), verbose=False)
+    empty = val(data=data, runner=OracleRunner("empty"), verbose=False, save_json=tmp_path / "v.json")
+    for key in ("box", "point_best3", "point_auto", "point_single", "points_3"):
+        assert perfect[key] == pytest.approx(1.0)
+        assert empty[key] == pytest.approx(0.0)
+    assert perfect["instances"] == sum(len(s.masks) for s in data)
+    assert json.loads((tmp_path / "v.json").read_text())["box"] == 0.0
+
+
+def test_val_of_a_model(tmp_path, capsys):
+    res = val(tiny_model(), SyntheticDataset(2, seed=4, size=96), max_instances=2)
+    assert 0.0 <= res["box"] <= 1.0 and res["instances"] <= 4
+    assert "point_best3" in capsys.readouterr().out
+
+
+def test_sam_train_and_val_methods(tmp_path):
+    path = tmp_path / "tiny.pt"
+    torch.save(tiny_model().state_dict(), path)
+    model = SAM(str(path))
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    out = model.train(data=DATA, epochs=1, project=tmp_path, name="m", trainable="decoder", batch=2, verbose=False)
+    after = model.model.state_dict()
+    changed = {k.split(".")[0] for k in after if not torch.equal(before[k], after[k])}
+    assert changed == {"mask_decoder"}  # trainable="decoder" froze the rest
+    assert model.val(data=SyntheticDataset(1, seed=3, size=96), verbose=False)["images"] == 1
+    assert (tmp_path / "m" / "last.pt").is_file() and out["epochs"] == 1
+
+
+def test_cli_train_and_val(tmp_path, capsys):
+    from segany.data import write_synthetic
+
+    data = write_synthetic(tmp_path / "d", n=2, seed=0, size=96, format="yolo")
+    path = tmp_path / "tiny.pt"
+    torch.save(tiny_model().state_dict(), path)
+    rc = main(["train", f"model={path}", f"data={data}", "epochs=1", "batch=2", f"project={tmp_path}",
+               "name=cli", "verbose=false"])
+    assert rc == 0 and (tmp_path / "cli" / "last.pt").is_file()
+    rc = main(["val", f"model={tmp_path / 'cli' / 'last.pt'}", f"data={data}", f"save_json={tmp_path / 'v.json'}",
+               "kinds=box,point"])
+    assert rc == 0 and "box" in json.loads((tmp_path / "v.json").read_text())
+    assert main(["train", "epochs=1"]) == 2  # no data: usage error
+    assert "trainable" in (main(["train", "--help"]) or capsys.readouterr().out)
