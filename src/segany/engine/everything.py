@@ -1,14 +1,247 @@
-"""Segment everything (automatic mask generation)."""
+"""Segment everything (automatic mask generation, SPEC §5): Meta's ``SamAutomaticMaskGenerator``.
+
+The algorithm and its numerics are Meta's: a grid of single-point prompts per crop (layer 0 is
+the whole image, layer ``i`` has ``4**i`` overlapping crops cut from the full-resolution
+original), three masks per point, predicted-IoU and stability filters (a threshold ``<= 0``
+turns a filter off), removal of crop masks touching an inner crop edge, box NMS within each
+crop and across crops (smaller crops preferred), then optional hole/island clean-up with a
+last NMS that prefers untouched masks. Memory is bounded by the batch size: masks are kept as
+run-length codes from the moment they are thresholded (see :mod:`.everything_ops`).
+
+Documented choices:
+
+- ``conf`` (the prompted-call score filter) does not apply here; the score filter is
+  ``conf_thres`` (Meta's ``pred_iou_thresh``), so masks are never filtered twice.
+- ``multimask_output`` does not apply: every point gives Meta's three masks.
+- ``point_grids`` wins over ``points_stride`` when both are set (``points_stride`` has a default).
+- Crops of zero width or height (tiny images with crop layers) are skipped; Meta fails on them.
+- ``Results.cls`` is the mask index ``0..N-1`` (as prompted calls number their prompts);
+  ``low_res_logits`` is ``None`` (crop masks have no logits in the image frame).
+- Every model family runs this (SAM 1) algorithm, SAM 2 included (``SAM2AutomaticMaskGenerator``'s
+  extras, e.g. mask-to-mask refinement, are not implemented).
+- Records' ``bbox`` is COCO's true width ``x2 - x1 + 1`` (Meta's is one pixel short), and
+  ``[0, 0, 0, 0]`` for an empty mask; ``segmentation`` is a compressed COCO RLE (str counts).
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
+import time
+from dataclasses import dataclass
 from typing import Any
 
-from ..errors import NotAvailableError
+import numpy as np
+import torch
+
+from ..config import META_ALIASES
+from ..errors import ConfigError
+from .amg_utils import (batched_mask_to_box, batched_nms, box_xyxy_to_xywh, build_all_layer_point_grids,
+                        generate_crop_boxes, remove_small_regions)
+from .device import autocast
+from .everything_ops import MaskSet, Upsampler, decode_rle, encode_counts, mask_to_counts, process_batch
+from .results import Results
+from .transforms import scale_coords
+
+_ALIAS_OF = {v: k for k, v in META_ALIASES.items()}
 
 
-def segment_everything(predictor, state, opts: dict[str, Any]):
-    raise NotAvailableError(
-        "segment-everything (a call with no prompts) is not available in this version yet; "
-        "pass bboxes=..., points=... or masks=..."
+@dataclass(frozen=True)
+class EverythingOptions:
+    """Validated segment-everything parameters (segany names; Meta's in brackets in the errors)."""
+
+    point_grids: list[np.ndarray]  # one (n, 2) grid in [0, 1]^2 per crop layer
+    points_batch_size: int
+    crop_n_layers: int
+    crop_overlap_ratio: float
+    conf_thres: float
+    stability_score_thresh: float
+    stability_score_offset: float
+    iou: float
+    crop_nms_thresh: float
+    min_mask_region_area: float
+
+
+def _name(key: str) -> str:
+    return f"{key} ({_ALIAS_OF[key]})" if key in _ALIAS_OF else key
+
+
+def _int(opts: dict[str, Any], key: str, lo: int) -> int:
+    v = opts[key]
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
+        raise ConfigError(f"{_name(key)} must be an integer >= {lo}, got {v!r}")
+    return int(v)
+
+
+def _real(opts: dict[str, Any], key: str, lo: float, hi: float, hi_open: bool = False) -> float:
+    v = opts[key]
+    ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok or not (lo <= v and (v < hi if hi_open else v <= hi)):
+        raise ConfigError(f"{_name(key)} must be a number in [{lo}, {hi}{')' if hi_open else ']'}, got {v!r}")
+    return float(v)
+
+
+def check_everything_options(opts: dict[str, Any]) -> EverythingOptions:
+    """Validate the segment-everything options; a bad value is a ConfigError naming it."""
+    n_layers = _int(opts, "crop_n_layers", 0)
+    grids = opts["point_grids"]
+    if grids is not None:
+        grids = _check_grids(grids, n_layers)
+    else:
+        if opts["points_stride"] is None:
+            raise ConfigError("points_stride (points_per_side) or point_grids must be given")
+        stride = _int(opts, "points_stride", 1)
+        factor = _int(opts, "crop_downscale_factor", 1)
+        try:
+            grids = build_all_layer_point_grids(stride, n_layers, factor)
+        except ValueError as e:
+            raise ConfigError(f"crop_downscale_factor (crop_n_points_downscale_factor): {e}") from None
+    return EverythingOptions(
+        point_grids=grids,
+        points_batch_size=_int(opts, "points_batch_size", 1),
+        crop_n_layers=n_layers,
+        crop_overlap_ratio=_real(opts, "crop_overlap_ratio", 0.0, 1.0, hi_open=True),
+        # Thresholds <= 0 turn a filter off (Meta), so any value up to 1 is meaningful.
+        conf_thres=_real(opts, "conf_thres", -math.inf, 1.0),
+        stability_score_thresh=_real(opts, "stability_score_thresh", -math.inf, 1.0),
+        stability_score_offset=_real(opts, "stability_score_offset", 0.0, math.inf),
+        iou=_real(opts, "iou", 0.0, 1.0),
+        crop_nms_thresh=_real(opts, "crop_nms_thresh", 0.0, 1.0),
+        min_mask_region_area=_real(opts, "min_mask_region_area", 0.0, math.inf),
     )
+
+
+def _check_grids(grids: Any, n_layers: int) -> list[np.ndarray]:
+    if isinstance(grids, np.ndarray) and grids.ndim == 2:
+        grids = [grids]
+    try:
+        out = [np.asarray(g, dtype=np.float64) for g in grids]
+    except (TypeError, ValueError):
+        raise ConfigError("point_grids must be a list of (n, 2) arrays of x, y in [0, 1], one per crop layer") from None
+    for i, g in enumerate(out):
+        if g.ndim != 2 or g.shape[1] != 2 or not np.isfinite(g).all() or ((g < 0) | (g > 1)).any():
+            raise ConfigError(f"point_grids[{i}] must be an (n, 2) array of x, y in [0, 1], got shape {g.shape}")
+    if len(out) < n_layers + 1:
+        raise ConfigError(f"point_grids has {len(out)} grid(s); crop_n_layers={n_layers} needs {n_layers + 1}")
+    return out
+
+
+def segment_everything(predictor, state, opts: dict[str, Any]) -> Results:
+    """All masks of the encoded image ``state`` (an ``ImageState``) as one :class:`Results`.
+
+    ``Results.masks`` ``(N, H, W)`` bool at the original size, ``scores`` the predicted IoU,
+    ``records`` the SA-1B dict of each mask. Masks come in Meta's order (NMS order).
+    """
+    p = check_everything_options(opts)
+    model = predictor._require_model()
+    half = bool(opts.get("half", False))
+    t_start = time.perf_counter()
+    h, w = state.original_size
+    crop_boxes, layer_idxs = generate_crop_boxes((h, w), p.crop_n_layers, p.crop_overlap_ratio)
+    found, timing = MaskSet(), {"preprocess": 0.0, "inference": 0.0}
+    for ci, (box, layer) in enumerate(zip(crop_boxes, layer_idxs)):
+        x0, y0, x1, y1 = box
+        if x1 <= x0 or y1 <= y0:
+            continue  # crop layers of a tiny image can produce empty crops
+        if layer == 0:
+            feats, input_size = state.features, state.input_size
+        else:
+            t0 = time.perf_counter()
+            (feats, input_size, prep_ms), = predictor.encode([state.orig_img[y0:y1, x0:x1]], half=half)
+            timing["preprocess"] += prep_ms
+            timing["inference"] += (time.perf_counter() - t0) * 1000 - prep_ms
+        _process_crop(model, feats, box, ci, input_size, (h, w), p.point_grids[layer], p, half,
+                      predictor.device, found, timing)
+    found = found.merged()
+    if len(crop_boxes) > 1 and len(found):
+        # Prefer masks from smaller crops (Meta: score = 1 / crop area).
+        areas = torch.tensor([(b[2] - b[0]) * (b[3] - b[1]) for b in crop_boxes])
+        scores = 1 / areas[found.crop[0]]
+        keep = batched_nms(found.boxes[0].float(), scores, torch.zeros(len(found)), p.crop_nms_thresh)
+        found = found.select(keep)
+    if p.min_mask_region_area > 0 and len(found):
+        found = _clean_small_regions(found, (h, w), p.min_mask_region_area, max(p.iou, p.crop_nms_thresh))
+    masks, records = _outputs(found, crop_boxes, (h, w))
+    total = (time.perf_counter() - t_start) * 1000
+    return Results(
+        orig_img=state.orig_img,
+        path=state.path,
+        masks=masks.to(predictor.device),
+        scores=found.iou[0],
+        cls=torch.arange(len(found)),
+        speed=dict(preprocess=state.preprocess_ms + timing["preprocess"],
+                   inference=state.encode_ms + timing["inference"],
+                   postprocess=total - timing["preprocess"] - timing["inference"]),
+        records=records,
+    )
+
+
+def _process_crop(model, feats, box, ci, input_size, orig_size, grid, p, half, device, found, timing) -> None:
+    """Decode the crop's point grid in batches; keep its masks that survive NMS within the crop."""
+    x0, y0, x1, y1 = box
+    crop_hw = (y1 - y0, x1 - x0)
+    pts_crop = grid * np.array([[crop_hw[1], crop_hw[0]]], dtype=np.float64)  # Meta's float64 points
+    pts_in = torch.as_tensor(scale_coords(pts_crop, crop_hw, input_size), dtype=torch.float32, device=device)
+    pts_crop_t = torch.from_numpy(pts_crop)
+    upsample = Upsampler(model, input_size, crop_hw)
+    crop_set = MaskSet()
+    with torch.inference_mode(), autocast(device, half):
+        for s in range(0, len(pts_crop), p.points_batch_size):
+            sl = slice(s, s + p.points_batch_size)
+            timing["inference"] += process_batch(model, feats, pts_in[sl], pts_crop_t[sl], list(box), ci,
+                                                 upsample, orig_size, p, crop_set)
+    crop_set = crop_set.merged()
+    if not len(crop_set):
+        return
+    keep = batched_nms(crop_set.boxes[0].float(), crop_set.iou[0], torch.zeros(len(crop_set)), p.iou)
+    crop_set = crop_set.select(keep)
+    found.add(crop_set.rles, crop_set.area[0], crop_set.boxes[0] + torch.tensor([x0, y0, x0, y0]), crop_set.iou[0],
+              crop_set.stability[0], crop_set.points[0] + torch.tensor([x0, y0], dtype=torch.float64),
+              crop_set.crop[0])
+
+
+def _clean_small_regions(found: MaskSet, size: tuple[int, int], min_area: float, nms_thresh: float) -> MaskSet:
+    """Meta's ``postprocess_small_regions``, one mask at a time: fill small holes, drop small
+    islands, then NMS on the new boxes preferring unchanged masks (score 1, changed 0)."""
+    h, w = size
+    boxes, area = found.boxes[0].clone(), found.area[0].clone()
+    rles, scores = list(found.rles), []
+    for i, rle in enumerate(found.rles):
+        mask = decode_rle(rle)
+        mask, changed_holes = remove_small_regions(mask, min_area, mode="holes")
+        mask, changed_islands = remove_small_regions(mask, min_area, mode="islands")
+        changed = changed_holes or changed_islands
+        scores.append(0.0 if changed else 1.0)
+        if changed:
+            mask = np.ascontiguousarray(mask)
+            boxes[i] = batched_mask_to_box(torch.from_numpy(mask)[None])[0]
+            counts = mask_to_counts(mask)
+            rles[i], area[i] = encode_counts(counts, size), int(counts[1::2].sum())
+    keep = batched_nms(boxes.float(), torch.tensor(scores), torch.zeros(len(boxes)), nms_thresh)
+    found = MaskSet(rles, [area], [boxes], found.iou, found.stability, found.points, found.crop)
+    return found.select(keep)
+
+
+def _outputs(found: MaskSet, crop_boxes: list[list[int]], size: tuple[int, int]) -> tuple[torch.Tensor, list[dict]]:
+    """Masks ``(N, H, W)`` bool decoded from the kept run-length codes, and the SA-1B records."""
+    h, w = size
+    masks = torch.zeros((len(found), h, w), dtype=torch.bool)
+    out = masks.numpy()
+    areas = found.area[0]
+    xywh = box_xyxy_to_xywh(found.boxes[0], empty=areas == 0).tolist()
+    iou, stab = found.iou[0].tolist(), found.stability[0].tolist()
+    points, crops, areas = found.points[0].tolist(), found.crop[0].tolist(), areas.tolist()
+    records = []
+    for i, rle in enumerate(found.rles):
+        out[i] = decode_rle(rle)
+        x0, y0, x1, y1 = crop_boxes[crops[i]]
+        records.append({
+            "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
+            "area": areas[i],
+            "bbox": xywh[i],
+            "predicted_iou": iou[i],
+            "point_coords": [points[i]],
+            "stability_score": stab[i],
+            "crop_box": [x0, y0, x1 - x0, y1 - y0],
+        })
+    return masks, records

@@ -127,7 +127,7 @@ class Predictor:
         self.image = self._encode_states([(name, img)], half=bool(self.args["half"]))[0]
 
     def get_image_embedding(self) -> torch.Tensor:
-        """The current image embedding ``(1, C, h, w)``."""
+        """The current image embedding ``(1, C, h, w)``; for SAM 2 a dict of the feature levels."""
         return self._require_image().features
 
     def reset_image(self) -> None:
@@ -181,6 +181,10 @@ class Predictor:
         multimask = bool(opts["multimask_output"] if multimask_output is None else multimask_output)
         prompts = dict(bboxes=bboxes, points=points, labels=labels, masks=masks)
         has_prompt = any(v is not None for v in prompts.values())
+        if not has_prompt:  # bad segment-everything options fail before any image is encoded
+            from .everything import check_everything_options
+
+            check_everything_options(opts)
         if source is None:
             state = self._require_image()
             gen = iter([self._run(state, prompts, has_prompt, multimask, opts)])
