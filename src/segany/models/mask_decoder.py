@@ -65,25 +65,35 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All ``num_mask_tokens`` masks ``(B, T, 4h, 4w)`` and IoU predictions ``(B, T)``."""
-        n_prompts = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        output_tokens = output_tokens.unsqueeze(0).expand(n_prompts, -1, -1)
-        tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
+        hs, src = self._attend(output_tokens, image_embeddings, image_pe, sparse_prompt_embeddings,
+                               dense_prompt_embeddings)
+        masks = self._masks_from_tokens(hs[:, 1 : 1 + self.num_mask_tokens, :], self.output_upscaling(src))
+        return masks, self.iou_prediction_head(hs[:, 0, :])
 
-        src = image_embeddings + dense_prompt_embeddings  # broadcasts a shared embedding
+    def _attend(
+        self,
+        output_tokens: torch.Tensor,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output tokens ``(T, C)`` + prompts through the two-way transformer → tokens ``(B, T + N, C)``
+        and image features ``(B, C, h, w)``. A batch-1 image embedding is shared, not copied per prompt."""
+        n_prompts = sparse_prompt_embeddings.shape[0]
+        tokens = torch.cat((output_tokens.unsqueeze(0).expand(n_prompts, -1, -1), sparse_prompt_embeddings), dim=1)
+        src = image_embeddings + dense_prompt_embeddings
         if src.shape[0] != n_prompts:
             src = src.expand(n_prompts, -1, -1, -1)
-        pos_src = image_pe.expand(n_prompts, -1, -1, -1)
         b, c, h, w = src.shape
+        hs, src = self.transformer(src, image_pe.expand(n_prompts, -1, -1, -1), tokens)
+        return hs, src.transpose(1, 2).reshape(b, c, h, w)
 
-        hs, src = self.transformer(src, pos_src, tokens)
-        iou_token_out = hs[:, 0, :]
-        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
-
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+    def _masks_from_tokens(self, mask_tokens_out: torch.Tensor, upscaled: torch.Tensor) -> torch.Tensor:
+        """Mask tokens ``(B, T, C)`` × upscaled features ``(B, C', H, W)`` → mask logits ``(B, T, H, W)``."""
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
         )
         b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
-        return masks, self.iou_prediction_head(iou_token_out)
+        return (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)

@@ -132,25 +132,15 @@ class Sam2MaskDecoder(MaskDecoder):
         high_res_features: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """All masks ``(B, T, 4h, 4w)``, IoU ``(B, T)``, mask tokens ``(B, T, C)``, object logits ``(B, 1)``."""
-        n_prompts = sparse_prompt_embeddings.shape[0]
         heads = [self.iou_token.weight, self.mask_tokens.weight]
         if self.pred_obj_scores:
             heads.insert(0, self.obj_score_token.weight)
         s = 1 if self.pred_obj_scores else 0  # index of the IoU token
-        output_tokens = torch.cat(heads, dim=0).unsqueeze(0).expand(n_prompts, -1, -1)
-        tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
-
-        src = image_embeddings + dense_prompt_embeddings  # broadcasts a shared embedding
-        if src.shape[0] != n_prompts:
-            src = src.expand(n_prompts, -1, -1, -1)
-        pos_src = image_pe.expand(n_prompts, -1, -1, -1)
-        b, c, h, w = src.shape
-
-        hs, src = self.transformer(src, pos_src, tokens)
+        hs, src = self._attend(torch.cat(heads, dim=0), image_embeddings, image_pe, sparse_prompt_embeddings,
+                               dense_prompt_embeddings)
         iou_token_out = hs[:, s, :]
         mask_tokens_out = hs[:, s + 1 : s + 1 + self.num_mask_tokens, :]
 
-        src = src.transpose(1, 2).reshape(b, c, h, w)
         if self.use_high_res_features:
             if high_res_features is None:
                 raise ValueError("this decoder needs the high-resolution features (feat_s0, feat_s1)")
@@ -160,11 +150,7 @@ class Sam2MaskDecoder(MaskDecoder):
             upscaled = act2(dc2(upscaled) + feat_s0)
         else:
             upscaled = self.output_upscaling(src)
-        hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
-        )
-        b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+        masks = self._masks_from_tokens(mask_tokens_out, upscaled)
 
         iou_pred = self.iou_prediction_head(iou_token_out)
         if self.pred_obj_scores:
