@@ -45,6 +45,8 @@ class PromptEncoder(nn.Module):
     Point labels: 1 positive, 0 negative, -1 padding; 2 and 3 are the box corners.
     """
 
+    point_labels = 2  # point labels that get an embedding in _embed_points (SAM: 0 and 1)
+
     def __init__(
         self,
         embed_dim: int,
@@ -84,8 +86,8 @@ class PromptEncoder(nn.Module):
         emb = self.pe_layer.forward_with_coords(points, self.input_image_size)
         labels = labels[..., None]
         emb = torch.where(labels == -1, self.not_a_point_embed.weight.expand_as(emb), emb)
-        emb = emb + (labels == 0) * self.point_embeddings[0].weight
-        emb = emb + (labels == 1) * self.point_embeddings[1].weight
+        for label in range(self.point_labels):
+            emb = emb + (labels == label) * self.point_embeddings[label].weight
         return emb
 
     def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:

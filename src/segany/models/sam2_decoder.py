@@ -23,18 +23,7 @@ from .transformer import TwoWayTransformer
 class Sam2PromptEncoder(PromptEncoder):
     """SAM's prompt encoder; point labels 2/3 (box corners) get the corner embeddings too."""
 
-    def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
-        """``(B, N, 2)`` points, ``(B, N)`` labels (-1 pad, 0 neg, 1 pos, 2/3 box corners) → ``(B, N (+1), C)``."""
-        points = points + 0.5  # to the pixel centre
-        if pad:
-            points = torch.cat([points, points.new_zeros(points.shape[0], 1, 2)], dim=1)
-            labels = torch.cat([labels, -labels.new_ones(labels.shape[0], 1)], dim=1)
-        emb = self.pe_layer.forward_with_coords(points, self.input_image_size)
-        labels = labels[..., None]
-        emb = torch.where(labels == -1, self.not_a_point_embed.weight.expand_as(emb), emb)
-        for label, table in enumerate(self.point_embeddings):
-            emb = torch.where(labels == label, emb + table.weight, emb)
-        return emb
+    point_labels = 4  # boxes enter SAM 2 as two corner points labelled 2 and 3
 
 
 def sam2_two_way_transformer(depth: int = 2, embedding_dim: int = 256, num_heads: int = 8,
