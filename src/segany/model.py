@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,13 +20,9 @@ class SAM:
     """
 
     def __init__(self, model: str | os.PathLike = "sam_b.pt", device: str = "") -> None:
-        from .checkpoints import load_model
-        from .hub import resolve_weights
-
-        self.ckpt_path = str(resolve_weights(model))
-        net, self.config = load_model(self.ckpt_path, name=Path(str(model)).stem)
-        self.predictor = Predictor(overrides=dict(device=device), model=net, config=self.config)
-        self.predictor.args["model"] = self.ckpt_path
+        self.predictor = Predictor(overrides=dict(model=model, device=device))
+        self.ckpt_path: str = self.predictor.args["model"]  # the resolved file
+        self.config = self.predictor.model_config
 
     @property
     def model(self) -> nn.Module:

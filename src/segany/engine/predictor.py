@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..config import DEFAULTS, EVERYTHING_DEFAULTS, check_options
+from ..config import DEFAULTS, check_options
 from ..errors import ConfigError, PromptError, SegAnyError
 from ..models.registry import ModelConfig
 from .device import autocast, select_device
@@ -70,8 +70,10 @@ class Predictor:
         from ..checkpoints import load_model
         from ..hub import resolve_weights
 
-        net, config = load_model(resolve_weights(model), name=Path(str(model)).stem)
+        path = resolve_weights(model)
+        net, config = load_model(path, name=Path(str(model)).stem)
         self._use_model(net, config)
+        self.args["model"] = str(path)
 
     def _use_model(self, model: nn.Module, config: ModelConfig | None) -> None:
         self.model = model.to(self.device).eval()
@@ -306,8 +308,3 @@ def _features_to(feats, device: torch.device):
     if isinstance(feats, dict):
         return {k: v.to(device) for k, v in feats.items()}
     return feats.to(device)
-
-
-def everything_options(opts: dict[str, Any]) -> dict[str, Any]:
-    """The segment-everything subset of ``opts``."""
-    return {k: opts[k] for k in EVERYTHING_DEFAULTS}
