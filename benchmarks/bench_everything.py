@@ -82,12 +82,20 @@ def child(args) -> None:
     params = _meta_params(args)
     enc = {"t": 0.0}
 
+    cuda = args.device == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
     def timed(fn):
         def wrapper(*a, **k):
+            sync()
             t0 = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
+                sync()
                 enc["t"] += time.perf_counter() - t0
         return wrapper
 
@@ -98,7 +106,7 @@ def child(args) -> None:
         model = build_model(_config(args))
         model.load_state_dict(state)
         del state
-        pred = Predictor(overrides=dict(device="cpu"), model=model)
+        pred = Predictor(overrides=dict(device=args.device), model=model)
         pred.encode = timed(pred.encode)
 
         def generate() -> int:
@@ -109,6 +117,7 @@ def child(args) -> None:
 
         model = meta_sam(_config(args))
         model.load_state_dict(state)
+        model.to(args.device)
         del state
         gen = SamAutomaticMaskGenerator(model, **params)
         gen.predictor.set_image = timed(gen.predictor.set_image)
@@ -124,9 +133,17 @@ def child(args) -> None:
         enc["t"] = 0.0
         t0 = time.perf_counter()
         n = generate()
+        sync()
         total = time.perf_counter() - t0
         print(json.dumps({"total": total, "post": total - enc["t"], "n": n}), flush=True)
-    print(json.dumps({"maxrss_mb": _maxrss_mb()}), flush=True)
+    gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    print(json.dumps({"maxrss_mb": _maxrss_mb(), "gpu_mb": gpu_mb}), flush=True)
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)"
 
 
 def _maxrss_mb() -> float:
@@ -176,32 +193,36 @@ def parent(args, passthrough: list[str]) -> None:
                           file=sys.stderr, flush=True)
                     if i >= args.warmup:
                         runs[side].append(r)
-            peak = {}
+            peak, gpu = {}, {}
             for side, p in procs.items():
                 p.stdin.write("quit\n")
                 p.stdin.flush()
-                peak[side] = _read(p)["maxrss_mb"]
+                last = _read(p)
+                peak[side], gpu[side] = last["maxrss_mb"], last["gpu_mb"]
                 p.wait()
         finally:
             for p in procs.values():
                 if p.poll() is None:
                     p.kill()
-    _report(args, cfg, runs, base, peak)
+    _report(args, cfg, runs, base, peak, gpu)
 
 
-def _report(args, cfg, runs, base, peak) -> None:
+def _report(args, cfg, runs, base, peak, gpu) -> None:
     med = {s: {k: statistics.median(r[k] for r in runs[s]) for k in ("total", "post")} for s in runs}
     n = {s: sorted({r["n"] for r in runs[s]}) for s in runs}
     print(f"\nsegment everything: {cfg.name}, image {args.size[0]}x{args.size[1]}, "
           f"{json.dumps(_meta_params(args))}, weights {'smooth' if args.smooth else 'random'}, "
           f"median of {args.repeats} interleaved runs after {args.warmup} warm-up, torch threads "
-          f"{args.threads or 'default'}")
+          f"{args.threads or 'default'}, device {_device_name(args.device)}")
     print(f"{'':8s} {'total s':>10s} {'post s':>10s} {'peak RSS MiB':>13s} {'RSS after load':>15s} {'masks':>8s}")
     for s in ("ours", "meta"):
         print(f"{s:8s} {med[s]['total']:10.2f} {med[s]['post']:10.2f} {peak[s]:13.0f} {base[s]:15.0f} "
               f"{','.join(map(str, n[s])):>8s}")
     print(f"{'ratio':8s} {med['ours']['total'] / med['meta']['total']:10.2f} "
           f"{med['ours']['post'] / med['meta']['post']:10.2f} {peak['ours'] / peak['meta']:13.2f}")
+    if args.device == "cuda":
+        print(f"peak GPU memory MiB: ours {gpu['ours']:.0f}, meta {gpu['meta']:.0f}, "
+              f"ratio {gpu['ours'] / gpu['meta']:.2f}")
     print("targets: total <= 0.6, post <= 0.3, peak RSS <= 1.0")
     print("reproduce: python " + " ".join([os.path.relpath(__file__, ROOT), *sys.argv[1:]]))
 
@@ -223,6 +244,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch threads in each child (0: torch's default)")
     ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="both sides run here")
     ap.add_argument("--child", choices=("ours", "meta"), help=argparse.SUPPRESS)
     ap.add_argument("--weights", help=argparse.SUPPRESS)
     ap.add_argument("--image", help=argparse.SUPPRESS)

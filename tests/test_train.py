@@ -16,7 +16,8 @@ from segany.models import ModelConfig, build_model
 from segany.models.registry import SAM_DECODER
 from segany.train import OracleRunner, train, val
 from segany.train.losses import sam_loss
-from segany.train.prompts_sim import center_point, corrective_point, noisy_box, random_point
+from segany.train.prompts_sim import (center_point, corrective_point, corrective_points, mask_boxes,
+                                     noisy_boxes, random_points)
 
 from conftest import meta_twin
 
@@ -55,21 +56,32 @@ def test_loss_prefers_the_best_candidate():
 
 
 def test_simulated_prompts_stay_on_the_mask():
-    rng = np.random.default_rng(0)
-    m = np.zeros((50, 60), bool)
-    m[10:30, 20:50] = True
-    x1, y1, x2, y2 = noisy_box(m, rng)
-    assert 0 <= x1 < x2 <= 59 and 0 <= y1 < y2 <= 49
-    for _ in range(20):
-        x, y = random_point(m, rng)
-        assert m[int(y), int(x)]
-    cx, cy = center_point(m)  # a 20-pixel-high bar: any point of its middle row is most interior
+    g = torch.Generator().manual_seed(0)
+    m = torch.zeros(2, 50, 60, dtype=torch.bool)
+    m[0, 10:30, 20:50] = True
+    m[1, 5:8, 2:4] = True
+    assert mask_boxes(m).tolist() == [[20, 10, 49, 29], [2, 5, 3, 7]]
+    for _ in range(10):
+        boxes = noisy_boxes(m, g)
+        assert (boxes[:, :2] <= boxes[:, 2:]).all() and (boxes >= 0).all() and (boxes[:, 0::2] <= 59).all()
+        assert (boxes[:, 1::2] <= 49).all() and (boxes[0] - torch.tensor([20, 10, 49, 29])).abs().max() <= 20
+        xy = random_points(m, g)
+        assert m[torch.arange(2), xy[:, 1].long(), xy[:, 0].long()].all()
+    cx, cy = center_point(m[0].numpy())  # a 20-pixel-high bar: any point of its middle row is most interior
     assert cy == pytest.approx(20, abs=1) and 29 <= cx <= 41
-    pred = np.zeros_like(m)
-    pred[10:30, 20:35] = True  # misses the right half: the click is positive, in the miss
-    (x, y), label = corrective_point(pred, m)
-    assert label == 1 and m[int(y), int(x)] and not pred[int(y), int(x)]
-    assert corrective_point(m, m) is None
+    pred = m.clone()
+    pred[0, :, 35:] = False  # misses the right half: the click is positive, in the miss
+    pred[1, 20:30, 20:30] = True  # a false positive larger than any miss: a negative click in it
+    for _ in range(5):
+        xy, labels = corrective_points(pred, m, g)
+        x, y = xy[:, 0].long(), xy[:, 1].long()
+        assert labels.tolist() == [1, 0]
+        assert m[0, y[0], x[0]] and not pred[0, y[0], x[0]] and pred[1, y[1], x[1]] and not m[1, y[1], x[1]]
+    xy, labels = corrective_points(m, m, g)  # nothing to fix: a positive click on the object
+    assert labels.tolist() == [1, 1] and m[torch.arange(2), xy[:, 1].long(), xy[:, 0].long()].all()
+    (x, y), label = corrective_point(pred[0].numpy(), m[0].numpy())
+    assert label == 1 and m[0, int(y), int(x)] and not pred[0, int(y), int(x)]
+    assert corrective_point(m[0].numpy(), m[0].numpy()) is None
 
 
 def test_training_reduces_the_loss(tmp_path):

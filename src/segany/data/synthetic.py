@@ -124,10 +124,13 @@ def make_sample(seed: int, size: int | tuple[int, int] = 256, max_objects: int =
         cv2.fillPoly(m, [np.round(poly * 4).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=2)
         if m.sum() < min_area:
             continue
-        fill = texture(rng, h, w, photos)
+        # The object's texture covers only its bounding box: most of the cost of a sample.
+        x, y, bw, bh = cv2.boundingRect(m)
+        fill = texture(rng, bh, bw, photos)
         if rng.random() < 0.7:  # mostly flat-ish objects: pull the texture towards one colour for contrast
             fill = 0.5 * fill + 0.5 * _colour(rng)
-        canvas[m.astype(bool)] = fill[m.astype(bool)]
+        inside = m[y : y + bh, x : x + bw].astype(bool)
+        canvas[y : y + bh, x : x + bw][inside] = fill[inside]
         full_masks.append(m.astype(bool))
         classes.append(kind_id)
     # Visible part of each object: what no later object covers.

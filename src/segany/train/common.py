@@ -1,5 +1,4 @@
-"""What training and validation share: resolving ``model=``, bringing samples into the model's
-input frame, atomic checkpoint writes."""
+"""What training and validation share: resolving ``model=``, atomic checkpoint writes, run folders."""
 
 from __future__ import annotations
 
@@ -7,14 +6,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from ..data.datasets import Sample
 from ..errors import ConfigError
-from ..engine.transforms import image_to_tensor
 from ..models.registry import ModelConfig
 
 
@@ -50,26 +45,6 @@ def resolve_model(model: Any, imgsz: int | None = None) -> tuple[nn.Module, Mode
         raise ConfigError(f"imgsz={imgsz} differs from the checkpoint's input size {net.img_size}; "
                          "a checkpoint trains at its own size")
     return net, config
-
-
-def prepare(model: nn.Module, sample: Sample, device: torch.device, flip: bool = False
-            ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-    """A sample in the model's input frame: normalised padded image ``(1, 3, S, S)``, masks
-    ``(N, S, S)`` bool resized like the image and zero-padded, and the unpadded size ``(h', w')``."""
-    image, masks = sample.image, sample.masks
-    if flip:  # horizontal flip: the cheapest augmentation that keeps every mask valid
-        image, masks = image[:, ::-1], masks[:, :, ::-1]
-    h, w = image.shape[:2]
-    size = model.input_size(h, w)
-    x = model.preprocess(image_to_tensor(np.ascontiguousarray(image), size, device))
-    m = torch.from_numpy(np.ascontiguousarray(masks)).to(device)[:, None].float()
-    if len(m):
-        m = F.interpolate(m, size, mode="bilinear", align_corners=False)
-    else:
-        m = m.new_zeros((0, 1, *size))
-    s = model.img_size
-    m = F.pad(m[:, 0] > 0.5, (0, s - size[1], 0, s - size[0]))
-    return x, m, size
 
 
 def atomic_save(obj: Any, path: Path) -> None:

@@ -17,6 +17,7 @@ epoch draws its randomness from ``(seed, epoch)``, so a resumed run equals an un
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -29,9 +30,10 @@ from ..checkpoints import read_state_dict
 from ..data.datasets import load_dataset
 from ..engine.device import select_device
 from ..errors import ConfigError
-from .common import atomic_save, next_run_dir, prepare, resolve_model
+from .common import atomic_save, next_run_dir, resolve_model
 from .losses import sam_loss
-from .prompts_sim import corrective_point, noisy_box, random_point
+from .batch import InputFrameSamples, batch_prompts, pad_mask
+from .prompts_sim import corrective_points, noisy_boxes, random_points
 
 TRAINABLE = {"decoder": ("mask_decoder",), "prompt+decoder": ("prompt_encoder", "mask_decoder"),
              "all": ("image_encoder", "prompt_encoder", "mask_decoder")}
@@ -69,49 +71,52 @@ def _decode_loss(model, emb, gt, boxes, points, labels, multimask, mask_in=None)
     return loss, parts, logits[rows, best][:, None].detach().float(), up[rows, best].detach() > 0
 
 
-def image_loss(model: nn.Module, emb: torch.Tensor, masks: torch.Tensor, rng: np.random.Generator,
-               max_instances: int, click_rounds: int, box_prob: float, loss_size: int
-               ) -> tuple[torch.Tensor, dict[str, float]] | None:
-    """Loss of one image's prompts: ``emb`` ``(1, C, h, w)``, ``masks`` ``(N, S, S)`` in the input frame."""
-    keep = [i for i in range(len(masks)) if masks[i].any()]
-    if not keep:
-        return None
-    idx = rng.permutation(keep)[:max_instances]
-    gt_full = masks[torch.as_tensor(idx, device=masks.device)]
-    gt_np = gt_full.cpu().numpy()
+def batch_loss(model: nn.Module, emb: torch.Tensor, masks: torch.Tensor, image_index: torch.Tensor,
+               generator: torch.Generator, click_rounds: int, box_prob: float, loss_size: int
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss of one batch's prompts: ``emb`` ``(B, C, h, w)``, ``masks`` ``(P, S, S)`` in the input
+    frame, one per prompted instance, ``image_index`` ``(P,)`` the image of each.
+
+    Each instance gets a noisy box (one output) or, with probability ``1 - box_prob``, a random
+    inside point (3 outputs, the loss takes the best: a lone point is ambiguous), then
+    ``click_rounds`` corrective clicks with the previous low-res logits as the mask prompt. All
+    prompts of a kind go through the decoder together. Returns the mean loss over prompts and
+    rounds and the first round's loss parts.
+    """
+    dev, n = masks.device, len(masks)
     # Loss at a bounded resolution: a 1024 model is judged on 256×256, like its low-res logits.
-    gt = nn.functional.interpolate(gt_full[:, None].float(), (loss_size, loss_size), mode="area")[:, 0] > 0.5
-    dev = emb.device
-    use_box = rng.random() < box_prob
-    boxes = points = labels = None
-    if use_box:
-        boxes = torch.as_tensor(np.stack([noisy_box(m, rng) for m in gt_np]), dtype=torch.float32, device=dev)
-    else:
-        points = torch.as_tensor(np.stack([random_point(m, rng) for m in gt_np])[:, None], dtype=torch.float32,
-                                 device=dev)
-        labels = torch.ones(points.shape[:2], dtype=torch.int64, device=dev)
-    # A lone point is ambiguous: 3 candidates, the loss takes the best (SAM paper).
-    loss, parts, prev_logits, prev_mask = _decode_loss(model, emb, gt, boxes, points, labels, multimask=not use_box)
-    total, n = loss, 1
-    scale = gt_np.shape[-1] / loss_size
-    for _ in range(click_rounds):
-        pred_np = prev_mask.cpu().numpy()
-        gt_small = gt.cpu().numpy()
-        new_pts, new_lab = [], []
-        for k in range(len(idx)):
-            c = corrective_point(pred_np[k], gt_small[k], rng)
-            if c is None:  # already perfect: repeat a positive point (a no-op click)
-                c = (random_point(gt_small[k], rng), 1)
-            new_pts.append(c[0] * scale)
-            new_lab.append(c[1])
-        p = torch.as_tensor(np.stack(new_pts)[:, None], dtype=torch.float32, device=dev)
-        lab = torch.as_tensor(new_lab, dtype=torch.int64, device=dev)[:, None]
-        points = p if points is None else torch.cat([points, p], 1)
-        labels = lab if labels is None else torch.cat([labels, lab], 1)
-        loss, _, prev_logits, prev_mask = _decode_loss(model, emb, gt, boxes, points, labels, False,
-                                                       mask_in=prev_logits)
-        total, n = total + loss, n + 1
-    return total / n, {k: float(v) for k, v in parts.items()}
+    gt = nn.functional.interpolate(masks[:, None].float(), (loss_size, loss_size), mode="area")[:, 0] > 0.5
+    scale = masks.shape[-1] / loss_size
+    use_box = torch.rand(n, generator=generator, device=dev) < box_prob
+    total = torch.zeros((), device=dev)
+    parts_sum: dict[str, torch.Tensor] = {}
+    for box_group in (True, False):
+        idx = torch.nonzero(use_box == box_group).flatten()
+        if len(idx) == 0:
+            continue
+        m, target, e = masks[idx], gt[idx], emb[image_index[idx]]
+        boxes = points = labels = None
+        if box_group:
+            boxes = noisy_boxes(m, generator)
+        else:
+            points = random_points(m, generator)[:, None]
+            labels = torch.ones(points.shape[:2], dtype=torch.int64, device=dev)
+        loss, parts, prev_logits, prev_mask = _decode_loss(model, e, target, boxes, points, labels,
+                                                           multimask=not box_group)
+        group_total = loss
+        for _ in range(click_rounds):
+            p, lab = corrective_points(prev_mask, target, generator)
+            p, lab = (p * scale)[:, None], lab[:, None]
+            points = p if points is None else torch.cat([points, p], 1)
+            labels = lab if labels is None else torch.cat([labels, lab], 1)
+            loss, _, prev_logits, prev_mask = _decode_loss(model, e, target, boxes, points, labels, False,
+                                                           mask_in=prev_logits)
+            group_total = group_total + loss
+        weight = len(idx) / n
+        total = total + weight * group_total / (1 + click_rounds)
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0) + weight * v
+    return total, parts_sum
 
 
 def train(model: Any, data: Any, epochs: int = 10, batch: int = 2, lr: float = 1e-4, imgsz: int | None = None,
@@ -119,7 +124,7 @@ def train(model: Any, data: Any, epochs: int = 10, batch: int = 2, lr: float = 1
           click_rounds: int = 1, box_prob: float = 0.5, grad_clip: float = 1.0, amp: bool = True,
           device: str = "", seed: int = 0, val_data: Any = None, val_max_images: int | None = 50,
           project: str = "runs/train", name: str = "exp", exist_ok: bool = False, resume: bool | str = False,
-          verbose: bool = True, threads: int | None = None,
+          verbose: bool = True, threads: int | None = None, workers: int | None = None,
           on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Fine-tune ``model`` (a registry architecture name for fresh weights, a checkpoint, a
     :class:`segany.SAM` or an ``nn.Module``) on ``data`` (see :func:`segany.data.load_dataset`).
@@ -166,31 +171,33 @@ def train(model: Any, data: Any, epochs: int = 10, batch: int = 2, lr: float = 1
                 weight_decay=weight_decay, warmup=warmup, max_instances=max_instances, click_rounds=click_rounds,
                 box_prob=box_prob, grad_clip=grad_clip, data=str(data), model=str(model) if isinstance(model, str)
                 else config.name)
+    if workers is None:  # the GPU would wait on one process making samples; 2 CPU cores would not
+        workers = min(8, max(1, (os.cpu_count() or 1) - 1)) if dev.type == "cuda" else 0
+    mean, std = net.pixel_mean.view(1, 3, 1, 1), net.pixel_std.view(1, 3, 1, 1)
     for epoch in range(start_epoch, epochs):
         net.train()
-        rng = np.random.default_rng([seed, epoch])
-        order = rng.permutation(len(ds))
-        bar = _progress(range(steps_per_epoch), f"epoch {epoch + 1}/{epochs}", verbose)
+        order = np.random.default_rng([seed, epoch]).permutation(len(ds)).tolist()
+        generator = torch.Generator(dev)
+        generator.manual_seed(seed * 1_000_003 + epoch)
+        samples = InputFrameSamples(ds, net.input_size, net.img_size, max_instances, seed, epoch)
+        loader = torch.utils.data.DataLoader(samples, batch_size=batch, sampler=order, num_workers=workers,
+                                             pin_memory=dev.type == "cuda", persistent_workers=False)
+        bar = _progress(loader, f"epoch {epoch + 1}/{epochs}", verbose)
         sums, count, t0 = {"loss": 0.0, "miou": 0.0}, 0, time.time()
         for b in bar:
-            samples = [ds[int(i)] for i in order[b * batch : (b + 1) * batch]]
-            prepared = [prepare(net, s, dev, flip=bool(rng.random() < 0.5)) for s in samples]
-            x = torch.cat([p[0] for p in prepared])
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                with torch.set_grad_enabled(train_encoder):
-                    emb = net.encode_image(x)
-                losses, parts = [], []
-                for j, (_, masks, _) in enumerate(prepared):
-                    out = image_loss(net, emb[j : j + 1], masks, rng, max_instances, click_rounds, box_prob,
-                                     loss_size)
-                    if out is not None:
-                        losses.append(out[0])
-                        parts.append(out[1])
-            if not losses:
+            b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
+            masks, image_index = batch_prompts(b)
+            if len(masks) == 0:
                 sched.step()
                 step += 1
                 continue
-            loss = torch.stack(losses).mean()
+            # Normalise, then zero the padding, as Sam.preprocess pads after normalising.
+            x = (b["image"].float() - mean) / std * pad_mask(b["size"], net.img_size)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                with torch.set_grad_enabled(train_encoder):
+                    emb = net.encode_image(x)
+                loss, parts = batch_loss(net, emb, masks, image_index, generator, click_rounds, box_prob,
+                                         loss_size)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip:
@@ -198,14 +205,16 @@ def train(model: Any, data: Any, epochs: int = 10, batch: int = 2, lr: float = 1
             opt.step()
             sched.step()
             step += 1
-            sums["loss"] += float(loss.detach())
-            sums["miou"] += float(np.mean([p["miou"] for p in parts]))
             count += 1
-            if verbose:
-                bar.set_postfix(loss=f"{sums['loss'] / count:.4f}", miou=f"{sums['miou'] / count:.3f}",
+            # Summed on the device: reading a value every step would make a GPU wait.
+            sums["loss"] = sums["loss"] + loss.detach()
+            sums["miou"] = sums["miou"] + parts["miou"]
+            if verbose and (count % 10 == 1 or dev.type == "cpu"):
+                bar.set_postfix(loss=f"{float(sums['loss']) / count:.4f}", miou=f"{float(sums['miou']) / count:.3f}",
                                 lr=f"{sched.get_last_lr()[0]:.2e}")
         record: dict[str, Any] = dict(epoch=epoch + 1, step=step, time_s=round(time.time() - t0, 2),
-                                      loss=sums["loss"] / max(count, 1), train_miou=sums["miou"] / max(count, 1))
+                                      loss=float(sums["loss"]) / max(count, 1),
+                                      train_miou=float(sums["miou"]) / max(count, 1))
         fitness = -record["loss"]
         if val_data is not None:
             from .validate import val
