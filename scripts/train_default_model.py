@@ -30,19 +30,10 @@ from pathlib import Path
 import torch
 
 from segany.data import SyntheticDataset
-from segany.models import ModelConfig, build_model
-from segany.models.registry import SAM_DECODER
+from segany.models import MODELS, build_model
 from segany.train import train, val
 
-DEFAULT_CONFIG = ModelConfig(
-    "segany_tiny", "sam_vit",
-    dict(
-        encoder=dict(img_size=256, patch_size=8, embed_dim=128, depth=6, num_heads=4, mlp_ratio=4.0,
-                     window_size=8, global_attn_indexes=(2, 5)),
-        **dict(SAM_DECODER, prompt_embed_dim=128, decoder_mlp_dim=512, iou_head_hidden_dim=128),
-    ),
-    description="segany tiny demo model (synthetic data)",
-)
+DEFAULT_CONFIG = MODELS["segany_tiny"]
 
 
 def run(a: argparse.Namespace, steps: int, epochs: int, out: Path, on_epoch_end=None) -> dict:

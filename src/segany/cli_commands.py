@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from .cli import UsageError, parse_options, split_args
+from .config import DEFAULT_MODEL
 
 # ---------------------------------------------------------------------------------------- info
 
-INFO_DEFAULTS: dict[str, Any] = dict(model="sam_b.pt", detailed=False, device="")
+INFO_DEFAULTS: dict[str, Any] = dict(model=DEFAULT_MODEL, detailed=False, device="")
 INFO_HELP = """\
 usage: segany info [model=sam_b.pt] [detailed=False] [device='']
 
@@ -152,7 +153,7 @@ def predict_defaults() -> dict[str, Any]:
 
     # task/mode are fixed for SAM; leaving them out also keeps 'modle' suggesting 'model'.
     options = {k: v for k, v in DEFAULTS.items() if k not in ("task", "mode")}
-    return {**options, "model": "sam_b.pt", "save": True, **PROMPT_DEFAULTS}
+    return {**options, "model": DEFAULT_MODEL, "save": True, **PROMPT_DEFAULTS}
 
 
 def predict_help() -> str:
@@ -275,7 +276,7 @@ def run_predict(tokens: list[str]) -> int:
 
     from .model import SAM
 
-    model = SAM(opts["model"] or "sam_b.pt", device=opts["device"])
+    model = SAM(opts["model"] or DEFAULT_MODEL, device=opts["device"])
     kwargs = {k: v for k, v in given.items() if k not in CLI_HANDLED}
     if out_dir is not None:
         try:

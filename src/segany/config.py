@@ -11,6 +11,10 @@ from typing import Any
 from .errors import ConfigError
 
 # Prediction options (Ultralytics names where the seed uses them).
+# Used wherever no model is named: the small demo model that ships inside the package, so a fresh
+# install segments offline (models/registry.py, "segany_tiny").
+DEFAULT_MODEL = "segany_tiny.pt"
+
 PREDICT_DEFAULTS: dict[str, Any] = dict(
     model=None,
     task="segment",

@@ -48,6 +48,17 @@ def _known_models() -> str:
     return "\n".join(lines)
 
 
+def bundled_path(filename: str) -> Path:
+    """A checkpoint shipped inside the package (``segany/assets``)."""
+    path = Path(__file__).resolve().parent / "assets" / filename
+    if not path.is_file():
+        raise CheckpointNotFoundError(
+            f"The bundled checkpoint {filename!r} is missing from this installation ({path}). "
+            "Reinstall segany (pip install --force-reinstall segany) or pass another model."
+        )
+    return path
+
+
 def resolve_weights(model: str | os.PathLike, download: bool = True, progress: bool = True) -> Path:
     """The local checkpoint file for a path or model name, downloading official weights if needed.
 
@@ -80,6 +91,8 @@ def resolve_weights(model: str | os.PathLike, download: bool = True, progress: b
             "To use your own checkpoint, pass its path, e.g. SAM('path/to/weights.pt'), "
             f"or copy it into {cache} (set ${ENV_VAR} to use another folder)."
         )
+    if cfg.bundled:
+        return bundled_path(cfg.bundled)
     if cfg.weights is None:
         target = cache / name
         raise CheckpointNotFoundError(

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import DEFAULT_MODEL
 from .engine.predictor import Predictor
 from .engine.profile import format_summary, layer_table, summarize
 
@@ -19,7 +20,7 @@ class SAM:
     >>> results = model("bus.jpg", bboxes=[439, 437, 524, 709])
     """
 
-    def __init__(self, model: str | os.PathLike = "sam_b.pt", device: str = "") -> None:
+    def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, device: str = "") -> None:
         self.predictor = Predictor(overrides=dict(model=model, device=device))
         self.ckpt_path: str = self.predictor.args["model"]  # the resolved file
         self.config = self.predictor.model_config

@@ -47,8 +47,9 @@ def summarize(model: nn.Module, config: ModelConfig | None, checkpoint: str | No
 
 def format_summary(s: dict[str, Any]) -> str:
     """One line, as Ultralytics prints it, with GFLOPs and the file size."""
-    return (f"{s['name']} summary: {s['layers']:,} layers, {s['parameters']:,} parameters, "
+    line = (f"{s['name']} summary: {s['layers']:,} layers, {s['parameters']:,} parameters, "
             f"{s['gradients']:,} gradients, {s['gflops']:.1f} GFLOPs, {s['size_mb']:.1f} MB")
+    return line + (f" - {s['description']}" if s.get("description") else "")
 
 
 def layer_table(model: nn.Module) -> str:

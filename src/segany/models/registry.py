@@ -41,6 +41,7 @@ class ModelConfig:
     weights: WeightsFile | None = None
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    bundled: str | None = None  # a checkpoint shipped in segany/assets: no download, works offline
 
 
 # Decoder and prompt-encoder settings shared by every SAM (v1) model.
@@ -114,6 +115,19 @@ MODELS: dict[str, ModelConfig] = {
                 "mobile_sam.pt", "https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt"
             ),
             description="MobileSAM (TinyViT-5M encoder)",
+        ),
+        ModelConfig(
+            # Trained by scripts/train_default_model.py on segany's synthetic shapes: a demo that
+            # runs offline on a fresh install, not a substitute for Meta's models.
+            "segany_tiny", "sam_vit",
+            dict(
+                encoder=dict(img_size=256, patch_size=8, embed_dim=128, depth=6, num_heads=4, mlp_ratio=4.0,
+                             window_size=8, global_attn_indexes=(2, 5)),
+                **dict(SAM_DECODER, prompt_embed_dim=128, decoder_mlp_dim=512, iou_head_hidden_dim=128),
+            ),
+            aliases=("segany_tiny.pt",),
+            description="segany tiny demo model trained on synthetic shapes, not SAM quality",
+            bundled="segany_tiny.pt",
         ),
     ]
 }

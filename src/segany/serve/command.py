@@ -7,11 +7,12 @@ import logging
 from typing import Any
 
 from ..cli import UsageError, parse_options
+from ..config import DEFAULT_MODEL
 from ..errors import MissingDependencyError
 
 log = logging.getLogger("segany.serve")
 
-SERVE_DEFAULTS: dict[str, Any] = dict(model="sam_b.pt", host="127.0.0.1", port=8000, device="", max_images=16,
+SERVE_DEFAULTS: dict[str, Any] = dict(model=DEFAULT_MODEL, host="127.0.0.1", port=8000, device="", max_images=16,
                                       max_cache_mb=2048, max_pixels=40_000_000, max_body_mb=32, log_level="info")
 SERVE_HELP = """\
 usage: segany serve [model=sam_b.pt] [host=127.0.0.1] [port=8000] [key=value ...]

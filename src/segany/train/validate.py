@@ -8,6 +8,9 @@ the mIoU of the mask from one box, from one point, and from several points.
 - ``points_K``: the point above, then ``K - 1`` corrective clicks, each at the most interior point
   of the larger error region (positive on a miss, negative on a false positive), with the previous
   low-res logits fed back as the mask prompt.
+- ``everything`` (opt-in, slower): segment-everything with default parameters; the share of
+  ground-truth instances that some mask matches with IoU ≥ 0.8 (``everything_recall``), and the
+  mean number of masks per image.
 
 IoU is measured at the original image size. ``runner=`` replaces the model by any object with
 ``set_sample(sample)`` and ``__call__(boxes=, points=, labels=, mask_input=, multimask=)`` →
@@ -30,6 +33,7 @@ from .losses import mask_iou
 from .prompts_sim import center_point, corrective_point, mask_box
 
 KINDS = ("box", "point", "points")
+EVERYTHING_IOU = 0.8
 
 
 class SamRunner:
@@ -101,6 +105,13 @@ def val(model: Any = None, data: Any = None, kinds: tuple[str, ...] = KINDS, n_p
         net, _ = resolve_model(model)
         net.to(dev).eval()
         runner = SamRunner(net, dev)
+    everything = None
+    if "everything" in kinds:
+        if not isinstance(runner, SamRunner):
+            raise ValueError("kinds='everything' needs a model, not a runner")
+        from ..engine.predictor import Predictor
+
+        everything = Predictor(overrides=dict(device=str(dev), verbose=False), model=runner.model)
     ious: dict[str, list[float]] = {}
     n_img = min(len(ds), max_images) if max_images else len(ds)
     for idx in _progress(range(n_img), verbose):
@@ -114,9 +125,15 @@ def val(model: Any = None, data: Any = None, kinds: tuple[str, ...] = KINDS, n_p
             runner.order = list(range(len(keep)))
         gt = torch.from_numpy(sample.masks)
         _evaluate(runner, sample.masks, gt, kinds, n_points, ious)
+        if everything is not None:
+            found = everything(source=sample.image)[0].masks
+            masks = found.data.cpu() if found is not None else torch.zeros((0, *gt.shape[1:]), dtype=torch.bool)
+            best = mask_iou(masks[None], gt[:, None]).amax(1) if len(masks) else torch.zeros(len(gt))
+            ious.setdefault("everything_recall", []).extend((best >= EVERYTHING_IOU).float().tolist())
+            ious.setdefault("everything_masks", []).append(float(len(masks)))
     out: dict[str, Any] = {k: float(np.mean(v)) if v else float("nan") for k, v in ious.items()}
     out["images"] = n_img
-    out["instances"] = len(next(iter(ious.values()), []))
+    out["instances"] = len(next((v for k, v in ious.items() if k != "everything_masks"), []))
     if verbose:
         print(format_table(out))
     if save_json:
