@@ -66,3 +66,27 @@ def test_cli_predict_without_a_model(tmp_path):
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "run" / "astronaut.jpg").is_file()
     assert np.asarray((tmp_path / "run" / "astronaut.jpg").read_bytes()).size > 0
+
+
+def test_bf16_masks_match_fp32_on_the_default_model():
+    # half=True (bf16 autocast) against fp32 on real-looking images: issue 10 asks IoU >= 0.98.
+    from segany.train.losses import mask_iou
+
+    model = SAM()
+    ds = SyntheticDataset(6, seed=2100, size=256)
+    ious = []
+    for i in range(len(ds)):
+        s = ds[i]
+        boxes = [[float(v) for v in b] for b in _boxes(s.masks)]
+        fp32 = model(s.image, bboxes=boxes)[0].masks.data
+        bf16 = model(s.image, bboxes=boxes, half=True)[0].masks.data
+        ious += mask_iou(bf16, fp32).tolist()
+    assert min(ious) >= 0.9 and float(np.mean(ious)) >= 0.98, ious
+
+
+def _boxes(masks: np.ndarray) -> list[list[int]]:
+    out = []
+    for m in masks:
+        ys, xs = np.nonzero(m)
+        out.append([xs.min(), ys.min(), xs.max(), ys.max()])
+    return out

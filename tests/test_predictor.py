@@ -12,6 +12,7 @@ from PIL import Image
 from conftest import SMALL_VIT, meta_twin, random_sam, test_image
 from segany import SAM, Predictor, Results
 from segany.checkpoints import load_model
+from segany.models import build_model
 from segany.errors import ConfigError, ImageError, ImageNotFoundError, PromptError
 
 H, W = 180, 240
@@ -236,3 +237,18 @@ def test_bad_images_and_options(model, tmp_path, small_ckpt):
         Predictor(overrides=dict(model=small_ckpt, confidence=0.3))
     with pytest.raises(PromptError, match="set_image"):
         Predictor(overrides=dict(model=small_ckpt))(points=[1, 1])
+
+
+def test_compile_matches_eager():
+    # torch.compile of the encoder (issue 10): same masks as the eager path. The tiniest config:
+    # compiling on CPU takes tens of seconds.
+    from test_train import TINY
+
+    torch.manual_seed(0)
+    pred = Predictor(overrides=dict(device="cpu"), model=build_model(TINY))
+    img = test_image(100, 120)
+    eager = pred(source=img, bboxes=[10, 10, 80, 70])[0]
+    compiled = pred(source=img, bboxes=[10, 10, 80, 70], compile=True)[0]
+    assert pred._compiled is not None and pred._compiled[0] is pred.model
+    assert torch.allclose(compiled.low_res_logits, eager.low_res_logits, atol=1e-4)
+    assert torch.equal(compiled.masks.data, eager.masks.data)

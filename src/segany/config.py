@@ -23,6 +23,7 @@ PREDICT_DEFAULTS: dict[str, Any] = dict(
     imgsz=None,  # None = the model's own input size (1024 for every official model)
     device="",
     half=False,
+    compile=False,  # torch.compile the image encoder: slow first call, faster after (GPU)
     conf=0.25,
     batch=None,  # images per encoder pass; None = 1 on CPU, 8 on GPU
     multimask_output=False,

@@ -147,7 +147,8 @@ def segment_everything(predictor, state, opts: dict[str, Any]) -> Results:
             feats, input_size = state.features, state.input_size
         else:
             t0 = time.perf_counter()
-            (feats, input_size, prep_ms), = predictor.encode([state.orig_img[y0:y1, x0:x1]], half=half)
+            (feats, input_size, prep_ms), = predictor.encode([state.orig_img[y0:y1, x0:x1]], half=half,
+                                                             compile=bool(opts.get("compile", False)))
             timing["preprocess"] += prep_ms
             timing["inference"] += (time.perf_counter() - t0) * 1000 - prep_ms
         _process_crop(model, feats, box, ci, input_size, (h, w), p.point_grids[layer], p, half,

@@ -29,7 +29,10 @@ from torch.nn import functional as F
 
 from .amg_utils import is_box_near_crop_edge
 
-UPSAMPLE_BYTES = 64 * 2**20  # float32 bytes of upsampled logits alive at once
+# float32 bytes of upsampled logits alive at once. On a GPU each chunk costs a few host syncs, so
+# chunks are large there (a 64-point batch of a 1024×768 image in one); on the CPU small chunks
+# stay in cache.
+UPSAMPLE_BYTES = {"cpu": 64 * 2**20, "cuda": 2**30}
 
 
 @dataclass
@@ -164,7 +167,7 @@ def process_batch(
 
     h, w = upsample.crop_hw
     thr = float(model.mask_threshold)
-    chunk = max(1, UPSAMPLE_BYTES // (4 * h * w))
+    chunk = max(1, UPSAMPLE_BYTES.get(dev.type, UPSAMPLE_BYTES["cpu"]) // (4 * h * w))
     for s in range(0, low.shape[0], chunk):
         up_t = upsample(low[s : s + chunk])  # (n, w, h): column-major masks
         stab = stability_score(up_t, thr, p.stability_score_offset)

@@ -54,11 +54,13 @@ class Predictor:
 
     def __init__(self, overrides: dict[str, Any] | None = None, model: nn.Module | None = None,
                  config: ModelConfig | None = None) -> None:
-        self.args: dict[str, Any] = {**DEFAULTS, **check_options(dict(overrides or {}))}
+        self.overrides = check_options(dict(overrides or {}))
+        self.args: dict[str, Any] = {**DEFAULTS, **self.overrides}
         self.device = select_device(self.args["device"])
         self.model: nn.Module | None = None
         self.model_config: ModelConfig | None = None
         self.image: ImageState | None = None
+        self._compiled: tuple[nn.Module, Any] | None = None  # (model, its compiled encode_image)
         if model is not None:
             self._use_model(model, config)
         elif self.args["model"] is not None:
@@ -86,8 +88,12 @@ class Predictor:
         return self.model
 
     def _options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        opts = {**self.args, **check_options(kwargs)}
         model = self._require_model()
+        # A model's own defaults (registry ``extra["defaults"]``) replace the global ones, never
+        # what the caller set.
+        own = self.model_config.extra.get("defaults", {}) if self.model_config else {}
+        own = {k: v for k, v in own.items() if k not in self.overrides}
+        opts = {**self.args, **own, **check_options(kwargs)}
         if opts["imgsz"] is not None and int(opts["imgsz"]) != model.img_size:
             raise ConfigError(f"imgsz={opts['imgsz']}: this model works at imgsz={model.img_size}")
         if str(opts["device"]) != str(self.args["device"]):
@@ -98,8 +104,10 @@ class Predictor:
         return opts
 
     # -- images ------------------------------------------------------------------------------
-    def encode(self, images: list[np.ndarray], half: bool = False) -> list[tuple[torch.Tensor, tuple[int, int], float]]:
-        """BGR images → per image: embedding ``(1, C, h, w)``, input size, preprocess ms (one encoder pass)."""
+    def encode(self, images: list[np.ndarray], half: bool = False, compile: bool = False
+               ) -> list[tuple[torch.Tensor, tuple[int, int], float]]:
+        """BGR images → per image: embedding ``(1, C, h, w)``, input size, preprocess ms (one encoder
+        pass; through ``torch.compile`` with ``compile=True``)."""
         model = self._require_model()
         batch, sizes, prep_ms = [], [], []
         for img in images:
@@ -109,13 +117,21 @@ class Predictor:
             sizes.append(size)
             batch.append(model.preprocess(x))
             prep_ms.append((time.perf_counter() - t0) * 1000)
+        encode_image = self._compiled_encoder() if compile else model.encode_image
         with torch.inference_mode(), autocast(self.device, half):
-            feats = model.encode_image(torch.cat(batch))
+            feats = encode_image(torch.cat(batch))
         return [(_index_features(feats, i), sizes[i], prep_ms[i]) for i in range(len(images))]
 
-    def _encode_states(self, named: list[tuple[str, np.ndarray]], half: bool) -> list[ImageState]:
+    def _compiled_encoder(self):
+        """``torch.compile`` of the model's ``encode_image``, made once per model. Its first call
+        compiles (tens of seconds; again for each new input shape); it pays off in long jobs."""
+        if self._compiled is None or self._compiled[0] is not self.model:
+            self._compiled = (self.model, torch.compile(self.model.encode_image))
+        return self._compiled[1]
+
+    def _encode_states(self, named: list[tuple[str, np.ndarray]], opts: dict[str, Any]) -> list[ImageState]:
         t0 = time.perf_counter()
-        encoded = self.encode([img for _, img in named], half=half)
+        encoded = self.encode([img for _, img in named], half=bool(opts["half"]), compile=bool(opts["compile"]))
         per_image = (time.perf_counter() - t0) * 1000 / len(named) - sum(e[2] for e in encoded) / len(named)
         return [
             ImageState(img, name, img.shape[:2], size, feats, encode_ms=per_image, preprocess_ms=prep)
@@ -126,7 +142,7 @@ class Predictor:
         """Encode one image (path, URL, BGR ndarray, PIL image or tensor) and keep its embedding."""
         name = str(image) if isinstance(image, (str, Path)) else "image0"
         img = load_image(image)
-        self.image = self._encode_states([(name, img)], half=bool(self.args["half"]))[0]
+        self.image = self._encode_states([(name, img)], self.args)[0]
 
     def get_image_embedding(self) -> torch.Tensor:
         """The current image embedding ``(1, C, h, w)``; for SAM 2 a dict of the feature levels."""
@@ -211,7 +227,7 @@ class Predictor:
                 warnings.simplefilter("ignore")
                 for _, img in named:
                     self._parse(img.shape[:2], prompts)
-        for state in self._encode_states(named, half=bool(opts["half"])):
+        for state in self._encode_states(named, opts):
             self.image = state  # the last image stays available for prompt-only calls
             yield self._run(state, prompts, has_prompt, multimask, opts)
 

@@ -120,7 +120,7 @@ class SegmentService:
         if entry is not None:
             return entry
         p = self.predictor
-        state = p._encode_states([(image_id, img)], half=bool(p.args["half"]))[0]
+        state = p._encode_states([(image_id, img)], p.args)[0]
         entry = CachedImage(image_id, state, _features_nbytes(state.features) + img.nbytes)
         self.images.put(image_id, entry)
         return entry

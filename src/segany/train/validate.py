@@ -101,8 +101,9 @@ def val(model: Any = None, data: Any = None, kinds: tuple[str, ...] = KINDS, n_p
         raise ValueError("val needs data= (a COCO .json, a YOLO-seg folder or 'synthetic:N:SEED')")
     ds = load_dataset(data)
     dev = select_device(device)
+    config = None
     if runner is None:
-        net, _ = resolve_model(model)
+        net, config = resolve_model(model)
         net.to(dev).eval()
         runner = SamRunner(net, dev)
     everything = None
@@ -111,7 +112,7 @@ def val(model: Any = None, data: Any = None, kinds: tuple[str, ...] = KINDS, n_p
             raise ValueError("kinds='everything' needs a model, not a runner")
         from ..engine.predictor import Predictor
 
-        everything = Predictor(overrides=dict(device=str(dev), verbose=False), model=runner.model)
+        everything = Predictor(overrides=dict(device=str(dev), verbose=False), model=runner.model, config=config)
     ious: dict[str, list[float]] = {}
     n_img = min(len(ds), max_images) if max_images else len(ds)
     for idx in _progress(range(n_img), verbose):
