@@ -1,7 +1,8 @@
 """segany vs the reference implementations, same weights, same image, same process, interleaved.
 
 Measures (median of --repeat runs after a warm-up):
-  encoder      set_image on a 1024-long image: ViT-B (Meta segment-anything), MobileSAM (its own code)
+  encoder      set_image on a 1024-long image: ViT-B (Meta segment-anything), MobileSAM (its own code),
+               the embedded default model segany_tiny (Meta's classes with its weights)
   1 box        one box prompt → mask at the original size (Meta SamPredictor.predict)
   64 boxes     64 box prompts in one batch (Meta SamPredictor.predict_torch)
   peak RSS     of a ViT-B set_image + 1 box, each side in its own fresh process
@@ -91,6 +92,27 @@ def run_speed(quick: bool, repeat: int, half: bool) -> list[dict]:
         _pair("64 boxes -> masks", lambda: op(bboxes=boxes), meta64, max(1, repeat // 2), rows)
         if not quick:
             rows += run_mobile_sam(repeat, half, img)
+            rows += run_default_model(repeat, half, img)
+    return rows
+
+
+def run_default_model(repeat: int, half: bool, img: np.ndarray) -> list[dict]:
+    """The embedded default model's encoder against Meta's classes holding the same weights."""
+    from conftest import meta_sam
+    from segment_anything import SamPredictor
+
+    from segany import SAM, Predictor
+    from segany.models import MODELS
+
+    ours = SAM()
+    ref = meta_sam(MODELS["segany_tiny"]).eval()
+    ref.load_state_dict(ours.model.state_dict())
+    op = Predictor(overrides=dict(half=half), model=ours.model, config=ours.config)
+    mp = SamPredictor(ref)
+    rows: list[dict] = []
+    with torch.inference_mode():
+        _pair("encoder segany_tiny (default model)", lambda: op.set_image(img),
+              lambda: mp.set_image(img[..., ::-1].copy()), repeat, rows)
     return rows
 
 
