@@ -48,22 +48,6 @@ def _config(args):
     return SMALL_VIT if args.quick else MODELS[args.model]
 
 
-def smooth_weights(model, gain: float = 50.0):
-    """Make random-weight masks smooth and local: no absolute/relative position terms in the
-    encoder, position-independent output upscaling, sharper logits."""
-    import torch
-
-    with torch.no_grad():
-        for k, v in model.state_dict().items():
-            if k.endswith("pos_embed") or "rel_pos" in k:
-                v.zero_()
-            if k.startswith("mask_decoder.output_upscaling") and k.endswith("weight") and v.ndim == 4:
-                v.copy_(v.mean((2, 3), keepdim=True).expand_as(v))
-            if "output_hypernetworks_mlps" in k and "layers.2" in k:
-                v.mul_(gain)
-    return model
-
-
 def _meta_params(args) -> dict:
     return dict(points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
                 pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh,
@@ -166,12 +150,12 @@ def _read(proc: subprocess.Popen) -> dict:
 
 def parent(args, passthrough: list[str]) -> None:
     import torch
-    from conftest import random_sam, test_image
+    from conftest import random_sam, smooth_weights, test_image
 
     cfg = _config(args)
     model = random_sam(cfg, seed=args.seed)
     if args.smooth:
-        smooth_weights(model)
+        smooth_weights(model)  # conftest
     h, w = args.size
     img = test_image(h, w, seed=args.seed)
     with tempfile.TemporaryDirectory() as tmp:

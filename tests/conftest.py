@@ -103,3 +103,27 @@ def quiet_import_mobile_sam():
         warnings.simplefilter("ignore")
         import mobile_sam  # noqa: F401
     return mobile_sam
+
+
+def smooth_weights(model: torch.nn.Module, gain: float = 50.0) -> torch.nn.Module:
+    """Make random-weight masks smooth, local blobs like a trained model's (random weights
+    otherwise give salt-and-pepper masks whose boxes all cover the image): no absolute/relative
+    position terms in the encoder, position-independent output upscaling, sharper logits."""
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if k.endswith("pos_embed") or "rel_pos" in k:
+                v.zero_()
+            if k.startswith("mask_decoder.output_upscaling") and k.endswith("weight") and v.ndim == 4:
+                v.copy_(v.mean((2, 3), keepdim=True).expand_as(v))
+            if "output_hypernetworks_mlps" in k and "layers.2" in k:
+                v.mul_(gain)
+    return model
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: bit-identical runs, and much faster on a busy shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import types
 from pathlib import Path
@@ -36,13 +35,7 @@ BG = (20, 20, 20)
 COLOURS = {0: (0, 200, 255), 1: (255, 80, 0), 2: (80, 255, 80)}  # one colour per class (BGR)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread (as the subprocess of the kill test): much faster on a busy shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 def draw(h: int, w: int, shapes: list[tuple[int, str, tuple[int, int, int, int]]]):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SMALL_VIT, meta_twin, random_sam, test_image
+from conftest import SMALL_VIT, meta_twin, random_sam, smooth_weights, test_image
 from segany.engine import everything_ops as ops
 from segany.engine.everything import check_everything_options
 from segany.engine.predictor import Predictor
@@ -20,19 +20,8 @@ mask_utils = pytest.importorskip("pycocotools.mask")
 
 
 def smooth_sam(seed: int):
-    """A random small SAM whose masks are smooth, local blobs (random weights otherwise give
-    salt-and-pepper masks whose boxes all cover the image, so NMS keeps one): no position terms
-    in the encoder, position-independent output upscaling, sharper logits."""
-    model = random_sam(SMALL_VIT, seed=seed)
-    with torch.no_grad():
-        for k, v in model.state_dict().items():
-            if k.endswith("pos_embed") or "rel_pos" in k:
-                v.zero_()
-            if k.startswith("mask_decoder.output_upscaling") and k.endswith("weight") and v.ndim == 4:
-                v.copy_(v.mean((2, 3), keepdim=True).expand_as(v))
-            if "output_hypernetworks_mlps" in k and "layers.2" in k:
-                v.mul_(50.0)
-    return model
+    """A random small SAM whose masks are smooth, local blobs (so NMS has real work)."""
+    return smooth_weights(random_sam(SMALL_VIT, seed=seed))
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -35,13 +34,7 @@ def tiny_model(seed: int = 0) -> torch.nn.Module:
     return build_model(TINY)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Shared CPUs, and bit-identical runs: one thread.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 def test_loss_prefers_the_best_candidate():
