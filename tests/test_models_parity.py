@@ -135,3 +135,20 @@ def test_custom_size_config_builds():
     model = build_model(cfg)
     with torch.no_grad():
         assert model.encode_image(torch.zeros(1, 3, 512, 512)).shape == (1, 256, 32, 32)
+
+
+def test_decoder_paths_agree():
+    """The decoder's shared-image, projected-image and per-prompt-image paths give the same masks,
+    with and without autograd (the fused oneDNN products run only without it)."""
+    ours = random_sam(MODELS["sam_b"], seed=4)
+    emb = torch.randn(1, 256, 64, 64)
+    boxes = torch.tensor([[10.0, 20, 300, 400], [500, 100, 900, 700], [0, 0, 1023, 767], [200, 300, 260, 380]])
+    with torch.no_grad():
+        shared = ours.decode(emb, boxes=boxes, multimask_output=True)
+        per_prompt = ours.decode(emb.expand(4, -1, -1, -1).contiguous(), boxes=boxes, multimask_output=True)
+        one_by_one = [ours.decode(emb, boxes=b[None], multimask_output=True) for b in boxes]
+    with torch.enable_grad():
+        graded = ours.decode(emb, boxes=boxes, multimask_output=True)
+    for low, iou in (per_prompt, graded, tuple(torch.cat(t) for t in zip(*one_by_one))):
+        assert (low.detach() - shared[0]).abs().max() <= TOL
+        assert (iou.detach() - shared[1]).abs().max() <= TOL

@@ -58,3 +58,28 @@ class MLP(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x) if i == last else F.relu(layer(x))
         return torch.sigmoid(x) if self.sigmoid_output else x
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
+    """``x @ weight.T + bias`` for ``x (M, K)``, ``weight (N, K)``, then GELU if ``gelu``.
+
+    In fp32 inference on CPU this is one oneDNN call with the bias and the GELU applied as the
+    product is written (PyTorch's own path copies the bias into the output first, and runs GELU
+    as another pass over it); elsewhere, and with autograd or autocast on, the plain ops.
+    """
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and _ONEDNN_LINEAR is not None):
+        return _ONEDNN_LINEAR(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+    y = F.linear(x, weight, bias)
+    return F.gelu(y) if gelu else y
+
+
+def _onednn_linear():
+    """PyTorch's fused oneDNN linear (the kernel its CPU compiler emits), if this build has it."""
+    try:
+        return torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_ONEDNN_LINEAR = _onednn_linear()

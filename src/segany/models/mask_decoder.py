@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from .common import MLP, LayerNorm2d
+from .common import MLP, LayerNorm2d, linear
 
 
 class MaskDecoder(nn.Module):
@@ -51,11 +52,11 @@ class MaskDecoder(nn.Module):
 
         An image embedding of batch 1 is shared by all B prompts without being copied per prompt.
         """
-        masks, iou_pred = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
-        )
         sl = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, sl], iou_pred[:, sl]
+        masks, iou_pred = self.predict_masks(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, sl
+        )
+        return masks, iou_pred[:, sl]
 
     def predict_masks(
         self,
@@ -63,13 +64,15 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
+        mask_slice: slice = slice(None),
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """All ``num_mask_tokens`` masks ``(B, T, 4h, 4w)`` and IoU predictions ``(B, T)``."""
+        """Masks of the ``mask_slice`` mask tokens ``(B, T', 4h, 4w)`` (all by default) and IoU
+        predictions of all ``num_mask_tokens`` ``(B, T)``."""
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         hs, src = self._attend(output_tokens, image_embeddings, image_pe, sparse_prompt_embeddings,
                                dense_prompt_embeddings)
-        masks = self._masks_from_tokens(hs[:, 1 : 1 + self.num_mask_tokens, :], self.output_upscaling(src))
-        return masks, self.iou_prediction_head(hs[:, 0, :])
+        hyper_in = self._hyper_in(hs[:, 1 : 1 + self.num_mask_tokens, :], mask_slice)
+        return self._upscaled_masks(src, hyper_in), self.iou_prediction_head(hs[:, 0, :])
 
     def _attend(
         self,
@@ -80,20 +83,51 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Output tokens ``(T, C)`` + prompts through the two-way transformer → tokens ``(B, T + N, C)``
-        and image features ``(B, C, h, w)``. A batch-1 image embedding is shared, not copied per prompt."""
+        and image features ``(B, C, h, w)`` (a channels-last view of the transformer's image tokens).
+
+        A batch-1 image embedding with the same dense embedding for every prompt (no mask inputs)
+        is passed on as one shared image, not copied per prompt."""
         n_prompts = sparse_prompt_embeddings.shape[0]
         tokens = torch.cat((output_tokens.unsqueeze(0).expand(n_prompts, -1, -1), sparse_prompt_embeddings), dim=1)
-        src = image_embeddings + dense_prompt_embeddings
-        if src.shape[0] != n_prompts:
-            src = src.expand(n_prompts, -1, -1, -1)
+        dense = dense_prompt_embeddings
+        if image_embeddings.shape[0] == 1 and (dense.shape[0] == 1 or dense.stride(0) == 0):
+            dense = dense[:1]
+        hs, keys = self.transformer(image_embeddings + dense, image_pe, tokens)
+        b, c, h, w = n_prompts, *image_embeddings.shape[1:]
+        return hs, keys.view(b, h, w, c).permute(0, 3, 1, 2)
+
+    def _hyper_in(self, mask_tokens_out: torch.Tensor, mask_slice: slice = slice(None)) -> torch.Tensor:
+        """Mask tokens ``(B, T, C)`` → per-token weights of the upscaled features ``(B, T', C')`` for
+        the tokens in ``mask_slice``."""
+        mlps = list(enumerate(self.output_hypernetworks_mlps))[mask_slice]
+        return torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in mlps], dim=1)
+
+    def _upscaled_masks(self, src: torch.Tensor, hyper_in: torch.Tensor) -> torch.Tensor:
+        """Image features ``(B, C, h, w)`` (channels-last) and token weights ``(B, T, C')`` → mask
+        logits ``(B, T, 4h, 4w)``.
+
+        ``output_upscaling`` is two 2×2, stride-2 transposed convolutions: each input pixel maps to
+        its own 2×2 output block, so each is one matrix product over channels-last pixels. The
+        LayerNorm and GELUs act per pixel and the hypernetwork product per output pixel, so all of
+        it runs on the (pixel, sub-pixel, channel) layout, and only the masks are put in image
+        order at the end. Same values as the convolution path (within float rounding).
+        """
+        dc1, ln1, act1, dc2, _ = self.output_upscaling  # the last one is a GELU, fused into the product
         b, c, h, w = src.shape
-        hs, src = self.transformer(src, image_pe.expand(n_prompts, -1, -1, -1), tokens)
-        return hs, src.transpose(1, 2).reshape(b, c, h, w)
+        x = src.permute(0, 2, 3, 1).reshape(b * h * w, c)
+        c1, c2 = dc1.out_channels, dc2.out_channels
+        # weight (C_in, C_out, 2, 2) → (2·2·C_out, C_in): output columns ordered (dy, dx, channel)
+        x = linear(x, dc1.weight.permute(2, 3, 1, 0).reshape(4 * c1, c), dc1.bias.repeat(4))
+        x = act1(F.layer_norm(x.view(-1, c1), (c1,), ln1.weight, ln1.bias, ln1.eps))
+        x = linear(x, dc2.weight.permute(2, 3, 1, 0).reshape(4 * c2, c1), dc2.bias.repeat(4), gelu=True)
+        t = hyper_in.shape[1]
+        masks = hyper_in @ x.view(b, h * w * 16, c2).transpose(1, 2)  # pixels in (y, x, dy, dx, dy2, dx2) order
+        # → row 4y + 2dy + dy2, column 4x + 2dx + dx2, in two steps of whole (dy2, dx2) blocks
+        masks = masks.view(b, t, h, w, 2, 2, 4).transpose(3, 4).reshape(b, t, 2 * h, 2 * w, 2, 2)
+        return masks.transpose(3, 4).reshape(b, t, 4 * h, 4 * w)
 
     def _masks_from_tokens(self, mask_tokens_out: torch.Tensor, upscaled: torch.Tensor) -> torch.Tensor:
         """Mask tokens ``(B, T, C)`` × upscaled features ``(B, C', H, W)`` → mask logits ``(B, T, H, W)``."""
-        hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
-        )
+        hyper_in = self._hyper_in(mask_tokens_out)
         b, c, h, w = upscaled.shape
-        return (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+        return (hyper_in @ upscaled.reshape(b, c, h * w)).view(b, -1, h, w)

@@ -37,15 +37,21 @@ class TwoWayTransformer(nn.Module):
     def forward(
         self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image ``(B, C, h, w)`` and its PE (same shape), tokens ``(B, N, C)``
-        → tokens ``(B, N, C)`` and image tokens ``(B, h*w, C)``."""
-        keys = image_embedding.flatten(2).permute(0, 2, 1)
-        key_pe = image_pe.flatten(2).permute(0, 2, 1)
+        """Image ``(1 or B, C, h, w)``, its PE ``(1, C, h, w)``, tokens ``(B, N, C)``
+        → tokens ``(B, N, C)`` and image tokens ``(B, h*w, C)`` (contiguous).
+
+        An image of batch 1 is shared by the B prompts: the first block reads it once for all of
+        them instead of from B copies.
+        """
+        keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
+        key_pe = image_pe[:1].flatten(2).transpose(1, 2).contiguous()
         queries = point_embedding
         for layer in self.layers:
             queries, keys = layer(queries, keys, point_embedding, key_pe)
-        attn_out = self.final_attn_token_to_image.few_to_many(q=queries + point_embedding, k=keys + key_pe, v=keys)
+        attn_out = self.final_attn_token_to_image.few_to_many(queries + point_embedding, keys + key_pe, keys)
         queries = self.norm_final_attn(queries + attn_out)
+        if keys.shape[0] != queries.shape[0]:  # depth 0: the image was never made per prompt
+            keys = keys.expand(queries.shape[0], -1, -1)
         return queries, keys
 
 
@@ -74,6 +80,8 @@ class TwoWayAttentionBlock(nn.Module):
     def forward(
         self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens ``(B, Nt, C)``, image tokens ``(1 or B, Ni, C)``, PEs alike but ``key_pe`` is
+        ``(1, Ni, C)`` → tokens and image tokens ``(B, Ni, C)``."""
         if self.skip_first_layer_pe:
             queries = self.self_attn(q=queries, k=queries, v=queries)
         else:
@@ -81,12 +89,16 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self.self_attn(q=q, k=q, v=queries)
         queries = self.norm1(queries)
 
-        q, k = queries + query_pe, keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image.few_to_many(q=q, k=k, v=keys))
+        keys_pe = keys + key_pe  # keys of the token→image and queries of the image→token attention
+        queries = self.norm2(queries + self.cross_attn_token_to_image.few_to_many(queries + query_pe, keys_pe, keys))
         queries = self.norm3(queries + self.mlp(queries))
 
-        q, k = queries + query_pe, keys + key_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token.many_to_few(q=k, k=q, v=queries))
+        q = queries + query_pe
+        # Without autograd, per-prompt image tokens (ours: made by the previous block) take the
+        # residual in place instead of through a copy.
+        in_place = keys.shape[0] == q.shape[0] and not torch.is_grad_enabled()
+        keys = self.norm4(self.cross_attn_image_to_token.many_to_few(keys_pe, q, queries, residual=keys,
+                                                                     in_place=in_place))
         return queries, keys
 
 
@@ -125,37 +137,78 @@ class Attention(nn.Module):
         """``(heads, head_dim, embedding_dim)`` view of a projection's weight."""
         return linear.weight.view(self.num_heads, -1, linear.weight.shape[1])
 
+    def _project_image(self, n_rows: int, c: int) -> bool:
+        """Whether projecting a shared image (``c → internal_dim`` once) is cheaper than folding
+        the projection into ``n_rows`` prompt tokens (``heads · n_rows · c`` per image token)."""
+        return self.num_heads * n_rows * c > c * self.internal_dim + n_rows * self.internal_dim
+
     def few_to_many(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Few queries ``(B, Nt, C)`` attend to many keys/values ``(B, Ni, C)`` → ``(B, Nt, C)``."""
-        b, nt, _ = q.shape
+        """Few queries ``(B, Nt, C)`` attend to many keys/values ``(1 or B, Ni, C)`` → ``(B, Nt, C)``."""
+        b, nt, c = q.shape
         qh = self._heads(self.q_proj(q))  # (B, h, Nt, d)
-        scale = qh.shape[-1] ** -0.5
+        qh = qh * qh.shape[-1] ** -0.5
+        if k.shape[0] == 1 and self._project_image(b * nt, c):
+            # One shared image, many prompts: project the image once; rows of all prompts meet it
+            # in one product per head.
+            heads = self.num_heads
+            kh, vh = self._heads(self.k_proj(k))[0], self._heads(self.v_proj(v))[0]  # (h, Ni, d)
+            rows = qh.transpose(0, 1).reshape(heads, b * nt, -1)  # (h, B*Nt, d)
+            attn = torch.softmax(rows @ kh.transpose(1, 2), dim=-1)  # (h, B*Nt, Ni)
+            out = (attn @ vh).view(heads, b, nt, -1).permute(1, 2, 0, 3).reshape(b, nt, self.internal_dim)
+            return self.out_proj(out)
         # q·(W_k x + b_k) = (W_k^T q)·x + q·b_k; the last term is the same for every key, and
         # softmax over the keys ignores it.
-        qk = torch.einsum("bhnd,hdc->bhnc", qh * scale, self._head_weights(self.k_proj))
+        qk = torch.einsum("bhnd,hdc->bhnc", qh, self._head_weights(self.k_proj)).reshape(b, -1, c)
         # Heads and tokens share one matrix product with the image side (no per-head copy of it).
-        attn = torch.softmax(qk.reshape(b, -1, qk.shape[-1]) @ k.transpose(1, 2), dim=-1)  # (B, h*Nt, Ni)
-        pooled = (attn @ v).view(b, self.num_heads, nt, -1)  # (B, h, Nt, C); the weights sum to one,
-        out = torch.einsum("bhnc,hdc->bnhd", pooled, self._head_weights(self.v_proj))  # so b_v passes as is
+        attn = torch.softmax(_rows_times_image(qk, k.transpose(1, 2)), dim=-1)  # (B, h*Nt, Ni)
+        pooled = _rows_times_image(attn, v).view(b, self.num_heads, nt, -1)  # (B, h, Nt, C); the weights sum
+        out = torch.einsum("bhnc,hdc->bnhd", pooled, self._head_weights(self.v_proj))  # to one, so b_v passes as is
         out = out.reshape(b, nt, self.internal_dim) + self.v_proj.bias
         return self.out_proj(out)
 
-    def many_to_few(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Many queries ``(B, Ni, C)`` attend to few keys/values ``(B, Nt, C)`` → ``(B, Ni, C)``."""
-        b, nt, _ = k.shape
+    def many_to_few(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor | None = None,
+                    in_place: bool = False) -> torch.Tensor:
+        """Many queries ``(1 or B, Ni, C)`` attend to few keys/values ``(B, Nt, C)`` → ``(B, Ni, C)``,
+        plus ``residual`` (broadcastable) if given; ``in_place`` adds into ``residual`` itself."""
+        b, nt, c = k.shape
         ni, heads = q.shape[1], self.num_heads
         kh = self._heads(self.k_proj(k))  # (B, h, Nt, d)
         kh = kh * kh.shape[-1] ** -0.5
         vh = self._heads(self.v_proj(v))
-        # (W_q x + b_q)·k = x·(W_q^T k) + b_q·k
-        wk = torch.einsum("bhnd,hdc->bhnc", kh, self._head_weights(self.q_proj)).reshape(b, heads * nt, -1)
-        const = torch.einsum("bhnd,hd->bhn", kh, self.q_proj.bias.view(heads, -1))  # (B, h, Nt)
         # Logits as (B, h, Nt, Ni): the softmax over the few keys then runs along the contiguous
         # image axis; a softmax over a last axis of ~7 elements is several times slower.
-        logits = (wk @ q.transpose(1, 2)).view(b, heads, nt, ni) + const.unsqueeze(-1)
+        if q.shape[0] == 1 and self._project_image(b * nt, c):
+            qh = self._heads(self.q_proj(q))[0]  # (h, Ni, d): a shared image, projected once
+            rows = kh.transpose(0, 1).reshape(heads, b * nt, -1)  # (h, B*Nt, d)
+            logits = (rows @ qh.transpose(1, 2)).view(heads, b, nt, ni).transpose(0, 1)  # (B, h, Nt, Ni) view
+        else:
+            # (W_q x + b_q)·k = x·(W_q^T k) + b_q·k
+            wk = torch.einsum("bhnd,hdc->bhnc", kh, self._head_weights(self.q_proj)).reshape(b, heads * nt, c)
+            const = torch.einsum("bhnd,hd->bhn", kh, self.q_proj.bias.view(heads, -1))  # (B, h, Nt)
+            logits = _rows_times_image(wk, q.transpose(1, 2)).view(b, heads, nt, ni) + const.unsqueeze(-1)
         e = (logits - logits.amax(2, keepdim=True)).exp_()
-        attn = (e / e.sum(2, keepdim=True)).view(b, heads * nt, ni)
-        # out_proj(concat_h attn_h v_h) = Σ_h attn_h (v_h W_o,h^T) + b_o
+        if torch.is_grad_enabled():
+            attn = (e / e.sum(2, keepdim=True)).reshape(b, heads * nt, ni)
+        else:  # the division also brings a head-major e into (B, h, ...) order, in one pass
+            attn = torch.empty((b, heads, nt, ni), dtype=e.dtype, device=e.device)
+            torch.div(e, e.sum(2, keepdim=True), out=attn)
+            attn = attn.view(b, heads * nt, ni)
+        # out_proj(concat_h attn_h v_h) = Σ_h attn_h (v_h W_o,h^T) + b_o; each head's weights sum
+        # to one over the tokens, so b_o / heads added to every row of vo adds b_o once.
         w_out = self.out_proj.weight.view(-1, heads, vh.shape[-1])  # (C, h, d)
-        vo = torch.einsum("bhnd,chd->bhnc", vh, w_out).reshape(b, heads * nt, -1)  # (B, h*Nt, C)
-        return attn.transpose(1, 2) @ vo + self.out_proj.bias
+        vo = torch.einsum("bhnd,chd->bhnc", vh, w_out).reshape(b, heads * nt, -1) + self.out_proj.bias / heads
+        if residual is None or not residual.dtype == attn.dtype == vo.dtype:  # (mixed under autocast)
+            out = attn.transpose(1, 2) @ vo
+            return out if residual is None else residual + out
+        if in_place:
+            return residual.baddbmm_(attn.transpose(1, 2), vo)
+        return torch.baddbmm(residual, attn.transpose(1, 2), vo)
+
+
+def _rows_times_image(rows: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """``rows @ image`` for rows ``(B, M, K)`` and an image side ``(1 or B, K, N)`` → ``(B, M, N)``;
+    a shared image meets the rows of all B prompts in one matrix product."""
+    b, m, k = rows.shape
+    if image.shape[0] == 1 and b > 1:
+        return (rows.reshape(1, b * m, k) @ image).view(b, m, -1)
+    return rows @ image
