@@ -20,6 +20,8 @@ import cv2
 import numpy as np
 import torch
 
+from .amg_utils import mask_any
+
 # Most candidate vertices used to search for the closest points between parts. Above this the
 # vertices are strided: bridges then join near-closest points instead of the exact closest
 # ones, which keeps noisy masks with thousands of islands fast (memory ~ budget^2 floats).
@@ -158,7 +160,7 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     n, h, w = masks.shape
     if n == 0:
         return torch.zeros((0, 4), dtype=torch.float32, device=masks.device)
-    rows, cols = masks.any(2), masks.any(1)  # (N, H), (N, W)
+    rows, cols = mask_any(masks, 2), mask_any(masks, 1)  # (N, H), (N, W)
 
     def edges(v: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         ar = torch.arange(length, device=v.device)

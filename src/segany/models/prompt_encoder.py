@@ -72,10 +72,24 @@ class PromptEncoder(nn.Module):
             nn.Conv2d(mask_in_chans, embed_dim, kernel_size=1),
         )
         self.no_mask_embed = nn.Embedding(1, embed_dim)
+        self._dense_pe: tuple[tuple, torch.Tensor] | None = None  # (key of the matrix, get_dense_pe())
 
     def get_dense_pe(self) -> torch.Tensor:
-        """Positional encoding of the image-embedding grid, ``(1, C, h, w)``."""
-        return self.pe_layer(self.image_embedding_size).unsqueeze(0)
+        """Positional encoding of the image-embedding grid, ``(1, C, h, w)``.
+
+        Kept between calls (it costs about a millisecond on a CPU, per prompt call) and made
+        again when the Gaussian matrix changes: loaded, moved, cast, or edited in place.
+        """
+        matrix = self.pe_layer.positional_encoding_gaussian_matrix
+        try:
+            key = (matrix._version, matrix.data_ptr(), matrix.dtype, torch.is_inference_mode_enabled())
+        except RuntimeError:  # an inference-mode tensor keeps no version: no caching
+            return self.pe_layer(self.image_embedding_size).unsqueeze(0)
+        if self._dense_pe is None or self._dense_pe[0] != key:
+            # channels-last memory: the decoder reads it as (h*w, C) tokens without a copy
+            pe = self.pe_layer(self.image_embedding_size).unsqueeze(0)
+            self._dense_pe = (key, pe.contiguous(memory_format=torch.channels_last))
+        return self._dense_pe[1]
 
     def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
         """``(B, N, 2)`` points, ``(B, N)`` labels → ``(B, N (+1 pad), C)``."""

@@ -100,4 +100,6 @@ class Sam(nn.Module):
         x = F.interpolate(masks[..., :rows, :cols], (rows * factor, cols * factor), mode="bilinear",
                           align_corners=False)
         x = x[..., : input_size[0], : input_size[1]]
+        if tuple(x.shape[-2:]) == tuple(original_size):  # resizing to the same size changes nothing
+            return x
         return F.interpolate(x, original_size, mode="bilinear", align_corners=False)
