@@ -138,17 +138,33 @@ def test_custom_size_config_builds():
 
 
 def test_decoder_paths_agree():
-    """The decoder's shared-image, projected-image and per-prompt-image paths give the same masks,
-    with and without autograd (the fused oneDNN products run only without it)."""
+    """The decoder's shared-image, projected-image, prepared-image and per-prompt-image paths give
+    the same masks, with and without autograd (the fused oneDNN products and the in-place
+    residuals run only without it), and none of them writes into the caller's embedding."""
     ours = random_sam(MODELS["sam_b"], seed=4)
-    emb = torch.randn(1, 256, 64, 64)
+    emb = torch.randn(1, 256, 64, 64).contiguous(memory_format=torch.channels_last)  # as the encoder gives it
+    before = emb.clone()
     boxes = torch.tensor([[10.0, 20, 300, 400], [500, 100, 900, 700], [0, 0, 1023, 767], [200, 300, 260, 380]])
+    points = (torch.tensor([[[100.0, 200], [400, 300]]] * 4), torch.tensor([[1, 0]] * 4))
+    mask_in = torch.randn(4, 1, 256, 256)
     with torch.no_grad():
-        shared = ours.decode(emb, boxes=boxes, multimask_output=True)
-        per_prompt = ours.decode(emb.expand(4, -1, -1, -1).contiguous(), boxes=boxes, multimask_output=True)
-        one_by_one = [ours.decode(emb, boxes=b[None], multimask_output=True) for b in boxes]
-    with torch.enable_grad():
-        graded = ours.decode(emb, boxes=boxes, multimask_output=True)
-    for low, iou in (per_prompt, graded, tuple(torch.cat(t) for t in zip(*one_by_one))):
-        assert (low.detach() - shared[0]).abs().max() <= TOL
-        assert (iou.detach() - shared[1]).abs().max() <= TOL
+        prepared = ours.prepare_image(emb)
+    for prompts in (dict(boxes=boxes), dict(points=points), dict(points=points, mask_inputs=mask_in)):
+        with torch.no_grad():
+            shared = ours.decode(emb, multimask_output=True, **prompts)
+            variants = [
+                ours.decode(emb.expand(4, -1, -1, -1).contiguous(), multimask_output=True, **prompts),
+                ours.decode(prepared, multimask_output=True, **prompts),
+            ]
+            singles = [ours.decode(image, multimask_output=True,
+                                   **{k: (v[0][i : i + 1], v[1][i : i + 1]) if k == "points" else v[i : i + 1]
+                                      for k, v in prompts.items()})
+                       for i in range(4) for image in (emb, prepared)]
+            variants.append(tuple(torch.cat(t) for t in zip(*singles[0::2])))
+            variants.append(tuple(torch.cat(t) for t in zip(*singles[1::2])))
+        with torch.enable_grad():
+            variants.append(ours.decode(emb, multimask_output=True, **prompts))
+        for low, iou in variants:
+            assert (low.detach() - shared[0]).abs().max() <= TOL, list(prompts)
+            assert (iou.detach() - shared[1]).abs().max() <= TOL, list(prompts)
+    assert torch.equal(emb, before)

@@ -144,11 +144,12 @@ def segment_everything(predictor, state, opts: dict[str, Any]) -> Results:
         if x1 <= x0 or y1 <= y0:
             continue  # crop layers of a tiny image can produce empty crops
         if layer == 0:
-            feats, input_size = state.features, state.input_size
+            feats, input_size = state.for_decoder(), state.input_size
         else:
             t0 = time.perf_counter()
             (feats, input_size, prep_ms), = predictor.encode([state.orig_img[y0:y1, x0:x1]], half=half,
                                                              compile=bool(opts.get("compile", False)))
+            feats = predictor.decoder_input(feats)
             timing["preprocess"] += prep_ms
             timing["inference"] += (time.perf_counter() - t0) * 1000 - prep_ms
         _process_crop(model, feats, box, ci, input_size, (h, w), p.point_grids[layer], p, half,

@@ -28,6 +28,7 @@ from pycocotools import mask as mask_utils
 from torch.nn import functional as F
 
 from .amg_utils import is_box_near_crop_edge
+from .decoding import decode_in_chunks
 
 # float32 bytes of upsampled logits alive at once. On a GPU each chunk costs a few host syncs, so
 # chunks are large there (a 64-point batch of a 1024×768 image in one); on the CPU small chunks
@@ -156,7 +157,7 @@ def process_batch(
     dev = points_in.device
     labels = torch.ones(points_in.shape[0], 1, dtype=torch.int64, device=dev)
     t0 = time.perf_counter()
-    low, iou = model.decode(features, points=(points_in[:, None, :], labels), multimask_output=True)
+    low, iou = decode_in_chunks(model, features, points=(points_in[:, None, :], labels), multimask_output=True)
     decode_ms = (time.perf_counter() - t0) * 1000
     k = low.shape[1]
     low, iou = low.flatten(0, 1).float(), iou.flatten(0, 1).float()

@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from ..config import DEFAULTS, check_options
 from ..errors import ConfigError, PromptError, SegAnyError
 from ..models.registry import ModelConfig
+from .decoding import decode_in_chunks
 from .device import autocast, select_device
 from .prompts import Prompts, parse_prompts
 from .results import Results
@@ -29,7 +30,6 @@ from .sources import iter_sources, load_image
 from .transforms import image_to_tensor, scale_coords
 
 Features = "torch.Tensor | dict[str, torch.Tensor]"
-PROMPT_CHUNK = 64  # prompts decoded together; bounds the decoder's transient memory
 
 
 @dataclass
@@ -43,6 +43,11 @@ class ImageState:
     features: Features  # (1, C, h, w) image embedding; a dict of such tensors for models with several levels
     encode_ms: float = 0.0
     preprocess_ms: float = 0.0
+    decoder_input: Any = None  # features with their prompt-independent decoder work done (Predictor.decoder_input)
+
+    def for_decoder(self) -> Any:
+        """What to give the model's ``decode``: the prepared features, else the features."""
+        return self.features if self.decoder_input is None else self.decoder_input
 
 
 class Predictor:
@@ -134,9 +139,20 @@ class Predictor:
         encoded = self.encode([img for _, img in named], half=bool(opts["half"]), compile=bool(opts["compile"]))
         per_image = (time.perf_counter() - t0) * 1000 / len(named) - sum(e[2] for e in encoded) / len(named)
         return [
-            ImageState(img, name, img.shape[:2], size, feats, encode_ms=per_image, preprocess_ms=prep)
+            ImageState(img, name, img.shape[:2], size, feats, encode_ms=per_image, preprocess_ms=prep,
+                       decoder_input=self.decoder_input(feats))
             for (name, img), (feats, size, prep) in zip(named, encoded)
         ]
+
+    def decoder_input(self, features: Features) -> Any:
+        """Features prepared for the decoder once per image: for SAM the embedding with the
+        decoder's prompt-independent projections (``Sam.prepare_image``, a few ms), which every
+        later prompt reuses; other models take their features as they are."""
+        prepare = getattr(self._require_model(), "prepare_image", None)
+        if prepare is None:
+            return features
+        with torch.inference_mode():
+            return prepare(features)
 
     def set_image(self, image: Any) -> None:
         """Encode one image (path, URL, BGR ndarray, PIL image or tensor) and keep its embedding."""
@@ -181,7 +197,8 @@ class Predictor:
         main = feats if isinstance(feats, torch.Tensor) else next(iter(feats.values()), None)
         if size != model.img_size or main is None:
             raise SegAnyError(f"'{path}' was computed for another model (input size {size})")
-        self.image = ImageState(img, name or str(path), orig, inp, _features_to(feats, self.device))
+        feats = _features_to(feats, self.device)
+        self.image = ImageState(img, name or str(path), orig, inp, feats, decoder_input=self.decoder_input(feats))
 
     def _require_image(self) -> ImageState:
         if self.image is None:
@@ -276,18 +293,10 @@ class Predictor:
             boxes = torch.as_tensor(xy, dtype=torch.float32, device=dev)
         if prompts.masks is not None:
             mask_in = self._mask_inputs(state, prompts)
-        outs = []
         with torch.inference_mode(), autocast(dev, half):
-            for s in range(0, len(prompts), PROMPT_CHUNK):
-                sl = slice(s, s + PROMPT_CHUNK)
-                outs.append(model.decode(
-                    state.features,
-                    points=None if pts is None else (pts[sl], lab[sl]),
-                    boxes=None if boxes is None else boxes[sl],
-                    mask_inputs=None if mask_in is None else mask_in[sl],
-                    multimask_output=multimask,
-                ))
-        return torch.cat([o[0] for o in outs]).float(), torch.cat([o[1] for o in outs]).float()
+            low, iou = decode_in_chunks(model, state.for_decoder(), None if pts is None else (pts, lab), boxes, mask_in,
+                                        multimask_output=multimask)
+        return low.float(), iou.float()
 
     def _mask_inputs(self, state: ImageState, prompts: Prompts) -> torch.Tensor:
         """Mask prompts → ``(N, 1, 256, 256)`` logits. A binary mask at the image size is resized

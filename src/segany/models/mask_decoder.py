@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .common import MLP, LayerNorm2d, linear
+from .transformer import ProjectedImage
 
 
 class MaskDecoder(nn.Module):
@@ -89,12 +90,23 @@ class MaskDecoder(nn.Module):
         is passed on as one shared image, not copied per prompt."""
         n_prompts = sparse_prompt_embeddings.shape[0]
         tokens = torch.cat((output_tokens.unsqueeze(0).expand(n_prompts, -1, -1), sparse_prompt_embeddings), dim=1)
+        if isinstance(image_embeddings, ProjectedImage):  # made by prepare_image: the dense embedding is in it
+            hs, keys = self.transformer(image_embeddings, image_pe, tokens)
+            h, w = image_pe.shape[-2:]
+            return hs, keys.view(n_prompts, h, w, -1).permute(0, 3, 1, 2)
         dense = dense_prompt_embeddings
         if image_embeddings.shape[0] == 1 and (dense.shape[0] == 1 or dense.stride(0) == 0):
             dense = dense[:1]
         hs, keys = self.transformer(image_embeddings + dense, image_pe, tokens)
         b, c, h, w = n_prompts, *image_embeddings.shape[1:]
         return hs, keys.view(b, h, w, c).permute(0, 3, 1, 2)
+
+    def prepare_image(self, image_embedding: torch.Tensor, image_pe: torch.Tensor,
+                      dense_prompt_embedding: torch.Tensor) -> ProjectedImage:
+        """One image embedding ``(1, C, h, w)`` with the dense embedding every prompt without a
+        mask input gets, prepared once for any number of prompts: pass it as
+        ``image_embeddings`` (with no dense embedding of its own) instead of the embedding."""
+        return self.transformer.project(image_embedding + dense_prompt_embedding, image_pe)
 
     def _hyper_in(self, mask_tokens_out: torch.Tensor, mask_slice: slice = slice(None)) -> torch.Tensor:
         """Mask tokens ``(B, T, C)`` → per-token weights of the upscaled features ``(B, T', C')`` for

@@ -5,6 +5,7 @@ model's input frame happens in :mod:`segany.engine`."""
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -12,9 +13,17 @@ from torch.nn import functional as F
 
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
+from .transformer import ProjectedImage
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+class PreparedImage(NamedTuple):
+    """An image embedding and its decoder-side projections (:meth:`Sam.prepare_image`)."""
+
+    embedding: torch.Tensor  # (1, C, h, w)
+    projected: ProjectedImage  # the embedding plus the no-mask dense embedding, for the first decoder block
 
 
 class Sam(nn.Module):
@@ -54,9 +63,17 @@ class Sam(nn.Module):
         """Preprocessed ``(B, 3, S, S)`` → image embeddings ``(B, 256, S/16, S/16)``."""
         return self.image_encoder(x)
 
+    def prepare_image(self, image_embeddings: torch.Tensor) -> PreparedImage:
+        """An image embedding ``(1, C, h, w)`` with what the decoder computes from it for every
+        prompt, computed once: pass the result to :meth:`decode` in place of the embedding.
+        Prompts with mask inputs use the plain embedding it keeps."""
+        no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        projected = self.mask_decoder.prepare_image(image_embeddings, self.prompt_encoder.get_dense_pe(), no_mask)
+        return PreparedImage(image_embeddings, projected)
+
     def decode(
         self,
-        image_embeddings: torch.Tensor,
+        image_embeddings: torch.Tensor | PreparedImage,
         points: tuple[torch.Tensor, torch.Tensor] | None = None,
         boxes: torch.Tensor | None = None,
         mask_inputs: torch.Tensor | None = None,
@@ -64,13 +81,16 @@ class Sam(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts in the input frame → low-res mask logits ``(B, K, 256, 256)`` and IoU ``(B, K)``.
 
-        ``image_embeddings`` is ``(1, C, h, w)`` (shared by all B prompts) or ``(B, C, h, w)``;
-        points ``(B, N, 2)`` with labels ``(B, N)``; boxes ``(B, 4)`` (x1, y1, x2, y2);
-        mask_inputs ``(B, 1, 256, 256)`` logits.
+        ``image_embeddings`` is ``(1, C, h, w)`` (shared by all B prompts), ``(B, C, h, w)``, or a
+        :meth:`prepare_image` result; points ``(B, N, 2)`` with labels ``(B, N)``; boxes ``(B, 4)``
+        (x1, y1, x2, y2); mask_inputs ``(B, 1, 256, 256)`` logits.
         """
+        image = image_embeddings
+        if isinstance(image, PreparedImage):
+            image = image.embedding if mask_inputs is not None else image.projected
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_inputs)
         return self.mask_decoder(
-            image_embeddings=image_embeddings,
+            image_embeddings=image,
             image_pe=self.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,

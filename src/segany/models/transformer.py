@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -35,24 +37,57 @@ class TwoWayTransformer(nn.Module):
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
     def forward(
-        self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
+        self, image_embedding: torch.Tensor | ProjectedImage, image_pe: torch.Tensor, point_embedding: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image ``(1 or B, C, h, w)``, its PE ``(1, C, h, w)``, tokens ``(B, N, C)``
-        → tokens ``(B, N, C)`` and image tokens ``(B, h*w, C)`` (contiguous).
+        """Image ``(1 or B, C, h, w)`` (or a :class:`ProjectedImage` from :meth:`project`), its PE
+        ``(1, C, h, w)``, tokens ``(B, N, C)`` → tokens ``(B, N, C)`` and image tokens
+        ``(B, h*w, C)`` (contiguous).
 
         An image of batch 1 is shared by the B prompts: the first block reads it once for all of
         them instead of from B copies.
         """
-        keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
-        key_pe = image_pe[:1].flatten(2).transpose(1, 2).contiguous()
+        if isinstance(image_embedding, ProjectedImage):
+            keys, key_pe, first = image_embedding.keys, image_embedding.key_pe, image_embedding
+        else:
+            keys, key_pe, first = _tokens(image_embedding), _tokens(image_pe[:1]), None
         queries = point_embedding
-        for layer in self.layers:
-            queries, keys = layer(queries, keys, point_embedding, key_pe)
+        for i, layer in enumerate(self.layers):
+            # keys made by a previous block are ours to update in place; the first block's are the caller's
+            queries, keys = layer(queries, keys, point_embedding, key_pe, projected=first if i == 0 else None,
+                                  keys_owned=i > 0)
         attn_out = self.final_attn_token_to_image.few_to_many(queries + point_embedding, keys + key_pe, keys)
         queries = self.norm_final_attn(queries + attn_out)
         if keys.shape[0] != queries.shape[0]:  # depth 0: the image was never made per prompt
             keys = keys.expand(queries.shape[0], -1, -1)
         return queries, keys
+
+    def project(self, image_embedding: torch.Tensor, image_pe: torch.Tensor) -> ProjectedImage:
+        """One image ``(1, C, h, w)`` and its PE, prepared for :meth:`forward` once for any number
+        of later prompts (the first block's image projections do not depend on the prompts)."""
+        keys, key_pe = _tokens(image_embedding), _tokens(image_pe[:1])
+        if not self.layers:
+            return ProjectedImage(keys, key_pe, keys + key_pe, None, None, None)
+        return self.layers[0].project(keys, key_pe)
+
+
+class ProjectedImage(NamedTuple):
+    """A shared image as the first two-way block reads it, computed once for all prompts.
+
+    ``keys``, ``key_pe``, ``keys_pe`` are ``(1, Ni, C)`` tokens (image, PE, their sum); ``k``,
+    ``v`` (token→image) and ``q`` (image→token) are the block's projections ``(heads, Ni, d)``.
+    """
+
+    keys: torch.Tensor
+    key_pe: torch.Tensor
+    keys_pe: torch.Tensor
+    k: torch.Tensor | None
+    v: torch.Tensor | None
+    q: torch.Tensor | None
+
+
+def _tokens(image: torch.Tensor) -> torch.Tensor:
+    """``(B, C, h, w)`` → contiguous ``(B, h*w, C)`` (no copy for channels-last input)."""
+    return image.flatten(2).transpose(1, 2).contiguous()
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -78,10 +113,12 @@ class TwoWayAttentionBlock(nn.Module):
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def forward(
-        self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor
+        self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor,
+        projected: ProjectedImage | None = None, keys_owned: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens ``(B, Nt, C)``, image tokens ``(1 or B, Ni, C)``, PEs alike but ``key_pe`` is
-        ``(1, Ni, C)`` → tokens and image tokens ``(B, Ni, C)``."""
+        ``(1, Ni, C)`` → tokens and image tokens ``(B, Ni, C)``. ``projected``: the shared image
+        already projected by :meth:`project`. ``keys_owned``: ``keys`` may be overwritten."""
         if self.skip_first_layer_pe:
             queries = self.self_attn(q=queries, k=queries, v=queries)
         else:
@@ -89,17 +126,29 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self.self_attn(q=q, k=q, v=queries)
         queries = self.norm1(queries)
 
-        keys_pe = keys + key_pe  # keys of the token→image and queries of the image→token attention
-        queries = self.norm2(queries + self.cross_attn_token_to_image.few_to_many(queries + query_pe, keys_pe, keys))
+        b, nt, c = queries.shape
+        if projected is None and keys.shape[0] == 1 and self.cross_attn_token_to_image.cheaper_projected(b * nt, c):
+            projected = self.project(keys, key_pe)
+        keys_pe = keys + key_pe if projected is None else projected.keys_pe  # keys of token→image, queries of image→token
+        kv = None if projected is None else (projected.k, projected.v)
+        queries = self.norm2(queries + self.cross_attn_token_to_image.few_to_many(queries + query_pe, keys_pe, keys, kv))
         queries = self.norm3(queries + self.mlp(queries))
 
         q = queries + query_pe
-        # Without autograd, per-prompt image tokens (ours: made by the previous block) take the
-        # residual in place instead of through a copy.
-        in_place = keys.shape[0] == q.shape[0] and not torch.is_grad_enabled()
-        keys = self.norm4(self.cross_attn_image_to_token.many_to_few(keys_pe, q, queries, residual=keys,
-                                                                     in_place=in_place))
+        # Without autograd, per-prompt image tokens made by the previous block take the residual
+        # in place instead of through a copy.
+        in_place = keys_owned and keys.shape[0] == q.shape[0] and not torch.is_grad_enabled()
+        keys = self.norm4(self.cross_attn_image_to_token.many_to_few(
+            keys_pe, q, queries, residual=keys, in_place=in_place,
+            projected_q=None if projected is None else projected.q))
         return queries, keys
+
+    def project(self, keys: torch.Tensor, key_pe: torch.Tensor) -> ProjectedImage:
+        """Shared image tokens ``(1, Ni, C)`` and PE → the projections this block's cross
+        attentions take from the image side."""
+        keys_pe = keys + key_pe
+        k, v = self.cross_attn_token_to_image.project_keys(keys_pe, keys)
+        return ProjectedImage(keys, key_pe, keys_pe, k, v, self.cross_attn_image_to_token.project_queries(keys_pe))
 
 
 class Attention(nn.Module):
@@ -137,21 +186,30 @@ class Attention(nn.Module):
         """``(heads, head_dim, embedding_dim)`` view of a projection's weight."""
         return linear.weight.view(self.num_heads, -1, linear.weight.shape[1])
 
-    def _project_image(self, n_rows: int, c: int) -> bool:
+    def cheaper_projected(self, n_rows: int, c: int) -> bool:
         """Whether projecting a shared image (``c → internal_dim`` once) is cheaper than folding
         the projection into ``n_rows`` prompt tokens (``heads · n_rows · c`` per image token)."""
         return self.num_heads * n_rows * c > c * self.internal_dim + n_rows * self.internal_dim
 
-    def few_to_many(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Few queries ``(B, Nt, C)`` attend to many keys/values ``(1 or B, Ni, C)`` → ``(B, Nt, C)``."""
+    def project_keys(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shared keys and values ``(1, Ni, C)`` → projected heads ``(h, Ni, d)`` each."""
+        return self._heads(self.k_proj(k))[0], self._heads(self.v_proj(v))[0]
+
+    def project_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """Shared queries ``(1, Ni, C)`` → projected heads ``(h, Ni, d)``."""
+        return self._heads(self.q_proj(q))[0]
+
+    def few_to_many(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    projected_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Few queries ``(B, Nt, C)`` attend to many keys/values ``(1 or B, Ni, C)`` → ``(B, Nt, C)``.
+        ``projected_kv``: ``project_keys(k, v)`` of a shared image, when already made."""
         b, nt, c = q.shape
         qh = self._heads(self.q_proj(q))  # (B, h, Nt, d)
         qh = qh * qh.shape[-1] ** -0.5
-        if k.shape[0] == 1 and self._project_image(b * nt, c):
-            # One shared image, many prompts: project the image once; rows of all prompts meet it
-            # in one product per head.
+        if projected_kv is not None:
+            # Rows of all prompts meet the projected image in one product per head.
+            kh, vh = projected_kv
             heads = self.num_heads
-            kh, vh = self._heads(self.k_proj(k))[0], self._heads(self.v_proj(v))[0]  # (h, Ni, d)
             rows = qh.transpose(0, 1).reshape(heads, b * nt, -1)  # (h, B*Nt, d)
             attn = torch.softmax(rows @ kh.transpose(1, 2), dim=-1)  # (h, B*Nt, Ni)
             out = (attn @ vh).view(heads, b, nt, -1).permute(1, 2, 0, 3).reshape(b, nt, self.internal_dim)
@@ -167,9 +225,10 @@ class Attention(nn.Module):
         return self.out_proj(out)
 
     def many_to_few(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor | None = None,
-                    in_place: bool = False) -> torch.Tensor:
+                    in_place: bool = False, projected_q: torch.Tensor | None = None) -> torch.Tensor:
         """Many queries ``(1 or B, Ni, C)`` attend to few keys/values ``(B, Nt, C)`` → ``(B, Ni, C)``,
-        plus ``residual`` (broadcastable) if given; ``in_place`` adds into ``residual`` itself."""
+        plus ``residual`` (broadcastable) if given; ``in_place`` adds into ``residual`` itself.
+        ``projected_q``: ``project_queries(q)`` of a shared image, when already made."""
         b, nt, c = k.shape
         ni, heads = q.shape[1], self.num_heads
         kh = self._heads(self.k_proj(k))  # (B, h, Nt, d)
@@ -177,10 +236,9 @@ class Attention(nn.Module):
         vh = self._heads(self.v_proj(v))
         # Logits as (B, h, Nt, Ni): the softmax over the few keys then runs along the contiguous
         # image axis; a softmax over a last axis of ~7 elements is several times slower.
-        if q.shape[0] == 1 and self._project_image(b * nt, c):
-            qh = self._heads(self.q_proj(q))[0]  # (h, Ni, d): a shared image, projected once
+        if projected_q is not None:
             rows = kh.transpose(0, 1).reshape(heads, b * nt, -1)  # (h, B*Nt, d)
-            logits = (rows @ qh.transpose(1, 2)).view(heads, b, nt, ni).transpose(0, 1)  # (B, h, Nt, Ni) view
+            logits = (rows @ projected_q.transpose(1, 2)).view(heads, b, nt, ni).transpose(0, 1)  # (B, h, Nt, Ni) view
         else:
             # (W_q x + b_q)·k = x·(W_q^T k) + b_q·k
             wk = torch.einsum("bhnd,hdc->bhnc", kh, self._head_weights(self.q_proj)).reshape(b, heads * nt, c)

@@ -42,10 +42,24 @@ def content_id(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
-def _features_nbytes(feats: Any) -> int:
-    if isinstance(feats, dict):
-        return sum(v.numel() * v.element_size() for v in feats.values())
-    return feats.numel() * feats.element_size()
+def _state_nbytes(state: ImageState) -> int:
+    """Bytes of the tensors an encoded image keeps (features and what was prepared from them),
+    each storage counted once."""
+    seen: dict[int, int] = {}
+
+    def visit(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        elif isinstance(x, dict):
+            for v in x.values():
+                visit(v)
+        elif isinstance(x, (tuple, list)):
+            for v in x:
+                visit(v)
+
+    visit(state.features)
+    visit(state.decoder_input)
+    return sum(seen.values())
 
 
 def png_base64(mask: np.ndarray) -> str:
@@ -121,7 +135,7 @@ class SegmentService:
             return entry
         p = self.predictor
         state = p._encode_states([(image_id, img)], p.args)[0]
-        entry = CachedImage(image_id, state, _features_nbytes(state.features) + img.nbytes)
+        entry = CachedImage(image_id, state, _state_nbytes(state) + img.nbytes)
         self.images.put(image_id, entry)
         return entry
 
