@@ -168,3 +168,39 @@ def test_decoder_paths_agree():
             assert (low.detach() - shared[0]).abs().max() <= TOL, list(prompts)
             assert (iou.detach() - shared[1]).abs().max() <= TOL, list(prompts)
     assert torch.equal(emb, before)
+
+
+def test_fused_linear_equals_plain_ops():
+    """The oneDNN product with bias and GELU fused equals PyTorch's own ops (fp32; bf16 under autocast)."""
+    from torch.nn import functional as F
+
+    from segany.models.common import linear
+
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 50, 96), torch.randn(64, 96) / 10, torch.randn(64)
+    for gelu in (False, True):
+        plain = F.linear(x, w, b)
+        plain = F.gelu(plain) if gelu else plain
+        with torch.no_grad():
+            fused = linear(x, w, b, gelu=gelu)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                fused_bf16 = linear(x, w, b, gelu=gelu)
+        assert fused.shape == plain.shape and (fused - plain).abs().max() <= 1e-5
+        assert fused_bf16.dtype == torch.bfloat16 and (fused_bf16.float() - plain).abs().max() <= 0.05
+
+
+def test_chunked_global_attention_equals_sdpa():
+    """The CPU's chunked global attention gives the SDPA path's values, with and without autograd."""
+    from segany.models import vit
+
+    torch.manual_seed(0)
+    attn = vit.Attention(64, 4, use_rel_pos=True, input_size=(20, 20))
+    torch.nn.init.normal_(attn.rel_pos_h, std=0.2)
+    torch.nn.init.normal_(attn.rel_pos_w, std=0.2)
+    q, k, v = torch.randn(3, 2, 4, 400, 16).unbind(0)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn._rel_pos_bias(q, 20, 20),
+                                                           scale=attn.scale)
+    with torch.no_grad():
+        chunked = attn._attention_in_chunks(q, k, v, 20, 20)
+    assert (chunked - ref).abs().max() <= 1e-5
+    assert (attn._attention_in_chunks(q, k, v, 20, 20) - ref).abs().max() <= 1e-5  # autograd on: list + cat

@@ -33,6 +33,9 @@ class MLPBlock(nn.Module):
         self.act = act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.act, nn.GELU) and self.act.approximate == "none":
+            hidden = linear(x, self.lin1.weight, self.lin1.bias, gelu=True)  # GELU applied as the product is written
+            return linear(hidden, self.lin2.weight, self.lin2.bias)
         return self.lin2(self.act(self.lin1(x)))
 
 
@@ -61,15 +64,23 @@ class MLP(nn.Module):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
-    """``x @ weight.T + bias`` for ``x (M, K)``, ``weight (N, K)``, then GELU if ``gelu``.
+    """``x @ weight.T + bias`` for ``x (..., K)``, ``weight (N, K)``, then GELU if ``gelu``.
 
-    In fp32 inference on CPU this is one oneDNN call with the bias and the GELU applied as the
-    product is written (PyTorch's own path copies the bias into the output first, and runs GELU
-    as another pass over it); elsewhere, and with autograd or autocast on, the plain ops.
+    In inference on CPU (fp32, or bf16 under autocast) this is one oneDNN call with the bias and
+    the GELU applied as the product is written (PyTorch's own path copies the bias into the output
+    first, and runs GELU as another pass over it); elsewhere, with autograd on, and under
+    ``torch.compile``, the plain ops.
     """
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and _ONEDNN_LINEAR is not None):
-        return _ONEDNN_LINEAR(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+    if (x.device.type == "cpu" and not torch.is_grad_enabled() and _ONEDNN_LINEAR is not None
+            and not torch.compiler.is_compiling()):  # (torch.compile fuses these itself)
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
+        if dtype in (torch.float32, torch.bfloat16) and weight.dtype == torch.float32:
+            if dtype != torch.float32:  # what autocast would run this product in
+                x, weight = x.to(dtype), weight.to(dtype)
+                bias = None if bias is None else bias.to(dtype)
+            out = _ONEDNN_LINEAR(x.reshape(-1, x.shape[-1]), weight, bias, "gelu" if gelu else "none", [],
+                                 "none" if gelu else "")
+            return out.view(*x.shape[:-1], -1)
     y = F.linear(x, weight, bias)
     return F.gelu(y) if gelu else y
 

@@ -1,8 +1,9 @@
 """SAM's ViT image encoder (ViT-B/L/H): windowed attention with decomposed relative positions.
 
 Attention runs through ``scaled_dot_product_attention`` with the decomposed relative
-position terms as an additive bias; the index tables that gather those terms are computed
-once per input size and cached, not rebuilt at every call.
+position terms as an additive bias, except for large global blocks on a CPU, which go a chunk of
+queries at a time; the index tables that gather those terms are computed once per input size and
+cached, not rebuilt at every call.
 """
 
 from __future__ import annotations
@@ -13,7 +14,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import LayerNorm2d, MLPBlock
+from .common import LayerNorm2d, MLPBlock, linear
+
+
+# Queries per step of the CPU global attention (ViT-B's 64×64 blocks: 12 heads × 128 × 4096
+# logits, 25 MB, a last-level-cache's worth); see Attention._attention_in_chunks.
+CPU_QUERY_CHUNK = 128
 
 
 class ImageEncoderViT(nn.Module):
@@ -154,25 +160,60 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
         # (3, B, heads, H*W, head_dim)
-        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        qkv = linear(x, self.qkv.weight, self.qkv.bias).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        bias = self._rel_pos_bias(q, h, w) if self.use_rel_pos else None
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        if self.use_rel_pos and q.device.type == "cpu" and h * w >= 2 * CPU_QUERY_CHUNK:
+            x = self._attention_in_chunks(q, k, v, h, w)
+        else:
+            bias = self._rel_pos_bias(q, h, w) if self.use_rel_pos else None
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         x = x.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
-        return self.proj(x)
+        return linear(x, self.proj.weight, self.proj.bias)
 
-    def _rel_pos_bias(self, q: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """Decomposed relative-position bias ``(B, heads, H*W, H*W)`` (MViTv2)."""
+    def _rel_pos_terms(self, q: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decomposed relative-position terms (MViTv2) of queries ``(B, heads, H*W, d)``:
+        ``(B, heads, H*W, H)`` by key row and ``(B, heads, H*W, W)`` by key column."""
         rh = self._rel_table(self.rel_pos_h, h)  # (H, H, head_dim)
         rw = self._rel_table(self.rel_pos_w, w)  # (W, W, head_dim)
         b, n_heads, _, dim = q.shape
         r_q = q.reshape(b, n_heads, h, w, dim)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh).reshape(b, n_heads, h * w, h)
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw).reshape(b, n_heads, h * w, w)
+        return rel_h, rel_w
+
+    def _rel_pos_bias(self, q: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Decomposed relative-position bias ``(B, heads, H*W, H*W)``."""
+        rel_h, rel_w = self._rel_pos_terms(q, h, w)
+        b, n_heads, n, _ = rel_h.shape
         # Contiguous terms make the broadcast sum contiguous, so the final reshape is a view:
         # for a 64×64 global block the bias is 805 MB at ViT-B, and a copy of it costs as much as the add.
-        rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh).contiguous()
-        rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw).contiguous()
-        bias = rel_h[..., :, None] + rel_w[..., None, :]  # (B, heads, H, W, H, W)
-        return bias.view(b, n_heads, h * w, h * w)
+        bias = rel_h.contiguous()[..., :, None] + rel_w.contiguous()[..., None, :]  # (B, heads, H*W, H, W)
+        return bias.view(b, n_heads, n, n)
+
+    def _attention_in_chunks(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int
+                             ) -> torch.Tensor:
+        """Attention with the relative-position terms for ``(B, heads, H*W, d)`` q, k, v, a chunk of
+        queries at a time: the logits of a chunk (all heads) stay in cache while the two terms
+        are added and the softmax runs, instead of a whole ``H*W × H*W`` bias per head going
+        through memory (805 MB per global block of ViT-B). Same values as the SDPA path."""
+        rel_h, rel_w = self._rel_pos_terms(q, h, w)
+        b, n_heads, n, _ = q.shape
+        kt, v = k.transpose(-1, -2).contiguous(), v.contiguous()  # laid out once for all chunks' products
+        q = q * self.scale
+        out = None if torch.is_grad_enabled() else torch.empty_like(q)
+        parts = []
+        for s in range(0, n, CPU_QUERY_CHUNK):
+            e = min(n, s + CPU_QUERY_CHUNK)
+            logits = q[:, :, s:e] @ kt  # (B, heads, c, H*W)
+            grid = logits.view(b, n_heads, e - s, h, w)
+            grid += rel_h[:, :, s:e, :, None]
+            grid += rel_w[:, :, s:e, None, :]
+            attn = torch.softmax(logits, dim=-1)
+            if out is None:
+                parts.append(attn @ v)
+            else:
+                torch.matmul(attn, v, out=out[:, :, s:e])
+        return torch.cat(parts, dim=2) if out is None else out
 
     def _rel_table(self, rel_pos: torch.Tensor, size: int) -> torch.Tensor:
         """Gather the ``(size, size, head_dim)`` table of relative embeddings."""
