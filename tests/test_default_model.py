@@ -90,3 +90,19 @@ def _boxes(masks: np.ndarray) -> list[list[int]]:
         ys, xs = np.nonzero(m)
         out.append([xs.min(), ys.min(), xs.max(), ys.max()])
     return out
+
+
+def test_model_defaults_apply_below_what_the_caller_sets():
+    """segany_tiny's own segment-everything filters replace the global defaults; the caller's win."""
+    from segany import Predictor
+    from segany.config import DEFAULTS
+    from segany.models import MODELS
+
+    own = MODELS["segany_tiny"].extra["defaults"]
+    assert own["conf_thres"] != DEFAULTS["conf_thres"]
+    api = SAM()
+    p = Predictor(model=api.model, config=api.config)
+    assert p._options({})["conf_thres"] == own["conf_thres"]
+    assert p._options({"conf_thres": 0.9})["conf_thres"] == 0.9
+    fixed = Predictor(overrides=dict(conf_thres=0.95), model=api.model, config=api.config)
+    assert fixed._options({})["conf_thres"] == 0.95
