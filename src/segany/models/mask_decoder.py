@@ -90,16 +90,15 @@ class MaskDecoder(nn.Module):
         is passed on as one shared image, not copied per prompt."""
         n_prompts = sparse_prompt_embeddings.shape[0]
         tokens = torch.cat((output_tokens.unsqueeze(0).expand(n_prompts, -1, -1), sparse_prompt_embeddings), dim=1)
-        if isinstance(image_embeddings, ProjectedImage):  # made by prepare_image: the dense embedding is in it
-            hs, keys = self.transformer(image_embeddings, image_pe, tokens)
-            h, w = image_pe.shape[-2:]
-            return hs, keys.view(n_prompts, h, w, -1).permute(0, 3, 1, 2)
-        dense = dense_prompt_embeddings
-        if image_embeddings.shape[0] == 1 and (dense.shape[0] == 1 or dense.stride(0) == 0):
-            dense = dense[:1]
-        hs, keys = self.transformer(image_embeddings + dense, image_pe, tokens)
-        b, c, h, w = n_prompts, *image_embeddings.shape[1:]
-        return hs, keys.view(b, h, w, c).permute(0, 3, 1, 2)
+        image = image_embeddings  # a ProjectedImage from prepare_image has the dense embedding in it
+        if not isinstance(image, ProjectedImage):
+            dense = dense_prompt_embeddings
+            if image.shape[0] == 1 and (dense.shape[0] == 1 or dense.stride(0) == 0):
+                dense = dense[:1]
+            image = image + dense
+        hs, keys = self.transformer(image, image_pe, tokens)
+        h, w = image_pe.shape[-2:]
+        return hs, keys.view(n_prompts, h, w, -1).permute(0, 3, 1, 2)
 
     def prepare_image(self, image_embedding: torch.Tensor, image_pe: torch.Tensor,
                       dense_prompt_embedding: torch.Tensor) -> ProjectedImage:

@@ -203,7 +203,6 @@ class Attention(nn.Module):
         b, n_heads, n, _ = q.shape
         kt, v = k.transpose(-1, -2).contiguous(), v.contiguous()  # laid out once for all chunks' products
         q = q * self.scale
-        out = None if torch.is_grad_enabled() else torch.empty_like(q)
         parts = []
         for s in range(0, n, CPU_QUERY_CHUNK):
             e = min(n, s + CPU_QUERY_CHUNK)
@@ -211,12 +210,8 @@ class Attention(nn.Module):
             grid = logits.view(b, n_heads, e - s, h, w)
             grid += rel_h[:, :, s:e, :, None]
             grid += rel_w[:, :, s:e, None, :]
-            attn = torch.softmax(logits, dim=-1)
-            if out is None:
-                parts.append(attn @ v)
-            else:
-                torch.matmul(attn, v, out=out[:, :, s:e])
-        return torch.cat(parts, dim=2) if out is None else out
+            parts.append(torch.softmax(logits, dim=-1) @ v)
+        return torch.cat(parts, dim=2)
 
     def _rel_table(self, rel_pos: torch.Tensor, size: int) -> torch.Tensor:
         """Gather the ``(size, size, head_dim)`` table of relative embeddings."""
