@@ -6,6 +6,8 @@ after warm-up, in ms per image:
   meta autocast      Meta's encoder, fp32 weights under bf16 autocast (what its code does with AMP)
   ours autocast      segany's encoder the same way (``half=True`` today)
   ours bf16          segany's encoder with bf16 weights and inputs
+  ours bf16 bias-attention  the same with the relative positions as an additive SDPA bias
+                     (the path before the folded q/k one; for comparison)
   ours bf16 compile  the same through ``torch.compile`` (``--compile``; compile time reported)
 
 plus each variant's relative error against segany's fp32 embedding (‖a − b‖ / ‖b‖) and peak
@@ -56,10 +58,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def bench_model(name: str, batch: int, repeat: int, compile_: bool, device: str) -> list[dict]:
+def bench_model(name: str, batch: int, repeat: int, compile_: bool, device: str,
+                compile_only: bool = False) -> list[dict]:
     from conftest import SMALL_VIT, meta_twin, random_sam
 
-    from segany.models import MODELS
+    from segany.models import MODELS, vit
 
     cfg = SMALL_VIT if name == "small" else MODELS[name]
     ours = random_sam(cfg, seed=0).eval()
@@ -91,14 +94,19 @@ def bench_model(name: str, batch: int, repeat: int, compile_: bool, device: str)
                     return module(x)
             return fn
 
-        variant("meta autocast", autocast(meta_enc))
-        variant("ours fp32", lambda: enc(x))
-        variant("ours autocast", autocast(enc))
+        if not compile_only:
+            variant("meta autocast", autocast(meta_enc))
+            variant("ours fp32", lambda: enc(x))
+            variant("ours autocast", autocast(enc))
         meta_enc.cpu()
         enc_bf16 = copy.deepcopy(enc).to(torch.bfloat16)
         enc.cpu()
         xb = x.to(torch.bfloat16)
-        variant("ours bf16", lambda: enc_bf16(xb))
+        if not compile_only:
+            variant("ours bf16", lambda: enc_bf16(xb))
+            vit.GPU_REL_POS = "bias"  # A/B: the additive-bias attention this release replaced on GPUs
+            variant("ours bf16 bias-attention", lambda: enc_bf16(xb))
+            vit.GPU_REL_POS = "augmented"
     if compile_:
         compiled = torch.compile(enc_bf16)
         t0 = time.perf_counter()
@@ -118,6 +126,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile-only", action="store_true", help="only the compiled variants (and the fp32 reference)")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--device", default="cuda", help="cpu: a check of the script itself (--models small)")
     a = ap.parse_args()
@@ -126,7 +135,7 @@ def main() -> None:
     print(f"device: {name}, torch {torch.__version__}", flush=True)
     rows = []
     for model in a.models:
-        rows += bench_model(model, a.batch, a.repeat, a.compile, a.device)
+        rows += bench_model(model, a.batch, a.repeat, a.compile or a.compile_only, a.device, a.compile_only)
         if a.device == "cuda":
             torch.cuda.empty_cache()
     print(f"\n{'model':8s} {'variant':20s} {'ms/img':>8s} {'rel err':>9s} {'peak MiB':>9s} {'setup s':>8s}")

@@ -262,17 +262,22 @@ def test_run_length_codes_and_boxes_match_meta(crop_box):
     masks = _random_masks(8, y1 - y0, x1 - x0, seed=x0 + y0)
     trans = ops.column_transitions(masks.transpose(1, 2).float() * 2 - 1, 0.0)
     torch_path = ops.column_transitions(masks.transpose(1, 2), 0.0, use_numpy=False)  # the GPU code path
-    assert all(np.array_equal(a, b) for a, b in zip(trans, torch_path))
+    assert np.array_equal(trans.mask, torch_path.mask) and np.array_equal(trans.pos, torch_path.pos)
     meta_rles = amg.mask_to_rle_pytorch(amg.uncrop_masks(masks, crop_box, big_h, big_w))
-    for i, j in enumerate(trans):
-        counts = ops.transitions_to_counts(j, y1 - y0, crop_box, (big_h, big_w))
-        assert counts.tolist() == meta_rles[i]["counts"]
-        assert ops._box(j, y1 - y0) == tuple(amg.batched_mask_to_box(masks[i : i + 1])[0].tolist())
-        rle = ops.encode_counts(counts, (big_h, big_w))
+    assert ops.transition_boxes(trans).tolist() == amg.batched_mask_to_box(masks).tolist()
+    counts = ops.transition_counts(trans, np.arange(len(masks)), crop_box, (big_h, big_w))
+    for i in range(len(masks)):
+        assert counts[i].tolist() == meta_rles[i]["counts"]
+        rle = ops.encode_counts(counts[i], (big_h, big_w))
         np.testing.assert_array_equal(ops.decode_rle(rle), amg.rle_to_mask(meta_rles[i]))
         assert rle["counts"].decode() == amg.coco_encode_rle(meta_rles[i])["counts"]
+    some = ops.transition_counts(trans, np.array([0, 3, 4, 6]), crop_box, (big_h, big_w))
+    assert [c.tolist() for c in some] == [meta_rles[i]["counts"] for i in (0, 3, 4, 6)]
     full = amg.uncrop_masks(masks, crop_box, big_h, big_w)
     assert ops.mask_to_counts(full[5].numpy()).tolist() == meta_rles[5]["counts"]
+    # Masks rebuilt from the counts, by the CPU's fill and the GPU's boundary sum (run here on the CPU).
+    assert torch.equal(ops.counts_to_masks(counts, (big_h, big_w)), full)
+    assert torch.equal(ops._sum_boundaries(counts, (big_h, big_w), torch.device("cpu")), full)
 
 
 @pytest.mark.parametrize("orig", [(180, 240), (1000, 700), (7, 3), (256, 256)])

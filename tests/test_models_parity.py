@@ -204,3 +204,23 @@ def test_chunked_global_attention_equals_sdpa():
         chunked = attn._attention_in_chunks(q, k, v, 20, 20)
     assert (chunked - ref).abs().max() <= 1e-5
     assert (attn._attention_in_chunks(q, k, v, 20, 20) - ref).abs().max() <= 1e-5  # autograd on: list + cat
+
+
+def test_augmented_rel_pos_attention_equals_bias():
+    """The GPU's half-precision path (relative terms folded into q and k) computes the bias path's
+    attention: checked here in fp32 on the CPU, on a non-square grid (rows and columns differ)."""
+    from segany.models import vit
+
+    torch.manual_seed(0)
+    attn = vit.Attention(64, 4, use_rel_pos=True, input_size=(12, 20))
+    torch.nn.init.normal_(attn.rel_pos_h, std=0.2)
+    torch.nn.init.normal_(attn.rel_pos_w, std=0.2)
+    q, k, v = torch.randn(3, 2, 4, 240, 16).unbind(0)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn._rel_pos_bias(q, 12, 20),
+                                                           scale=attn.scale)
+    out = attn._attention_augmented(q, k, v, 12, 20)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max() <= 1e-5
+    # Taken only for half precision on a GPU, and only where flash takes the head dimension.
+    assert not vit._use_augmented(q, 12, 20)
+    assert not vit._use_augmented(q.to(torch.bfloat16), 12, 20)  # a CPU tensor

@@ -39,7 +39,7 @@ from ..errors import ConfigError
 from .amg_utils import (batched_mask_to_box, batched_nms, box_xyxy_to_xywh, build_all_layer_point_grids,
                         generate_crop_boxes, remove_small_regions)
 from .device import autocast
-from .everything_ops import MaskSet, Upsampler, decode_rle, encode_counts, mask_to_counts, process_batch
+from .everything_ops import MaskSet, Upsampler, counts_to_masks, encode_counts, mask_to_counts, process_batch
 from .results import Results
 from .transforms import scale_coords
 
@@ -163,12 +163,12 @@ def segment_everything(predictor, state, opts: dict[str, Any]) -> Results:
         found = found.select(keep)
     if p.min_mask_region_area > 0 and len(found):
         found = _clean_small_regions(found, (h, w), p.min_mask_region_area, max(p.iou, p.crop_nms_thresh))
-    masks, records = _outputs(found, crop_boxes, (h, w))
+    masks, records = _outputs(found, crop_boxes, (h, w), predictor.device)
     total = (time.perf_counter() - t_start) * 1000
     return Results(
         orig_img=state.orig_img,
         path=state.path,
-        masks=masks.to(predictor.device),
+        masks=masks,
         scores=found.iou[0],
         cls=torch.arange(len(found)),
         speed=dict(preprocess=state.preprocess_ms + timing["preprocess"],
@@ -197,7 +197,7 @@ def _process_crop(model, feats, box, ci, input_size, orig_size, grid, p, half, d
         return
     keep = batched_nms(crop_set.boxes[0].float(), crop_set.iou[0], torch.zeros(len(crop_set)), p.iou)
     crop_set = crop_set.select(keep)
-    found.add(crop_set.rles, crop_set.area[0], crop_set.boxes[0] + torch.tensor([x0, y0, x0, y0]), crop_set.iou[0],
+    found.add(crop_set.counts, crop_set.area[0], crop_set.boxes[0] + torch.tensor([x0, y0, x0, y0]), crop_set.iou[0],
               crop_set.stability[0], crop_set.points[0] + torch.tensor([x0, y0], dtype=torch.float64),
               crop_set.crop[0])
 
@@ -207,9 +207,9 @@ def _clean_small_regions(found: MaskSet, size: tuple[int, int], min_area: float,
     islands, then NMS on the new boxes preferring unchanged masks (score 1, changed 0)."""
     h, w = size
     boxes, area = found.boxes[0].clone(), found.area[0].clone()
-    rles, scores = list(found.rles), []
-    for i, rle in enumerate(found.rles):
-        mask = decode_rle(rle)
+    all_counts, scores = list(found.counts), []
+    for i, counts in enumerate(found.counts):
+        mask = counts_to_masks([counts], size)[0].numpy()
         mask, changed_holes = remove_small_regions(mask, min_area, mode="holes")
         mask, changed_islands = remove_small_regions(mask, min_area, mode="islands")
         changed = changed_holes or changed_islands
@@ -218,27 +218,26 @@ def _clean_small_regions(found: MaskSet, size: tuple[int, int], min_area: float,
             mask = np.ascontiguousarray(mask)
             boxes[i] = batched_mask_to_box(torch.from_numpy(mask)[None])[0]
             counts = mask_to_counts(mask)
-            rles[i], area[i] = encode_counts(counts, size), int(counts[1::2].sum())
+            all_counts[i], area[i] = counts, int(counts[1::2].sum())
     keep = batched_nms(boxes.float(), torch.tensor(scores), torch.zeros(len(boxes)), nms_thresh)
-    found = MaskSet(rles, [area], [boxes], found.iou, found.stability, found.points, found.crop)
+    found = MaskSet(all_counts, [area], [boxes], found.iou, found.stability, found.points, found.crop)
     return found.select(keep)
 
 
-def _outputs(found: MaskSet, crop_boxes: list[list[int]], size: tuple[int, int]) -> tuple[torch.Tensor, list[dict]]:
-    """Masks ``(N, H, W)`` bool decoded from the kept run-length codes, and the SA-1B records."""
+def _outputs(found: MaskSet, crop_boxes: list[list[int]], size: tuple[int, int], device: torch.device
+             ) -> tuple[torch.Tensor, list[dict]]:
+    """Masks ``(N, H, W)`` bool on ``device`` rebuilt from the kept run-length codes, and the
+    SA-1B records (with COCO's compressed RLE)."""
     h, w = size
-    masks = torch.zeros((len(found), h, w), dtype=torch.bool)
-    out = masks.numpy()
     areas = found.area[0]
     xywh = box_xyxy_to_xywh(found.boxes[0], empty=areas == 0).tolist()
     iou, stab = found.iou[0].tolist(), found.stability[0].tolist()
     points, crops, areas = found.points[0].tolist(), found.crop[0].tolist(), areas.tolist()
     records = []
-    for i, rle in enumerate(found.rles):
-        out[i] = decode_rle(rle)
+    for i, counts in enumerate(found.counts):
         x0, y0, x1, y1 = crop_boxes[crops[i]]
         records.append({
-            "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
+            "segmentation": {"size": [h, w], "counts": encode_counts(counts, size)["counts"].decode("ascii")},
             "area": areas[i],
             "bbox": xywh[i],
             "predicted_iou": iou[i],
@@ -246,4 +245,4 @@ def _outputs(found: MaskSet, crop_boxes: list[list[int]], size: tuple[int, int])
             "stability_score": stab[i],
             "crop_box": [x0, y0, x1 - x0, y1 - y0],
         })
-    return masks, records
+    return counts_to_masks(found.counts, size, device), records

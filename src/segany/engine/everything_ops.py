@@ -13,8 +13,11 @@ lists. Here the same filters run in the same order on the same values, but:
   does not grow with the batch or the image size;
 - pixel counts use ``numpy.count_nonzero`` on the CPU (a torch ``sum`` of booleans is ~100x
   slower there); run-length codes come from the crop-sized masks, shifted into the image's
-  column-major order (never padding a mask to the image), and are kept compressed (COCO's
-  string form, what the records carry anyway; ~8x smaller than int64 counts for noisy masks).
+  column-major order (never padding a mask to the image), kept as int32 counts (compressed to
+  COCO's string form only for the masks that survive NMS, for the records);
+- the surviving masks are rebuilt from their counts where ``Results`` keeps them (on a GPU: the
+  run boundaries are scattered and summed there, then transposed; no full-size mask crosses
+  the bus), not decoded by pycocotools and transposed on the host (~2 ms a 1024×768 mask).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
@@ -34,13 +38,15 @@ from .decoding import decode_in_chunks
 # chunks are large there (a 64-point batch of a 1024×768 image in one); on the CPU small chunks
 # stay in cache.
 UPSAMPLE_BYTES = {"cpu": 64 * 2**20, "cuda": 2**30}
+# Working bytes of a chunk of output masks rebuilt on a GPU (see _sum_boundaries).
+BOUNDARY_BYTES = 256 * 2**20
 
 
 @dataclass
 class MaskSet:
     """Masks kept so far, as run-length codes plus their per-mask fields (all on the CPU)."""
 
-    rles: list[dict] = field(default_factory=list)  # compressed COCO RLE of the mask in the image
+    counts: list[np.ndarray] = field(default_factory=list)  # int32 COCO counts of the mask in the image
     area: list[torch.Tensor] = field(default_factory=list)  # (n,) int64 pixel counts
     boxes: list[torch.Tensor] = field(default_factory=list)  # (n, 4) int64 XYXY inclusive
     iou: list[torch.Tensor] = field(default_factory=list)  # (n,) float32 predicted IoU
@@ -48,8 +54,8 @@ class MaskSet:
     points: list[torch.Tensor] = field(default_factory=list)  # (n, 2) float64 x, y
     crop: list[torch.Tensor] = field(default_factory=list)  # (n,) int64 crop index
 
-    def add(self, rles, area, boxes, iou, stability, points, crop) -> None:
-        self.rles.extend(rles)
+    def add(self, counts, area, boxes, iou, stability, points, crop) -> None:
+        self.counts.extend(counts)
         for name, v in (("area", area), ("boxes", boxes), ("iou", iou), ("stability", stability),
                         ("points", points), ("crop", crop)):
             getattr(self, name).append(torch.as_tensor(v).cpu())
@@ -58,18 +64,18 @@ class MaskSet:
         """One tensor per field (empty tensors of the right shape when there are no masks)."""
         def cat(parts, shape, dtype):
             return [torch.cat(parts)] if parts else [torch.zeros(shape, dtype=dtype)]
-        return MaskSet(self.rles, cat(self.area, (0,), torch.int64), cat(self.boxes, (0, 4), torch.int64),
+        return MaskSet(self.counts, cat(self.area, (0,), torch.int64), cat(self.boxes, (0, 4), torch.int64),
                        cat(self.iou, (0,), torch.float32),
                        cat(self.stability, (0,), torch.float32), cat(self.points, (0, 2), torch.float64),
                        cat(self.crop, (0,), torch.int64))
 
     def __len__(self) -> int:
-        return len(self.rles)
+        return len(self.counts)
 
     def select(self, idx: torch.Tensor) -> MaskSet:
         """Masks ``idx`` (in that order) of a :meth:`merged` set."""
         il = idx.tolist()
-        return MaskSet([self.rles[i] for i in il], [self.area[0][idx]], [self.boxes[0][idx]], [self.iou[0][idx]],
+        return MaskSet([self.counts[i] for i in il], [self.area[0][idx]], [self.boxes[0][idx]], [self.iou[0][idx]],
                        [self.stability[0][idx]], [self.points[0][idx]], [self.crop[0][idx]])
 
 
@@ -180,19 +186,18 @@ def process_batch(
             continue
         trans = column_transitions(up_t, thr)
         del up_t
-        boxes = torch.tensor(np.array([_box(j, h) for j in trans], dtype=np.int64).reshape(-1, 4))
+        boxes = torch.from_numpy(transition_boxes(trans))
         # Masks near a crop edge that is not an image edge are probably cut off by the crop.
         ok = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_size[1], orig_size[0]])
-        kept = ok.nonzero()[:, 0].tolist()
-        if not kept:
+        kept = ok.nonzero()[:, 0].numpy()
+        if not kept.size:
             continue
-        counts = [transitions_to_counts(trans[i], h, crop_box, orig_size) for i in kept]
+        counts = transition_counts(trans, kept, crop_box, orig_size)
         area = torch.tensor([int(c[1::2].sum()) for c in counts], dtype=torch.int64)
-        rles = [encode_counts(c, orig_size) for c in counts]
         sel = sel[ok]
         pts = points_crop[point_idx[sel.to(dev)].cpu()]
-        out.add(rles, area, boxes[ok], iou[sel.to(dev)], stab[ok], pts,
-                torch.full((len(rles),), crop_idx, dtype=torch.int64))
+        out.add(counts, area, boxes[ok], iou[sel.to(dev)], stab[ok], pts,
+                torch.full((len(counts),), crop_idx, dtype=torch.int64))
     return decode_ms
 
 
@@ -212,10 +217,25 @@ def _count(mask: torch.Tensor, use_numpy: bool | None = None) -> np.ndarray:
     return np.array([np.count_nonzero(a[i]) for i in range(a.shape[0])], dtype=np.int64)
 
 
-def column_transitions(logits_t: torch.Tensor, thr: float, use_numpy: bool | None = None) -> list[np.ndarray]:
-    """Transposed logits (or bool masks) ``(n, w, h)`` → per mask the sorted positions
-    ``c * (h + 1) + r`` where column ``c`` of the mask ``logits > thr`` switches on or off
-    before row ``r`` (0..h). The positions are found with numpy on the CPU, torch elsewhere."""
+@dataclass
+class Transitions:
+    """Where the columns of ``n`` masks ``(n, w, h)`` (transposed: column-major) switch on or off:
+    transition ``k`` is in mask ``mask[k]`` at ``pos[k] = c * (h + 1) + r``, column ``c`` changing
+    before row ``r`` (0..h). Sorted by mask, then position."""
+
+    mask: np.ndarray  # (M,) int64
+    pos: np.ndarray  # (M,) int64
+    n: int
+    h: int
+
+    def bounds(self) -> np.ndarray:
+        """``(n + 1,)``: mask ``i``'s transitions are ``bounds[i]:bounds[i + 1]``."""
+        return np.searchsorted(self.mask, np.arange(self.n + 1))
+
+
+def column_transitions(logits_t: torch.Tensor, thr: float, use_numpy: bool | None = None) -> Transitions:
+    """Transposed logits (or bool masks) ``(n, w, h)`` → the :class:`Transitions` of the masks
+    ``logits > thr``, found with numpy on the CPU and torch elsewhere."""
     n, w, h = logits_t.shape
     padded = torch.zeros((n, w, h + 2), dtype=torch.bool, device=logits_t.device)
     if logits_t.dtype == torch.bool:
@@ -225,51 +245,105 @@ def column_transitions(logits_t: torch.Tensor, thr: float, use_numpy: bool | Non
     change = padded[:, :, 1:] != padded[:, :, :-1]  # (n, w, h + 1)
     del padded
     if change.device.type == "cpu" if use_numpy is None else use_numpy:
-        a = change.numpy().reshape(n, -1)
-        return [np.flatnonzero(a[i]) for i in range(n)]
-    idx = torch.nonzero(change.view(n, -1)).cpu().numpy()
-    bounds = np.searchsorted(idx[:, 0], np.arange(n + 1))
-    return [idx[bounds[i] : bounds[i + 1], 1] for i in range(n)]
+        mask, pos = np.nonzero(change.numpy().reshape(n, -1))
+    else:
+        mask, pos = torch.nonzero(change.view(n, -1)).cpu().numpy().T
+    return Transitions(mask.astype(np.int64), pos.astype(np.int64), n, h)
 
 
-def _box(j: np.ndarray, h: int) -> tuple[int, int, int, int]:
-    """XYXY inclusive box of a mask from its transitions; ``(0, 0, 0, 0)`` when empty (Meta)."""
-    if j.size == 0:
-        return 0, 0, 0, 0
-    r = j % (h + 1)
-    # In each column the first transition is a run start and the last a run end, so the
-    # extreme rows of all transitions are the top row and one past the bottom row.
-    return int(j[0] // (h + 1)), int(r.min()), int(j[-1] // (h + 1)), int(r.max()) - 1
+def transition_boxes(t: Transitions) -> np.ndarray:
+    """``(n, 4)`` int64 XYXY inclusive boxes of the masks; ``(0, 0, 0, 0)`` when empty (Meta)."""
+    boxes = np.zeros((t.n, 4), dtype=np.int64)
+    b = t.bounds()
+    has = np.flatnonzero(b[1:] > b[:-1])
+    if has.size == 0:
+        return boxes
+    col, row = np.divmod(t.pos, t.h + 1)
+    # In each column the first transition starts a run and the last ends one, so the extreme
+    # rows of all transitions are the top row and one past the bottom row.
+    boxes[has, 0] = col[b[has]]
+    boxes[has, 1] = np.minimum.reduceat(row, b[has])
+    boxes[has, 2] = col[b[has + 1] - 1]
+    boxes[has, 3] = np.maximum.reduceat(row, b[has]) - 1
+    return boxes
 
 
-def transitions_to_counts(j: np.ndarray, h: int, crop_box: list[int], orig_size: tuple[int, int]) -> np.ndarray:
-    """Transitions of a crop mask (see :func:`column_transitions`) → COCO counts of the mask
-    placed in the ``orig_size`` image (equal to Meta's RLE of ``uncrop_masks``)."""
+def transition_counts(t: Transitions, keep: np.ndarray, crop_box: list[int], orig_size: tuple[int, int]
+                      ) -> list[np.ndarray]:
+    """COCO counts (int32, column-major) of masks ``keep`` (ascending) placed at ``crop_box`` in
+    the ``orig_size`` image: equal to Meta's RLE of ``uncrop_masks``."""
     big_h, big_w = orig_size
     length = big_h * big_w
-    c, r = np.divmod(j, h + 1)
-    pos = (c + int(crop_box[0])) * big_h + (r + int(crop_box[1]))
-    if h == big_h and pos.size > 1:
+    chosen = np.zeros(t.n, dtype=bool)
+    chosen[keep] = True
+    sel = chosen[t.mask]
+    mask, (col, row) = t.mask[sel], np.divmod(t.pos[sel], t.h + 1)
+    pos = (col + int(crop_box[0])) * big_h + (row + int(crop_box[1]))
+    drop = pos == length  # a run reaching the last pixel: no trailing empty run
+    if t.h == big_h and pos.size > 1:
         # A run ending at the bottom of column c and one starting at the top of column c + 1
         # are one run in the image (columns are adjacent in column-major order).
-        dup = np.flatnonzero(pos[1:] == pos[:-1])
-        if dup.size:
-            pos = np.delete(pos, np.concatenate([dup, dup + 1]))
-    if pos.size and pos[-1] == length:
-        pos = pos[:-1]  # a run reaching the last pixel: no trailing empty run
-    return np.diff(pos, prepend=0, append=length)
+        dup = np.flatnonzero((pos[1:] == pos[:-1]) & (mask[1:] == mask[:-1]))
+        drop[dup] = drop[dup + 1] = True
+    mask, pos = mask[~drop], pos[~drop]
+    first = np.ones(pos.size, dtype=bool)
+    first[1:] = mask[1:] != mask[:-1]
+    runs = pos - np.where(first, 0, np.roll(pos, 1))  # each run up to a boundary
+    starts, ends = np.searchsorted(mask, keep), np.searchsorted(mask, keep, side="right")
+    last = np.zeros(len(keep), dtype=np.int64)  # each mask's last boundary (0: none)
+    last[ends > starts] = pos[ends[ends > starts] - 1]
+    counts = np.insert(runs, ends, length - last).astype(np.int32)  # + the run after the last boundary
+    return np.split(counts, (ends + np.arange(1, len(keep) + 1))[:-1])
 
 
 def mask_to_counts(mask: np.ndarray) -> np.ndarray:
-    """``(H, W)`` bool mask → COCO counts (int64, column-major)."""
+    """``(H, W)`` bool mask → COCO counts (int32, column-major)."""
     h, w = mask.shape
-    j = column_transitions(torch.from_numpy(mask.T)[None], 0.0)[0]
-    return transitions_to_counts(j, h, [0, 0, w, h], (h, w))
+    t = column_transitions(torch.from_numpy(mask.T)[None], 0.0)
+    return transition_counts(t, np.zeros(1, dtype=np.int64), [0, 0, w, h], (h, w))[0]
 
 
 def encode_counts(counts: np.ndarray, size: tuple[int, int]) -> dict:
     """COCO counts → compressed COCO RLE ``{"size": [H, W], "counts": bytes}`` (pycocotools)."""
     return mask_utils.frPyObjects({"size": list(size), "counts": counts}, *size)
+
+
+def counts_to_masks(counts: list[np.ndarray], size: tuple[int, int], device: torch.device | str = "cpu"
+                    ) -> torch.Tensor:
+    """COCO counts (column-major) of ``size`` masks → ``(N, H, W)`` bool on ``device``."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return _fill_runs(counts, size)
+    return _sum_boundaries(counts, size, device)
+
+
+def _fill_runs(counts: list[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
+    """On the CPU: each mask filled run by run (``numpy.repeat``), then transposed by OpenCV."""
+    h, w = size
+    out = torch.empty((len(counts), h, w), dtype=torch.bool)
+    dst = out.numpy().view(np.uint8)
+    parity = np.resize(np.array([0, 1], np.uint8), max((len(c) for c in counts), default=0))
+    for i, c in enumerate(counts):
+        cv2.transpose(np.repeat(parity[: len(c)], c).reshape(w, h), dst=dst[i])
+    return out
+
+
+def _sum_boundaries(counts: list[np.ndarray], size: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """On a GPU only the run boundaries travel: a chunk of masks gets a 1 at each boundary, a
+    running sum along each column-major mask, its parity, and one transpose, on the device. The
+    sums are bytes: they wrap at 256, which keeps their parity."""
+    h, w = size
+    out = torch.empty((len(counts), h, w), dtype=torch.bool, device=device)
+    chunk = max(1, BOUNDARY_BYTES // (2 * h * w))  # the marks and their sums, a byte a pixel each
+    for s in range(0, len(counts), chunk):
+        part = counts[s : s + chunk]
+        # Boundaries between runs; an empty first run puts one at 0, and the last run ends at h*w.
+        flat = np.concatenate([np.cumsum(c[:-1], dtype=np.int64) + i * h * w for i, c in enumerate(part)])
+        marks = torch.zeros(len(part) * h * w, dtype=torch.uint8, device=device)
+        marks[torch.from_numpy(flat).to(device)] = 1
+        on = torch.cumsum(marks.view(len(part), h * w), dim=1, dtype=torch.uint8).bitwise_and_(1)
+        out[s : s + len(part)] = on.view(len(part), w, h).transpose(1, 2)
+    return out
 
 
 def decode_rle(rle: dict) -> np.ndarray:

@@ -23,6 +23,12 @@ CPU_QUERY_CHUNK = 128
 # From this many tokens a CPU global block goes by chunks: ViT-B/L/H (4096) gain ~15 %; at 1024
 # (the default model's 32×32) SDPA with the whole bias is faster (45 against 52 ms an encoder).
 CPU_CHUNKED_MIN_TOKENS = 2048
+# On a GPU in half precision the relative-position terms ride inside q and k (see
+# Attention._attention_augmented), so SDPA can take its flash kernel instead of reading an
+# H*W × H*W bias per head; "bias" keeps the additive bias (an A/B switch for benchmarks).
+GPU_REL_POS = "augmented"
+# Flash kernels take head dimensions up to this.
+_FLASH_MAX_HEAD_DIM = 256
 
 
 class ImageEncoderViT(nn.Module):
@@ -158,7 +164,7 @@ class Attention(nn.Module):
                 raise ValueError("input_size is needed for relative position embeddings")
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
-        self._index_cache: dict[tuple[int, str], torch.Tensor] = {}
+        self._index_cache: dict[tuple, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
@@ -167,6 +173,8 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)
         if self.use_rel_pos and q.device.type == "cpu" and h * w >= CPU_CHUNKED_MIN_TOKENS:
             x = self._attention_in_chunks(q, k, v, h, w)
+        elif self.use_rel_pos and _use_augmented(q, h, w):
+            x = self._attention_augmented(q, k, v, h, w)
         else:
             bias = self._rel_pos_bias(q, h, w) if self.use_rel_pos else None
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
@@ -213,6 +221,33 @@ class Attention(nn.Module):
             parts.append(torch.softmax(logits, dim=-1) @ v)
         return torch.cat(parts, dim=2)
 
+    def _attention_augmented(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int
+                             ) -> torch.Tensor:
+        """The same attention as the bias path, with the relative-position terms folded into the
+        product: ``[q·scale, rel_h, rel_w] · [k, onehot(key row), onehot(key column)]`` equals
+        ``q·k·scale + rel_h[key row] + rel_w[key column]``, so no ``H*W × H*W`` bias is built and
+        SDPA may use its flash kernel (which takes no bias). ``v`` is zero-padded to the same
+        head dimension (flash needs equal ones); the padding's outputs are dropped."""
+        rel_h, rel_w = self._rel_pos_terms(q, h, w)
+        b, n_heads, n, d = q.shape
+        extra = (-(d + h + w)) % 8  # flash wants head dimensions in multiples of 8
+        q_aug = torch.cat([q * self.scale, rel_h, rel_w, q.new_zeros(b, n_heads, n, extra)], dim=-1)
+        k_aug = torch.cat([k, self._key_onehot(h, w, extra, k).expand(b, n_heads, n, -1)], dim=-1)
+        v_aug = F.pad(v, (0, h + w + extra))
+        return F.scaled_dot_product_attention(q_aug, k_aug, v_aug, scale=1.0)[..., :d]
+
+    def _key_onehot(self, h: int, w: int, extra: int, like: torch.Tensor) -> torch.Tensor:
+        """``(H*W, H + W + extra)``: each key's row and column as one-hot vectors (cached)."""
+        key = (h, w, extra, str(like.device), like.dtype)
+        onehot = self._index_cache.get(key)
+        if onehot is None:
+            n = torch.arange(h * w, device=like.device)
+            onehot = torch.zeros(h * w, h + w + extra, dtype=like.dtype, device=like.device)
+            onehot[n, n // w] = 1
+            onehot[n, h + n % w] = 1
+            self._index_cache[key] = onehot
+        return onehot
+
     def _rel_table(self, rel_pos: torch.Tensor, size: int) -> torch.Tensor:
         """Gather the ``(size, size, head_dim)`` table of relative embeddings."""
         max_rel_dist = 2 * size - 1
@@ -227,6 +262,11 @@ class Attention(nn.Module):
             idx = coords[:, None] - coords[None, :] + (size - 1)
             self._index_cache[key] = idx
         return rel_pos[idx]
+
+
+def _use_augmented(q: torch.Tensor, h: int, w: int) -> bool:
+    return (GPU_REL_POS == "augmented" and q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
+            and (q.shape[-1] + h + w + 7) // 8 * 8 <= _FLASH_MAX_HEAD_DIM)
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
