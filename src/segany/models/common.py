@@ -71,8 +71,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
     first, and runs GELU as another pass over it); elsewhere, with autograd on, and under
     ``torch.compile``, the plain ops.
     """
-    if (x.device.type == "cpu" and not torch.is_grad_enabled() and _ONEDNN_LINEAR is not None
-            and not torch.compiler.is_compiling()):  # (torch.compile fuses these itself)
+    if onednn_products(x):
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
         if dtype in (torch.float32, torch.bfloat16) and weight.dtype == torch.float32:
             if dtype != torch.float32:  # what autocast would run this product in
@@ -83,6 +82,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
             return out.view(*x.shape[:-1], -1)
     y = F.linear(x, weight, bias)
     return F.gelu(y) if gelu else y
+
+
+def onednn_products(x: torch.Tensor) -> bool:
+    """Whether :func:`linear` runs ``x``'s products through oneDNN: CPU inference outside
+    ``torch.compile`` (which fuses these itself)."""
+    return (x.device.type == "cpu" and not torch.is_grad_enabled() and _ONEDNN_LINEAR is not None
+            and not torch.compiler.is_compiling())
 
 
 def _onednn_linear():
