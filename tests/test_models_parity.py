@@ -189,17 +189,24 @@ def test_fused_linear_equals_plain_ops():
         assert fused_bf16.dtype == torch.bfloat16 and (fused_bf16.float() - plain).abs().max() <= 0.05
 
 
-def test_chunked_global_attention_equals_sdpa():
-    """The CPU's chunked global attention gives the SDPA path's values, with and without autograd."""
+def _rel_pos_attention_case(h: int, w: int):
+    """A ViT attention with random relative positions on an ``h × w`` grid, q/k/v of 2 images ×
+    4 heads, and the SDPA-with-bias result they should give."""
     from segany.models import vit
 
     torch.manual_seed(0)
-    attn = vit.Attention(64, 4, use_rel_pos=True, input_size=(20, 20))
+    attn = vit.Attention(64, 4, use_rel_pos=True, input_size=(h, w))
     torch.nn.init.normal_(attn.rel_pos_h, std=0.2)
     torch.nn.init.normal_(attn.rel_pos_w, std=0.2)
-    q, k, v = torch.randn(3, 2, 4, 400, 16).unbind(0)
-    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn._rel_pos_bias(q, 20, 20),
+    q, k, v = torch.randn(3, 2, 4, h * w, 16).unbind(0)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn._rel_pos_bias(q, h, w),
                                                            scale=attn.scale)
+    return attn, (q, k, v), ref
+
+
+def test_chunked_global_attention_equals_sdpa():
+    """The CPU's chunked global attention gives the SDPA path's values, with and without autograd."""
+    attn, (q, k, v), ref = _rel_pos_attention_case(20, 20)
     with torch.no_grad():
         chunked = attn._attention_in_chunks(q, k, v, 20, 20)
     assert (chunked - ref).abs().max() <= 1e-5
@@ -211,13 +218,7 @@ def test_augmented_rel_pos_attention_equals_bias():
     attention: checked here in fp32 on the CPU, on a non-square grid (rows and columns differ)."""
     from segany.models import vit
 
-    torch.manual_seed(0)
-    attn = vit.Attention(64, 4, use_rel_pos=True, input_size=(12, 20))
-    torch.nn.init.normal_(attn.rel_pos_h, std=0.2)
-    torch.nn.init.normal_(attn.rel_pos_w, std=0.2)
-    q, k, v = torch.randn(3, 2, 4, 240, 16).unbind(0)
-    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn._rel_pos_bias(q, 12, 20),
-                                                           scale=attn.scale)
+    attn, (q, k, v), ref = _rel_pos_attention_case(12, 20)
     out = attn._attention_augmented(q, k, v, 12, 20)
     assert out.shape == ref.shape
     assert (out - ref).abs().max() <= 1e-5
