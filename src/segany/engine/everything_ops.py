@@ -344,8 +344,3 @@ def _sum_boundaries(counts: list[np.ndarray], size: tuple[int, int], device: tor
         on = torch.cumsum(marks.view(len(part), h * w), dim=1, dtype=torch.uint8).bitwise_and_(1)
         out[s : s + len(part)] = on.view(len(part), w, h).transpose(1, 2)
     return out
-
-
-def decode_rle(rle: dict) -> np.ndarray:
-    """Compressed COCO RLE → ``(H, W)`` bool mask (Fortran order)."""
-    return mask_utils.decode(rle).view(bool)

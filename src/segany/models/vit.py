@@ -208,15 +208,13 @@ class Attention(nn.Module):
         are added and the softmax runs, instead of a whole ``H*W × H*W`` bias per head going
         through memory (805 MB per global block of ViT-B). Same values as the SDPA path.
 
-        Without autograd one logits buffer serves every chunk (softmax in place, each chunk's
-        output written into its rows of the result): a fresh 25 MB per chunk left the allocator
-        holding ~0.9 GB after a ViT-B global block."""
+        Without autograd one logits buffer serves every chunk (softmax in place): a fresh 25 MB
+        per chunk left the allocator holding ~0.9 GB after a ViT-B global block."""
         rel_h, rel_w = self._rel_pos_terms(q, h, w)
-        b, n_heads, n, d = q.shape
+        b, n_heads, n, _ = q.shape
         kt, v = k.transpose(-1, -2).contiguous(), v.contiguous()  # laid out once for all chunks' products
         q = q * self.scale
         grad = torch.is_grad_enabled()
-        out = None if grad else q.new_empty(b, n_heads, n, d)
         buffer = None if grad else q.new_empty(b, n_heads, min(n, CPU_QUERY_CHUNK), n)
         parts = []
         for s in range(0, n, CPU_QUERY_CHUNK):
@@ -229,12 +227,9 @@ class Attention(nn.Module):
             grid = logits.view(b, n_heads, e - s, h, w)
             grid += rel_h[:, :, s:e, :, None]
             grid += rel_w[:, :, s:e, None, :]
-            if grad:
-                parts.append(torch.softmax(logits, dim=-1) @ v)
-            else:
-                torch.softmax(logits, dim=-1, out=logits)
-                torch.matmul(logits, v, out=out[:, :, s:e])
-        return torch.cat(parts, dim=2) if grad else out
+            probs = torch.softmax(logits, dim=-1) if grad else torch.softmax(logits, dim=-1, out=logits)
+            parts.append(probs @ v)
+        return torch.cat(parts, dim=2)
 
     def _attention_augmented(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int
                              ) -> torch.Tensor:
