@@ -22,8 +22,8 @@ PHOTOS = {
     "astronaut": (140, 0, 370, 220),
 }
 HEIGHT = 300  # each panel is scaled to this height
-# The demo model is unsure on real photos: with its defaults segment-everything keeps 0-3 masks
-# here, so the picture uses looser filters (stated in the README).
+# The demo model is unsure on real photos: with its defaults segment-everything keeps 0, 0 and
+# 12 masks here, so the picture uses looser filters (stated in the README).
 EVERYTHING = dict(conf_thres=0.6, stability_score_thresh=0.0)
 
 
