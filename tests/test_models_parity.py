@@ -213,6 +213,18 @@ def test_chunked_global_attention_equals_sdpa():
     assert (attn._attention_in_chunks(q, k, v, 20, 20) - ref).abs().max() <= 1e-5  # autograd on: list + cat
 
 
+def test_half_precision_rel_pos_bias_equals_the_broadcast_sum():
+    """On a CPU in bf16 the window bias is a product with one-hot keys: the same numbers as the
+    broadcast sum of the two terms (non-square grid)."""
+    attn, (q, _, _), _ = _rel_pos_attention_case(12, 20)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as half=True runs it
+        q = q.to(torch.bfloat16)
+        rel_h, rel_w = attn._rel_pos_terms(q, 12, 20)
+        summed = (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)
+        bias = attn._rel_pos_bias(q, 12, 20)
+    assert bias.dtype == torch.bfloat16 and torch.equal(bias, summed)
+
+
 def test_augmented_rel_pos_attention_equals_bias():
     """The GPU's half-precision path (relative terms folded into q and k) computes the bias path's
     attention: checked here in fp32 on the CPU, on a non-square grid (rows and columns differ)."""
