@@ -5,7 +5,8 @@ Measures (median of --repeat runs after a warm-up):
                the embedded default model segany_tiny (Meta's classes with its weights)
   1 box        one box prompt → mask at the original size (Meta SamPredictor.predict)
   64 boxes     64 box prompts in one batch (Meta SamPredictor.predict_torch)
-  peak RSS     of a ViT-B set_image + 1 box, each side in its own fresh process
+  peak RSS     of a ViT-B set_image + 1 box, and of 64 boxes on a set image, each side in its own
+               fresh process
 
 Usage:
   python benchmarks/bench_speed.py                 # full size (ViT-B, MobileSAM), several minutes on 2 CPU cores
@@ -64,6 +65,22 @@ def _pair(name, ours_fn, ref_fn, repeat, rows):
     print(f"{name:<34} segany {ours_ms:10.1f} ms   reference {ref_ms:10.1f} ms   ratio {ours_ms / ref_ms:.2f}", flush=True)
 
 
+def _one_box(h: int, w: int) -> np.ndarray:
+    return np.array([0.1 * w, 0.2 * h, 0.6 * w, 0.8 * h])
+
+
+def _boxes_64(h: int, w: int) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    xy = rng.uniform(0, 0.7, (64, 2)) * [w, h]
+    return np.concatenate([xy, xy + rng.uniform(0.05, 0.3, (64, 2)) * [w, h]], 1)
+
+
+def _meta_boxes(mp, boxes: np.ndarray, h: int, w: int) -> None:
+    """Meta's batched prompt path (``predict`` takes one box)."""
+    tb = mp.transform.apply_boxes_torch(torch.as_tensor(boxes), (h, w)).float()
+    mp.predict_torch(None, None, boxes=tb, multimask_output=False)
+
+
 def run_speed(quick: bool, repeat: int, half: bool) -> list[dict]:
     from segment_anything import SamPredictor
 
@@ -78,19 +95,13 @@ def run_speed(quick: bool, repeat: int, half: bool) -> list[dict]:
     with torch.inference_mode():
         _pair(f"encoder {cfg.name}", lambda: op.set_image(img), lambda: mp.set_image(img[..., ::-1].copy()),
               repeat, rows)
-        box = np.array([0.1 * w, 0.2 * h, 0.6 * w, 0.8 * h])
+        box = _one_box(h, w)
         # A prompt takes tens of milliseconds: many timings, or one busy moment decides the median.
         _pair("1 box -> original-size mask", lambda: op(bboxes=box),
               lambda: mp.predict(box=box, multimask_output=False), max(repeat, 30), rows)
-        rng = np.random.default_rng(1)
-        xy = rng.uniform(0, 0.7, (64, 2)) * [w, h]
-        boxes = np.concatenate([xy, xy + rng.uniform(0.05, 0.3, (64, 2)) * [w, h]], 1)
-
-        def meta64():
-            tb = mp.transform.apply_boxes_torch(torch.as_tensor(boxes), (h, w)).float()
-            mp.predict_torch(None, None, boxes=tb, multimask_output=False)
-
-        _pair("64 boxes -> masks", lambda: op(bboxes=boxes), meta64, max(1, repeat // 2), rows)
+        boxes = _boxes_64(h, w)
+        _pair("64 boxes -> masks", lambda: op(bboxes=boxes), lambda: _meta_boxes(mp, boxes, h, w),
+              max(1, repeat // 2), rows)
         if not quick:
             rows += run_mobile_sam(repeat, half, img)
             rows += run_default_model(repeat, half, img)
@@ -148,44 +159,59 @@ def _vm_hwm_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def _peak_child(side: str, quick: bool) -> None:
-    """Runs in a fresh process: one set_image and one box prompt, then prints ru_maxrss."""
+PEAK_JOBS = ("set_image + 1 box", "64 boxes after set_image")
+
+
+def _peak_child(side: str, quick: bool, job: str) -> None:
+    """Runs in a fresh process: one job on one side, then prints the peak RSS (Linux)."""
     from segment_anything import SamPredictor
 
     from segany import Predictor
 
     cfg, ours, ref = _models(quick)
-    img = (np.random.default_rng(0).random((768, 1024, 3)) * 255).astype(np.uint8)
+    h, w = (180, 240) if quick else (768, 1024)
+    img = (np.random.default_rng(0).random((h, w, 3)) * 255).astype(np.uint8)
     if side == "segany":
         del ref
     else:
         del ours
-    # Reset the peak-RSS mark after building both models, so only the measured job counts (Linux).
-    Path("/proc/self/clear_refs").write_text("5")
-    base = _vm_hwm_kb()
     with torch.inference_mode():
-        if side == "segany":
-            p = Predictor(model=ours, config=cfg)
-            p.set_image(img)
-            p(bboxes=[10, 10, 500, 400])
+        p = Predictor(model=ours, config=cfg) if side == "segany" else SamPredictor(ref)
+
+        def set_image() -> None:
+            p.set_image(img) if side == "segany" else p.set_image(img[..., ::-1].copy())
+
+        if job == PEAK_JOBS[1]:
+            set_image()
+        # Reset the peak-RSS mark after the set-up (models built, image set for a prompt-only job),
+        # so only the measured job counts (Linux).
+        Path("/proc/self/clear_refs").write_text("5")
+        base = _vm_hwm_kb()
+        if job == PEAK_JOBS[0]:
+            set_image()
+            box = _one_box(h, w)
+            p(bboxes=box) if side == "segany" else p.predict(box=box, multimask_output=False)
+        elif side == "segany":
+            p(bboxes=_boxes_64(h, w))
         else:
-            p = SamPredictor(ref)
-            p.set_image(img[..., ::-1].copy())
-            p.predict(box=np.array([10, 10, 500, 400]), multimask_output=False)
-    peak = _vm_hwm_kb()
-    print(json.dumps(dict(peak_mb=peak / 1024, before_mb=base / 1024)))
+            _meta_boxes(p, _boxes_64(h, w), h, w)
+    print(json.dumps(dict(peak_mb=_vm_hwm_kb() / 1024, before_mb=base / 1024)))
 
 
 def run_peak(quick: bool) -> list[dict]:
-    out = {}
-    for side in ("reference", "segany"):
-        args = [sys.executable, __file__, "--peak-child", side] + (["--quick"] if quick else [])
-        res = subprocess.run(args, capture_output=True, text=True, check=True)
-        out[side] = json.loads(res.stdout.strip().splitlines()[-1])["peak_mb"]
-    print(f"{'peak RSS (set_image + 1 box)':<34} segany {out['segany']:10.0f} MB   reference {out['reference']:10.0f} MB"
-          f"   ratio {out['segany'] / out['reference']:.2f}")
-    return [dict(job="peak RSS MB", segany_ms=round(out["segany"]), reference_ms=round(out["reference"]),
-                 ratio=round(out["segany"] / out["reference"], 3))]
+    rows = []
+    for job in PEAK_JOBS:
+        out = {}
+        for side in ("reference", "segany"):
+            args = [sys.executable, __file__, "--peak-child", side, "--peak-job", job] + (["--quick"] if quick else [])
+            res = subprocess.run(args, capture_output=True, text=True, check=True)
+            out[side] = json.loads(res.stdout.strip().splitlines()[-1])["peak_mb"]
+        ratio = out["segany"] / out["reference"]
+        print(f"{'peak RSS, ' + job:<34} segany {out['segany']:10.0f} MB   reference {out['reference']:10.0f} MB"
+              f"   ratio {ratio:.2f}")
+        rows.append(dict(job=f"peak RSS MB, {job}", segany_ms=round(out["segany"]), reference_ms=round(out["reference"]),
+                         ratio=round(ratio, 3)))
+    return rows
 
 
 def main() -> None:
@@ -195,9 +221,10 @@ def main() -> None:
     ap.add_argument("--half", action="store_true", help="segany with half=True (bf16)")
     ap.add_argument("--json", type=str, default=None, help="also write the rows to this file")
     ap.add_argument("--peak-child", choices=["segany", "reference"], help=argparse.SUPPRESS)
+    ap.add_argument("--peak-job", choices=PEAK_JOBS, default=PEAK_JOBS[0], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.peak_child:
-        _peak_child(args.peak_child, args.quick)
+        _peak_child(args.peak_child, args.quick, args.peak_job)
         return
     print(f"# {time.strftime('%Y-%m-%d')} {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads,"
           f" torch {torch.__version__}, command: python {' '.join(sys.argv)}")

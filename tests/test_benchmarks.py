@@ -16,5 +16,6 @@ def test_bench_speed_quick(tmp_path):
                           "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = json.loads(out.read_text())
-    assert [r["job"] for r in rows][1:] == ["1 box -> original-size mask", "64 boxes -> masks", "peak RSS MB"]
+    assert [r["job"] for r in rows][1:] == ["1 box -> original-size mask", "64 boxes -> masks",
+                                            "peak RSS MB, set_image + 1 box", "peak RSS MB, 64 boxes after set_image"]
     assert all(r["segany_ms"] > 0 and r["reference_ms"] > 0 for r in rows)
