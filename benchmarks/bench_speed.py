@@ -175,23 +175,23 @@ def _peak_child(side: str, quick: bool, job: str) -> None:
         del ref
     else:
         del ours
+    ours_side = side == "segany"
+    image = img if ours_side else img[..., ::-1].copy()  # Meta's predictor takes RGB
     with torch.inference_mode():
-        p = Predictor(model=ours, config=cfg) if side == "segany" else SamPredictor(ref)
-
-        def set_image() -> None:
-            p.set_image(img) if side == "segany" else p.set_image(img[..., ::-1].copy())
-
+        p = Predictor(model=ours, config=cfg) if ours_side else SamPredictor(ref)
         if job == PEAK_JOBS[1]:
-            set_image()
+            p.set_image(image)
         # Reset the peak-RSS mark after the set-up (models built, image set for a prompt-only job),
         # so only the measured job counts (Linux).
         Path("/proc/self/clear_refs").write_text("5")
         base = _vm_hwm_kb()
         if job == PEAK_JOBS[0]:
-            set_image()
-            box = _one_box(h, w)
-            p(bboxes=box) if side == "segany" else p.predict(box=box, multimask_output=False)
-        elif side == "segany":
+            p.set_image(image)
+            if ours_side:
+                p(bboxes=_one_box(h, w))
+            else:
+                p.predict(box=_one_box(h, w), multimask_output=False)
+        elif ours_side:
             p(bboxes=_boxes_64(h, w))
         else:
             _meta_boxes(p, _boxes_64(h, w), h, w)

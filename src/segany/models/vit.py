@@ -196,7 +196,7 @@ class Attention(nn.Module):
         """Decomposed relative-position bias ``(B, heads, H*W, H*W)``."""
         rel_h, rel_w = self._rel_pos_terms(q, h, w)
         if q.dtype in (torch.float16, torch.bfloat16) and q.device.type == "cpu":
-            # A broadcast add of half-precision tables runs element by element on a CPU (~5x the
+            # A broadcast add of half-precision tables runs element by element on a CPU (~4x the
             # fp32 time); the same sums as a product with each key's one-hot row and column are
             # one vectorised matmul, and exact (two non-zero terms, rounded once, as the add).
             return torch.cat([rel_h, rel_w], -1) @ self._key_onehot(h, w, 0, q).t()
