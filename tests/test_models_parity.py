@@ -171,22 +171,53 @@ def test_decoder_paths_agree():
 
 
 def test_fused_linear_equals_plain_ops():
-    """The oneDNN product with bias and GELU fused equals PyTorch's own ops (fp32; bf16 under autocast)."""
+    """The oneDNN product with bias and activation fused equals PyTorch's own ops (fp32; bf16 under autocast)."""
     from torch.nn import functional as F
 
     from segany.models.common import linear
 
     torch.manual_seed(0)
     x, w, b = torch.randn(2, 50, 96), torch.randn(64, 96) / 10, torch.randn(64)
-    for gelu in (False, True):
+    for activation in (None, "gelu", "relu"):
         plain = F.linear(x, w, b)
-        plain = F.gelu(plain) if gelu else plain
+        plain = {None: plain, "gelu": F.gelu(plain), "relu": F.relu(plain)}[activation]
         with torch.no_grad():
-            fused = linear(x, w, b, gelu=gelu)
+            fused = linear(x, w, b, activation=activation)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                fused_bf16 = linear(x, w, b, gelu=gelu)
+                fused_bf16 = linear(x, w, b, activation=activation)
         assert fused.shape == plain.shape and (fused - plain).abs().max() <= 1e-5
         assert fused_bf16.dtype == torch.bfloat16 and (fused_bf16.float() - plain).abs().max() <= 0.05
+    # The residual added as the product is written: fp32, a bf16 stream under autocast, and an fp32
+    # residual under autocast (PyTorch's promotion: an fp32 sum). The residual itself is left alone.
+    residual = torch.randn(2, 50, 64)
+    kept = residual.clone()
+    plain = F.linear(x, w, b) + residual
+    with torch.no_grad():
+        fused = linear(x, w, b, residual=residual)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fused_bf16 = linear(x, w, b, residual=residual.to(torch.bfloat16))
+            mixed = linear(x, w, b, residual=residual)
+    assert torch.equal(residual, kept)
+    assert fused.shape == plain.shape and (fused - plain).abs().max() <= 1e-5
+    assert fused_bf16.dtype == torch.bfloat16 and (fused_bf16.float() - plain).abs().max() <= 0.05
+    assert mixed.dtype == torch.float32 and (mixed - plain).abs().max() <= 0.05
+    assert (linear(x, w, b, residual=residual) - plain).abs().max() <= 1e-5  # autograd on: plain ops
+
+
+def test_half_encoder_keeps_a_bf16_residual_stream():
+    """Under CPU bf16 autocast (half=True) the ViT's blocks read and write bf16 (no casts around
+    every product), and the embedding stays within the measured error of the fp32 one."""
+    model = random_sam(SMALL_VIT, seed=2).eval()
+    image = torch.randn(1, 3, 256, 256)
+    seen = []
+    hook = model.image_encoder.blocks[1].register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype)))
+    with torch.inference_mode():
+        fp32 = model.image_encoder(image)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model.image_encoder(image).float()
+    hook.remove()
+    assert seen == [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)]
+    assert ((half - fp32).norm() / fp32.norm()).item() <= 0.03
 
 
 def _rel_pos_attention_case(h: int, w: int):
@@ -237,3 +268,23 @@ def test_augmented_rel_pos_attention_equals_bias():
     # Taken only for half precision on a GPU, and only where flash takes the head dimension.
     assert not vit._use_augmented(q, 12, 20)
     assert not vit._use_augmented(q.to(torch.bfloat16), 12, 20)  # a CPU tensor
+
+
+@pytest.mark.parametrize("kind", ["sam_b", "sam2.1_t"])
+def test_opencv_masks_equal_thresholded_postprocess(kind):
+    """The CPU's OpenCV mask upscaling gives the model's own ``postprocess_masks`` thresholded:
+    SAM's pad-crop-resize and SAM 2's stretch, images larger and smaller than the input frame,
+    several masks; pixels may differ only where the logit is within float rounding of 0."""
+    from segany.engine.transforms import masks_from_logits
+
+    model = build_model(MODELS[kind])
+    g = torch.Generator().manual_seed(0)
+    low = torch.nn.functional.interpolate(torch.randn(2, 3, 64, 64, generator=g) * 4, (256, 256), mode="bilinear")
+    for h, w in ((768, 1024), (600, 900), (1500, 1100), (97, 131)):
+        inp = model.input_size(h, w)
+        ref = model.postprocess_masks(low, inp, (h, w))
+        got = masks_from_logits(low, model, inp, (h, w))
+        assert got.dtype == torch.bool and got.shape == ref.shape == (2, 3, h, w)
+        differ = got != (ref > model.mask_threshold)
+        assert ref[differ].abs().max() <= 1e-4 if differ.any() else True, (h, w)
+        assert differ.float().mean() <= 1e-5, (h, w)

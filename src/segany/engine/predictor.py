@@ -27,7 +27,7 @@ from .device import autocast, select_device
 from .prompts import Prompts, parse_prompts
 from .results import Results
 from .sources import iter_sources, load_image
-from .transforms import image_to_tensor, scale_coords
+from .transforms import image_to_tensor, masks_from_logits, scale_coords
 
 Features = "torch.Tensor | dict[str, torch.Tensor]"
 
@@ -315,6 +315,8 @@ class Predictor:
     def logits_to_masks(self, state: ImageState, low_res: torch.Tensor) -> torch.Tensor:
         """Low-res logits ``(N, K, 256, 256)`` → bool masks ``(N, K, H, W)`` at the original size."""
         model = self._require_model()
+        if low_res.device.type == "cpu":
+            return masks_from_logits(low_res, model, state.input_size, state.original_size)
         out = []
         for s in range(0, len(low_res), 16):  # bounds the float upsampled copy for large images
             up = model.postprocess_masks(low_res[s : s + 16], state.input_size, state.original_size)

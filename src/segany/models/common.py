@@ -32,11 +32,18 @@ class MLPBlock(nn.Module):
         self.lin2 = nn.Linear(mlp_dim, embedding_dim)
         self.act = act()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.act, nn.GELU) and self.act.approximate == "none":
-            hidden = linear(x, self.lin1.weight, self.lin1.bias, gelu=True)  # GELU applied as the product is written
-            return linear(hidden, self.lin2.weight, self.lin2.bias)
-        return self.lin2(self.act(self.lin1(x)))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``lin2(act(lin1(x)))``, plus ``residual`` (added as the last product is written) if given."""
+        act = _FUSABLE.get((type(self.act), getattr(self.act, "approximate", None)))
+        if act:  # applied as the product is written
+            hidden = linear(x, self.lin1.weight, self.lin1.bias, activation=act)
+        else:
+            hidden = self.act(self.lin1(x))
+        return linear(hidden, self.lin2.weight, self.lin2.bias, residual=residual)
+
+
+# Activation modules that :func:`linear` can apply inside its product: exact GELU and ReLU.
+_FUSABLE = {(nn.GELU, "none"): "gelu", (nn.ReLU, None): "relu"}
 
 
 class MLP(nn.Module):
@@ -63,13 +70,15 @@ class MLP(nn.Module):
         return torch.sigmoid(x) if self.sigmoid_output else x
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
-    """``x @ weight.T + bias`` for ``x (..., K)``, ``weight (N, K)``, then GELU if ``gelu``.
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` for ``x (..., K)``, ``weight (N, K)``, then ``activation`` (``"gelu"``,
+    exact, or ``"relu"``) if given, then ``+ residual`` (shaped as the output) if given.
 
-    In inference on CPU (fp32, or bf16 under autocast) this is one oneDNN call with the bias and
-    the GELU applied as the product is written (PyTorch's own path copies the bias into the output
-    first, and runs GELU as another pass over it); elsewhere, with autograd on, and under
-    ``torch.compile``, the plain ops.
+    In inference on CPU (fp32, or bf16 under autocast) this is one oneDNN call with the bias, the
+    activation or the residual applied as the product is written (PyTorch's own path copies the
+    bias into the output first, and runs the activation or the add as another pass over it);
+    elsewhere, with autograd on, and under ``torch.compile``, the plain ops.
     """
     if onednn_products(x):
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
@@ -77,11 +86,34 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
             if dtype != torch.float32:  # what autocast would run this product in
                 x, weight = x.to(dtype), weight.to(dtype)
                 bias = None if bias is None else bias.to(dtype)
-            out = _ONEDNN_LINEAR(x.reshape(-1, x.shape[-1]), weight, bias, "gelu" if gelu else "none", [],
-                                 "none" if gelu else "")
-            return out.view(*x.shape[:-1], -1)
+            rows = x.reshape(-1, x.shape[-1])
+            if residual is None or activation:
+                out = _ONEDNN_LINEAR(rows, weight, bias, activation or "none", [], "none" if activation == "gelu" else "")
+            elif residual.dtype == dtype:
+                out = _ONEDNN_LINEAR.binary(rows, residual.reshape(rows.shape[0], -1), weight, bias, "add")
+                return out.view(residual.shape)
+            else:  # an fp32 residual under bf16 autocast: the sum is fp32, as PyTorch's add would make it
+                out = _ONEDNN_LINEAR(rows, weight, bias, "none", [], "")
+            y = out.view(*x.shape[:-1], -1)
+            return y if residual is None else residual + y
     y = F.linear(x, weight, bias)
-    return F.gelu(y) if gelu else y
+    y = {"gelu": F.gelu, "relu": F.relu}[activation](y) if activation else y
+    return y if residual is None else residual + y
+
+
+def half_residual_stream(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in bf16 for CPU inference under bf16 autocast (``half=True``), else unchanged.
+
+    A transformer's residual stream kept in fp32 under autocast costs a cast before every product
+    and fp32 adds; in bf16 the LayerNorms read it directly (they compute in fp32 inside) and the
+    adds fuse into the products (:func:`linear`'s ``residual``). ViT-B encoder on a 2-core AVX512-BF16
+    CPU: ~8 % faster, embedding error against fp32 1.0 % → 1.3 % (random weights; the reference's
+    encoder with its weights cast to bf16 gives 1.1 % on a GPU). GPUs and autograd keep fp32.
+    """
+    if (onednn_products(x) and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+        return x.to(torch.bfloat16, memory_format=torch.contiguous_format)
+    return x
 
 
 def onednn_products(x: torch.Tensor) -> bool:

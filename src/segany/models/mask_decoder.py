@@ -130,7 +130,7 @@ class MaskDecoder(nn.Module):
         # weight (C_in, C_out, 2, 2) → (2·2·C_out, C_in): output columns ordered (dy, dx, channel)
         x = linear(x, dc1.weight.permute(2, 3, 1, 0).reshape(4 * c1, c), dc1.bias.repeat(4))
         x = act1(F.layer_norm(x.view(-1, c1), (c1,), ln1.weight, ln1.bias, ln1.eps))
-        x = linear(x, dc2.weight.permute(2, 3, 1, 0).reshape(4 * c2, c1), dc2.bias.repeat(4), gelu=True)
+        x = linear(x, dc2.weight.permute(2, 3, 1, 0).reshape(4 * c2, c1), dc2.bias.repeat(4), activation="gelu")
         t = hyper_in.shape[1]
         masks = hyper_in @ x.view(b, h * w * 16, c2).transpose(1, 2)  # pixels in (y, x, dy, dx, dy2, dx2) order
         # → row 4y + 2dy + dy2, column 4x + 2dx + dx2, in two steps of whole (dy2, dx2) blocks

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import LayerNorm2d, MLPBlock, linear
+from .common import LayerNorm2d, MLPBlock, half_residual_stream, linear
 
 
 # Queries per step of the CPU global attention (ViT-B's 64×64 blocks: 12 heads × 128 × 4096
@@ -85,6 +85,7 @@ class ImageEncoderViT(nn.Module):
                 pos = F.interpolate(pos.permute(0, 3, 1, 2), size=x.shape[1:3], mode="bicubic",
                                     align_corners=False).permute(0, 2, 3, 1)
             x = x + pos
+        x = half_residual_stream(x)
         for blk in self.blocks:
             x = blk(x)
         return self.neck(x.permute(0, 3, 1, 2))
@@ -129,16 +130,17 @@ class Block(nn.Module):
         self.window_size = window_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        x = self.norm1(x)
+        y = self.norm1(x)
         if self.window_size > 0:
-            h, w = x.shape[1], x.shape[2]
-            x, pad_hw = window_partition(x, self.window_size)
-            x = window_unpartition(self.attn(x), self.window_size, pad_hw, (h, w))
+            h, w = y.shape[1], y.shape[2]
+            y, pad_hw = window_partition(y, self.window_size)
+            y = window_unpartition(self.attn.attend(y), self.window_size, pad_hw, (h, w))
         else:
-            x = self.attn(x)
-        x = shortcut + x
-        return x + self.mlp(self.norm2(x))
+            y = self.attn.attend(y)
+        # The output projection is per token: it runs after unpartitioning (no padding tokens), and
+        # the shortcuts are added as the products are written.
+        x = linear(y, self.attn.proj.weight, self.attn.proj.bias, residual=x)
+        return self.mlp(self.norm2(x), residual=x)
 
 
 class Attention(nn.Module):
@@ -167,6 +169,10 @@ class Attention(nn.Module):
         self._index_cache: dict[tuple, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(self.attend(x), self.proj.weight, self.proj.bias)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C)`` tokens → the heads' outputs ``(B, H, W, C)``, before the output projection."""
         b, h, w, _ = x.shape
         # (3, B, heads, H*W, head_dim)
         qkv = linear(x, self.qkv.weight, self.qkv.bias).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
@@ -178,8 +184,7 @@ class Attention(nn.Module):
         else:
             bias = self._rel_pos_bias(q, h, w) if self.use_rel_pos else None
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
-        x = x.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
-        return linear(x, self.proj.weight, self.proj.bias)
+        return x.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
 
     def _rel_pos_terms(self, q: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The decomposed relative-position terms (MViTv2) of queries ``(B, heads, H*W, d)``:
