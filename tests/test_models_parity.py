@@ -235,13 +235,21 @@ def _rel_pos_attention_case(h: int, w: int):
     return attn, (q, k, v), ref
 
 
-def test_chunked_global_attention_equals_sdpa():
-    """The CPU's chunked global attention gives the SDPA path's values, with and without autograd."""
+def test_chunked_global_attention_equals_sdpa(monkeypatch):
+    """The CPU's chunked global attention gives the SDPA path's values, with and without autograd
+    (chunks of 96 queries: four whole ones and a partial last one)."""
+    from segany.models import vit
+
+    monkeypatch.setattr(vit, "CPU_QUERY_CHUNK", 96)
     attn, (q, k, v), ref = _rel_pos_attention_case(20, 20)
     with torch.no_grad():
         chunked = attn._attention_in_chunks(q, k, v, 20, 20)
     assert (chunked - ref).abs().max() <= 1e-5
-    assert (attn._attention_in_chunks(q, k, v, 20, 20) - ref).abs().max() <= 1e-5  # autograd on: list + cat
+    q.requires_grad_(True)
+    with_grad = attn._attention_in_chunks(q, k, v, 20, 20)  # autograd on: softmax out of place
+    assert (with_grad - ref).abs().max() <= 1e-5
+    with_grad.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0
 
 
 def test_half_precision_rel_pos_bias_equals_the_broadcast_sum():

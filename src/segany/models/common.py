@@ -75,17 +75,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act
     """``x @ weight.T + bias`` for ``x (..., K)``, ``weight (N, K)``, then ``activation`` (``"gelu"``,
     exact, or ``"relu"``) if given, then ``+ residual`` (shaped as the output) if given.
 
-    In inference on CPU (fp32, or bf16 under autocast) this is one oneDNN call with the bias, the
-    activation or the residual applied as the product is written (PyTorch's own path copies the
-    bias into the output first, and runs the activation or the add as another pass over it);
-    elsewhere, with autograd on, and under ``torch.compile``, the plain ops.
+    In inference on CPU (fp32 or bf16, the dtype autocast would pick) this is one oneDNN call with
+    the bias, the activation or the residual applied as the product is written (PyTorch's own path
+    copies the bias into the output first, and runs the activation or the add as another pass over
+    it); elsewhere, with autograd on, and under ``torch.compile``, the plain ops.
     """
     if onednn_products(x):
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
-        if dtype in (torch.float32, torch.bfloat16) and weight.dtype == torch.float32:
-            if dtype != torch.float32:  # what autocast would run this product in
-                x, weight = x.to(dtype), weight.to(dtype)
-                bias = None if bias is None else bias.to(dtype)
+        autocast = torch.is_autocast_enabled("cpu")
+        dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
+        if dtype in (torch.float32, torch.bfloat16) and (weight.dtype == dtype or autocast and weight.dtype == torch.float32):
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
             rows = x.reshape(-1, x.shape[-1])
             if residual is None or activation:
                 out = _ONEDNN_LINEAR(rows, weight, bias, activation or "none", [], "none" if activation == "gelu" else "")
