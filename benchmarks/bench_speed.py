@@ -214,6 +214,14 @@ def run_peak(quick: bool) -> list[dict]:
     return rows
 
 
+def _cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small random config (seconds)")
@@ -226,8 +234,11 @@ def main() -> None:
     if args.peak_child:
         _peak_child(args.peak_child, args.quick, args.peak_job)
         return
-    print(f"# {time.strftime('%Y-%m-%d')} {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads,"
-          f" torch {torch.__version__}, command: python {' '.join(sys.argv)}")
+    from segany.models.common import CPU_NATIVE_BF16
+
+    units = "bf16 units" if CPU_NATIVE_BF16 else "no bf16 units: half=True runs fp32"
+    print(f"# {time.strftime('%Y-%m-%d')} {_cpu_name()} ({torch.backends.cpu.get_cpu_capability()}, {units}),"
+          f" {torch.get_num_threads()} threads, torch {torch.__version__}, command: python {' '.join(sys.argv)}")
     rows = run_speed(args.quick, args.repeat, args.half) + run_peak(args.quick)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import segany
@@ -67,10 +68,14 @@ def test_cli_predict_without_a_model(tmp_path):
     assert np.asarray((tmp_path / "run" / "astronaut.jpg").read_bytes()).size > 0
 
 
-def test_bf16_masks_match_fp32_on_the_default_model():
+def test_bf16_masks_match_fp32_on_the_default_model(monkeypatch):
     # half=True (bf16 autocast) against fp32 on real-looking images: issue 10 asks IoU >= 0.98.
+    # A CPU without bf16 units would ignore half=True; pretend it has them, so that bf16 (emulated
+    # there) is what is measured on every machine.
+    from segany.engine import device
     from segany.train.losses import mask_iou
 
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
     model = SAM()
     ds = SyntheticDataset(6, seed=2100, size=256)
     ious = []
@@ -81,6 +86,20 @@ def test_bf16_masks_match_fp32_on_the_default_model():
         bf16 = model(s.image, bboxes=boxes, half=True)[0].masks.data
         ious += mask_iou(bf16, fp32).tolist()
     assert min(ious) >= 0.9 and float(np.mean(ious)) >= 0.98, ious
+
+
+def test_half_is_ignored_with_a_warning_on_a_cpu_without_bf16(monkeypatch):
+    from segany.engine import device
+
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    device._warn_half_ignored.cache_clear()
+    model = SAM()
+    s = SyntheticDataset(1, seed=2101, size=256)[0]
+    boxes = [[float(v) for v in b] for b in _boxes(s.masks)]
+    fp32 = model(s.image, bboxes=boxes)[0]
+    with pytest.warns(UserWarning, match="half=True is ignored on this CPU"):
+        half = model(s.image, bboxes=boxes, half=True)[0]
+    assert np.array_equal(half.masks.data, fp32.masks.data) and np.array_equal(half.boxes.conf, fp32.boxes.conf)
 
 
 def _boxes(masks: np.ndarray) -> list[list[int]]:

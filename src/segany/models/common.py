@@ -75,7 +75,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act
     """``x @ weight.T + bias`` for ``x (..., K)``, ``weight (N, K)``, then ``activation`` (``"gelu"``,
     exact, or ``"relu"``) if given, then ``+ residual`` (shaped as the output) if given.
 
-    In inference on CPU (fp32 or bf16, the dtype autocast would pick) this is one oneDNN call with
+    In inference on CPU (fp32, or bf16 on a CPU with bf16 units; the dtype autocast would pick) this is one oneDNN call with
     the bias, the activation or the residual applied as the product is written (PyTorch's own path
     copies the bias into the output first, and runs the activation or the add as another pass over
     it); elsewhere, with autograd on, and under ``torch.compile``, the plain ops.
@@ -83,7 +83,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act
     if onednn_products(x):
         autocast = torch.is_autocast_enabled("cpu")
         dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
-        if dtype in (torch.float32, torch.bfloat16) and (weight.dtype == dtype or autocast and weight.dtype == torch.float32):
+        if ((dtype == torch.float32 or dtype == torch.bfloat16 and CPU_NATIVE_BF16)
+                and (weight.dtype == dtype or autocast and weight.dtype == torch.float32)):
             x, weight = x.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
             rows = x.reshape(-1, x.shape[-1])
@@ -108,9 +109,10 @@ def half_residual_stream(x: torch.Tensor) -> torch.Tensor:
     and fp32 adds; in bf16 the LayerNorms read it directly (they compute in fp32 inside) and the
     adds fuse into the products (:func:`linear`'s ``residual``). ViT-B encoder on a 2-core AVX512-BF16
     CPU: ~8 % faster, embedding error against fp32 1.0 % → 1.3 % (random weights; the reference's
-    encoder with its weights cast to bf16 gives 1.1 % on a GPU). GPUs and autograd keep fp32.
+    encoder with its weights cast to bf16 gives 1.1 % on a GPU). GPUs, autograd and CPUs without
+    bf16 units keep fp32.
     """
-    if (onednn_products(x) and torch.is_autocast_enabled("cpu")
+    if (CPU_NATIVE_BF16 and onednn_products(x) and torch.is_autocast_enabled("cpu")
             and torch.get_autocast_dtype("cpu") == torch.bfloat16):
         return x.to(torch.bfloat16, memory_format=torch.contiguous_format)
     return x
@@ -131,4 +133,14 @@ def _onednn_linear():
         return None
 
 
+def _cpu_native_bf16() -> bool:
+    """Whether this CPU computes bf16 products in hardware (AVX512-BF16 or AMX). Elsewhere bf16 is
+    emulated: a ViT-B-sized product ran 8× slower than in fp32 on a 2-core AVX2 EPYC."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
 _ONEDNN_LINEAR = _onednn_linear()
+CPU_NATIVE_BF16 = _cpu_native_bf16()
