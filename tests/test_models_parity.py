@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -170,12 +172,16 @@ def test_decoder_paths_agree():
     assert torch.equal(emb, before)
 
 
-def test_fused_linear_equals_plain_ops():
-    """The oneDNN product with bias and activation fused equals PyTorch's own ops (fp32; bf16 under autocast)."""
+@pytest.mark.parametrize("onednn_fp32_rows", [sys.maxsize, 0])
+def test_fused_linear_equals_plain_ops(onednn_fp32_rows, monkeypatch):
+    """The oneDNN product with bias and activation fused, and MKL's with in-place passes (fp32 on
+    CPUs without AVX-512), equal PyTorch's own ops (fp32; bf16 under autocast)."""
     from torch.nn import functional as F
 
+    from segany.models import common
     from segany.models.common import linear
 
+    monkeypatch.setattr(common, "ONEDNN_FP32_MAX_ROWS", onednn_fp32_rows)
     torch.manual_seed(0)
     x, w, b = torch.randn(2, 50, 96), torch.randn(64, 96) / 10, torch.randn(64)
     for activation in (None, "gelu", "relu"):
