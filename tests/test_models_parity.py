@@ -254,15 +254,15 @@ def test_chunked_global_attention_equals_sdpa(monkeypatch):
     attn, (q, k, v), ref = _rel_pos_attention_case(20, 20)
     ref = ref.permute(0, 2, 1, 3).reshape(2, 20, 20, -1)  # token-major, as the chunks write it
     with torch.no_grad():
-        chunked = attn._attention_in_chunks(q, k, v, 20, 20)
+        chunked = attn._attention_in_parts(q, k, v, 20, 20)
     assert (chunked - ref).abs().max() <= 1e-5
     q.requires_grad_(True)
-    with_grad = attn._attention_in_chunks(q, k, v, 20, 20)  # autograd on: softmax out of place
+    with_grad = attn._attention_in_parts(q, k, v, 20, 20)  # autograd on: softmax out of place
     assert (with_grad - ref).abs().max() <= 1e-5
     with_grad.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # half=True: bf16 q, k, v
-        half = attn._attention_in_chunks(*(t.detach().to(torch.bfloat16) for t in (q, k, v)), 20, 20)
+        half = attn._attention_in_parts(*(t.detach().to(torch.bfloat16) for t in (q, k, v)), 20, 20)
     assert half.dtype == torch.bfloat16 and ((half.float() - ref).norm() / ref.norm()).item() <= 0.02
 
 

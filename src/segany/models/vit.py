@@ -18,11 +18,15 @@ from .common import LayerNorm2d, MLPBlock, half_residual_stream, linear
 
 
 # Queries per step of the CPU global attention, one head at a time (ViT-B/L/H's 64×64 blocks:
-# 512 × 4096 logits, 8 MB in fp32); see Attention._attention_in_chunks.
+# 512 × 4096 logits, 8 MB in fp32); see Attention._attention_in_parts.
 CPU_QUERY_CHUNK = 512
-# From this many tokens a CPU global block goes by chunks: ViT-B/L/H (4096) gain ~15 %; at 1024
-# (the default model's 32×32) SDPA with the whole bias is faster (45 against 52 ms an encoder).
+# From this many tokens a CPU attention always goes by parts (Attention._attention_in_parts):
+# ViT-B/L/H's 64×64 global blocks, whose whole bias would take 805 MB a block.
 CPU_CHUNKED_MIN_TOKENS = 2048
+# From this many tokens it does so in fp32 inference too: ViT-B/L/H's 14×14 windows (a ViT-B encoder
+# 1.7 % faster than by SDPA with the bias, 2-core AVX2 EPYC); the default model's 8×8 windows are
+# faster by SDPA (41 against 46 ms an encoder), its 32×32 global blocks the same either way.
+CPU_PARTS_MIN_TOKENS = 128
 # On a GPU in half precision the relative-position terms ride inside q and k (see
 # Attention._attention_augmented), so SDPA can take its flash kernel instead of reading an
 # H*W × H*W bias per head; "bias" keeps the additive bias (an A/B switch for benchmarks).
@@ -177,8 +181,8 @@ class Attention(nn.Module):
         # (3, B, heads, H*W, head_dim)
         qkv = linear(x, self.qkv.weight, self.qkv.bias).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        if self.use_rel_pos and q.device.type == "cpu" and h * w >= CPU_CHUNKED_MIN_TOKENS:
-            return self._attention_in_chunks(q, k, v, h, w)
+        if self.use_rel_pos and _by_parts(q, h, w):
+            return self._attention_in_parts(q, k, v, h, w)
         if self.use_rel_pos and _use_augmented(q, h, w):
             x = self._attention_augmented(q, k, v, h, w)
         else:
@@ -211,40 +215,46 @@ class Attention(nn.Module):
         bias = rel_h.contiguous()[..., :, None] + rel_w.contiguous()[..., None, :]  # (B, heads, H*W, H, W)
         return bias.view(b, n_heads, n, n)
 
-    def _attention_in_chunks(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int
-                             ) -> torch.Tensor:
+    def _attention_in_parts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int
+                            ) -> torch.Tensor:
         """Attention with the relative-position terms for ``(B, heads, H*W, d)`` q, k, v → the
-        heads' outputs ``(B, H, W, heads * d)``, one head and a chunk of queries at a time: the
-        chunk's logits stay in cache while the terms are added and the softmax runs, instead of a
-        whole ``H*W × H*W`` bias per head going through memory (805 MB per global block of ViT-B).
-        Same values as the SDPA path.
+        heads' outputs ``(B, H, W, heads * d)``, a few heads and a chunk of queries at a time
+        (ViT-B's global blocks: one head × 512 queries; its 14×14 windows: the 12 heads of one
+        window). The part's logits stay in cache while the terms are added and the softmax runs,
+        instead of a whole ``H*W × H*W`` bias per head going through memory (805 MB per global
+        block of ViT-B, 46 MB per window block). Same values as the SDPA path.
 
-        Without autograd, one logits buffer serves every chunk: the two terms are summed into it
-        in one pass, the product with the keys accumulates onto them, the softmax runs in place,
-        and the product with the values is written straight into the output's token-major layout
-        (a ViT-B global block's attention 0.50 s against 0.58 s with separate adds, a fresh
-        product per chunk and a final transpose; 2-core AVX2 EPYC, fp32)."""
+        Without autograd, one logits buffer serves every part: the two terms are summed into it in
+        one pass, the product with the keys accumulates onto them (``baddbmm_``), the softmax runs
+        in place, and the product with the values is written straight into the output's
+        token-major layout. 2-core AVX2 EPYC, fp32: a ViT-B global block's attention 0.50 s against
+        0.58 s with separate adds, a fresh product per chunk and a final transpose; a window
+        block's 41 against 55 ms by SDPA with the whole bias (medians)."""
         rel_h, rel_w = self._rel_pos_terms(q, h, w)
         b, n_heads, n, d = q.shape
-        q, k = (q * self.scale).contiguous(), k.contiguous()
+        q = q * self.scale
         out = q.new_empty(b, n, n_heads, d)
+        chunk = min(n, CPU_QUERY_CHUNK)
+        group = max(1, min(n_heads, CPU_QUERY_CHUNK * 4096 // (chunk * n)))  # heads a part: ≤ 8 MB of fp32 logits
         grad = torch.is_grad_enabled()
-        buffer = None if grad else q.new_empty(min(n, CPU_QUERY_CHUNK), n)
+        buffer = None if grad else q.new_empty(group * chunk * n)
         for i in range(b):
-            for j in range(n_heads):
-                keys_t, values = k[i, j].t(), v[i, j]
-                for s in range(0, n, CPU_QUERY_CHUNK):
-                    e = min(n, s + CPU_QUERY_CHUNK)
-                    terms_h, terms_w = rel_h[i, j, s:e, :, None], rel_w[i, j, s:e, None, :]  # (c, H, 1), (c, 1, W)
+            for j in range(0, n_heads, group):
+                hs = slice(j, min(n_heads, j + group))
+                keys_t, values = k[i, hs].transpose(1, 2), v[i, hs]  # (g, d, H*W), (g, H*W, d)
+                for s in range(0, n, chunk):
+                    e = min(n, s + chunk)
+                    terms_h, terms_w = rel_h[i, hs, s:e, :, None], rel_w[i, hs, s:e, None, :]  # (g, c, H, 1), (g, c, 1, W)
+                    target = out[i, s:e, hs].transpose(0, 1)  # (g, c, d) view of the output
                     if grad:
-                        logits = (q[i, j, s:e] @ keys_t).view(e - s, h, w) + terms_h + terms_w
-                        out[i, s:e, j] = torch.softmax(logits.view(e - s, n), dim=-1) @ values
+                        logits = (q[i, hs, s:e] @ keys_t).unflatten(-1, (h, w)) + terms_h + terms_w
+                        target.copy_(torch.softmax(logits.flatten(-2), dim=-1) @ values)
                         continue
-                    logits = buffer[: e - s]
-                    torch.add(terms_h, terms_w, out=logits.view(e - s, h, w))
-                    logits.addmm_(q[i, j, s:e], keys_t)
+                    logits = buffer[: (hs.stop - hs.start) * (e - s) * n].view(-1, e - s, n)
+                    torch.add(terms_h, terms_w, out=logits.unflatten(-1, (h, w)))
+                    logits.baddbmm_(q[i, hs, s:e], keys_t)
                     torch.softmax(logits, dim=-1, out=logits)
-                    torch.mm(logits, values, out=out[i, s:e, j])
+                    torch.bmm(logits, values, out=target)
         return out.view(b, h, w, n_heads * d)
 
     def _attention_augmented(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int
@@ -288,6 +298,14 @@ class Attention(nn.Module):
             idx = coords[:, None] - coords[None, :] + (size - 1)
             self._index_cache[key] = idx
         return rel_pos[idx]
+
+
+def _by_parts(q: torch.Tensor, h: int, w: int) -> bool:
+    """Whether a CPU attention over an ``h × w`` grid goes by :meth:`Attention._attention_in_parts`."""
+    if q.device.type != "cpu":
+        return False
+    return h * w >= CPU_CHUNKED_MIN_TOKENS or (
+        h * w >= CPU_PARTS_MIN_TOKENS and q.dtype == torch.float32 and not torch.is_grad_enabled())
 
 
 def _use_augmented(q: torch.Tensor, h: int, w: int) -> bool:
