@@ -304,8 +304,10 @@ def _by_parts(q: torch.Tensor, h: int, w: int) -> bool:
     """Whether a CPU attention over an ``h × w`` grid goes by :meth:`Attention._attention_in_parts`."""
     if q.device.type != "cpu":
         return False
+    # Under torch.compile windows stay on SDPA: the compiler would unroll the loop over parts.
     return h * w >= CPU_CHUNKED_MIN_TOKENS or (
-        h * w >= CPU_PARTS_MIN_TOKENS and q.dtype == torch.float32 and not torch.is_grad_enabled())
+        h * w >= CPU_PARTS_MIN_TOKENS and q.dtype == torch.float32 and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling())
 
 
 def _use_augmented(q: torch.Tensor, h: int, w: int) -> bool:
