@@ -267,7 +267,8 @@ def _rows_times_image(rows: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     """``rows @ image`` for rows ``(B, M, K)`` and an image side ``(1 or B, K, N)`` → ``(B, M, N)``;
     a shared image meets the rows of all B prompts in one matrix product. On a CPU the products
     go through oneDNN (:func:`linear`, the image as the weight): 1.2–3× MKL's speed for these
-    few-row shapes."""
+    few-row shapes on an AVX-512 CPU. On an AVX2 one: 1.1–1.5× for the products with the image
+    as keys (7–224 rows), 0.85× for those with it as values (4096 deep), a wash over a prompt."""
     b, m, k = rows.shape
     if image.shape[0] == 1:
         return linear(rows.reshape(b * m, k), image[0].transpose(0, 1), None).view(b, m, -1)
