@@ -145,26 +145,20 @@ def _onednn_linear():
         return None
 
 
-def _cpu_native_bf16() -> bool:
-    """Whether this CPU computes bf16 products in hardware (AVX512-BF16 or AMX). Elsewhere bf16 is
-    emulated: a ViT-B-sized product ran 8× slower than in fp32 on a 2-core AVX2 EPYC."""
+def _cpu_has(*features: str) -> bool:
+    """Whether this CPU has any of ``features`` (``torch.cpu._is_<feature>_supported``)."""
     try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:
-        return False
-
-
-def _cpu_avx512() -> bool:
-    try:
-        return bool(torch.cpu._is_avx512_supported())
+        return any(getattr(torch.cpu, f"_is_{f}_supported")() for f in features)
     except AttributeError:
         return False
 
 
 _ONEDNN_LINEAR = _onednn_linear()
-CPU_NATIVE_BF16 = _cpu_native_bf16()
+# Whether this CPU computes bf16 products in hardware. Elsewhere bf16 is emulated: a ViT-B-sized
+# product ran 8× slower than in fp32 on a 2-core AVX2 EPYC.
+CPU_NATIVE_BF16 = _cpu_has("avx512_bf16", "amx_tile")
 # The most rows of an fp32 product that go through oneDNN. On an AVX-512 EPYC its fused products
 # beat MKL at every size of these models; on a 2-core AVX2 EPYC (Zen 3) MKL's products plus an
 # in-place pass ran 15–30 % faster for ViT-B's 4096-row products (fc1 with GELU 134 against 198 ms),
 # while oneDNN kept its lead for the decoder's few-row products (7 × 256 × 4096: 0.23 against 0.35 ms).
-ONEDNN_FP32_MAX_ROWS = sys.maxsize if _cpu_avx512() else 256
+ONEDNN_FP32_MAX_ROWS = sys.maxsize if _cpu_has("avx512") else 256

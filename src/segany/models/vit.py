@@ -17,12 +17,13 @@ from torch.nn import functional as F
 from .common import LayerNorm2d, MLPBlock, half_residual_stream, linear
 
 
-# Queries per step of the CPU global attention, one head at a time (ViT-B/L/H's 64×64 blocks:
-# 512 × 4096 logits, 8 MB in fp32); see Attention._attention_in_parts.
+# Queries per part of a CPU attention by parts (Attention._attention_in_parts), and the logits a
+# part holds at most: ViT-B/L/H's 64×64 global blocks go one head × 512 queries (8 MB in fp32).
 CPU_QUERY_CHUNK = 512
-# From this many tokens a CPU attention always goes by parts (Attention._attention_in_parts):
-# ViT-B/L/H's 64×64 global blocks, whose whole bias would take 805 MB a block.
-CPU_CHUNKED_MIN_TOKENS = 2048
+CPU_PART_LOGITS = 512 * 4096
+# From this many tokens a CPU attention always goes by parts: ViT-B/L/H's 64×64 global blocks,
+# whose whole bias would take 805 MB a block.
+CPU_PARTS_ALWAYS_TOKENS = 2048
 # From this many tokens it does so in fp32 inference too: ViT-B/L/H's 14×14 windows (a ViT-B encoder
 # 1.7 % faster than by SDPA with the bias, 2-core AVX2 EPYC); the default model's 8×8 windows are
 # faster by SDPA (41 against 46 ms an encoder), its 32×32 global blocks the same either way.
@@ -235,7 +236,7 @@ class Attention(nn.Module):
         q = q * self.scale
         out = q.new_empty(b, n, n_heads, d)
         chunk = min(n, CPU_QUERY_CHUNK)
-        group = max(1, min(n_heads, CPU_QUERY_CHUNK * 4096 // (chunk * n)))  # heads a part: ≤ 8 MB of fp32 logits
+        group = max(1, min(n_heads, CPU_PART_LOGITS // (chunk * n)))  # heads a part
         grad = torch.is_grad_enabled()
         buffer = None if grad else q.new_empty(group * chunk * n)
         for i in range(b):
@@ -305,7 +306,7 @@ def _by_parts(q: torch.Tensor, h: int, w: int) -> bool:
     if q.device.type != "cpu":
         return False
     # Under torch.compile windows stay on SDPA: the compiler would unroll the loop over parts.
-    return h * w >= CPU_CHUNKED_MIN_TOKENS or (
+    return h * w >= CPU_PARTS_ALWAYS_TOKENS or (
         h * w >= CPU_PARTS_MIN_TOKENS and q.dtype == torch.float32 and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling())
 
