@@ -157,8 +157,9 @@ _ONEDNN_LINEAR = _onednn_linear()
 # Whether this CPU computes bf16 products in hardware. Elsewhere bf16 is emulated: a ViT-B-sized
 # product ran 8× slower than in fp32 on a 2-core AVX2 EPYC.
 CPU_NATIVE_BF16 = _cpu_has("avx512_bf16", "amx_tile")
+CPU_AVX512 = _cpu_has("avx512")
 # The most rows of an fp32 product that go through oneDNN. On an AVX-512 EPYC its fused products
 # beat MKL at every size of these models; on a 2-core AVX2 EPYC (Zen 3) MKL's products plus an
 # in-place pass ran 15–30 % faster for ViT-B's 4096-row products (fc1 with GELU 134 against 198 ms),
 # while oneDNN kept its lead for the decoder's few-row products (7 × 256 × 4096: 0.23 against 0.35 ms).
-ONEDNN_FP32_MAX_ROWS = sys.maxsize if _cpu_has("avx512") else 256
+ONEDNN_FP32_MAX_ROWS = sys.maxsize if CPU_AVX512 else 256

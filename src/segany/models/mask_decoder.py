@@ -70,9 +70,11 @@ class MaskDecoder(nn.Module):
         """Masks of the ``mask_slice`` mask tokens ``(B, T', 4h, 4w)`` (all by default) and IoU
         predictions of all ``num_mask_tokens`` ``(B, T)``."""
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        wanted = list(range(self.num_mask_tokens))[mask_slice]
+        # Only the IoU token and the wanted mask tokens are read: the others skip the final attention.
         hs, src = self._attend(output_tokens, image_embeddings, image_pe, sparse_prompt_embeddings,
-                               dense_prompt_embeddings)
-        hyper_in = self._hyper_in(hs[:, 1 : 1 + self.num_mask_tokens, :], mask_slice)
+                               dense_prompt_embeddings, out_tokens=[0] + [1 + i for i in wanted])
+        hyper_in = self._hyper_in(hs[:, 1:, :], wanted)
         return self._upscaled_masks(src, hyper_in), self.iou_prediction_head(hs[:, 0, :])
 
     def _attend(
@@ -82,9 +84,11 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
+        out_tokens: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Output tokens ``(T, C)`` + prompts through the two-way transformer → tokens ``(B, T + N, C)``
-        and image features ``(B, C, h, w)`` (a channels-last view of the transformer's image tokens).
+        (or just ``out_tokens`` of them) and image features ``(B, C, h, w)`` (a channels-last view
+        of the transformer's image tokens).
 
         A batch-1 image embedding with the same dense embedding for every prompt (no mask inputs)
         is passed on as one shared image, not copied per prompt."""
@@ -96,7 +100,7 @@ class MaskDecoder(nn.Module):
             if image.shape[0] == 1 and (dense.shape[0] == 1 or dense.stride(0) == 0):
                 dense = dense[:1]
             image = image + dense
-        hs, keys = self.transformer(image, image_pe, tokens)
+        hs, keys = self.transformer(image, image_pe, tokens, out_tokens)
         h, w = image_pe.shape[-2:]
         return hs, keys.view(n_prompts, h, w, -1).permute(0, 3, 1, 2)
 
@@ -107,11 +111,12 @@ class MaskDecoder(nn.Module):
         ``image_embeddings`` (with no dense embedding of its own) instead of the embedding."""
         return self.transformer.project(image_embedding + dense_prompt_embedding, image_pe)
 
-    def _hyper_in(self, mask_tokens_out: torch.Tensor, mask_slice: slice = slice(None)) -> torch.Tensor:
-        """Mask tokens ``(B, T, C)`` → per-token weights of the upscaled features ``(B, T', C')`` for
-        the tokens in ``mask_slice``."""
-        mlps = list(enumerate(self.output_hypernetworks_mlps))[mask_slice]
-        return torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in mlps], dim=1)
+    def _hyper_in(self, mask_tokens_out: torch.Tensor, mask_indices: list[int] | None = None) -> torch.Tensor:
+        """Mask tokens ``(B, T', C)``, those of ``mask_indices`` (all by default) → per-token weights
+        of the upscaled features ``(B, T', C')``."""
+        mask_indices = range(mask_tokens_out.shape[1]) if mask_indices is None else mask_indices
+        mlps = self.output_hypernetworks_mlps
+        return torch.stack([mlps[i](mask_tokens_out[:, j, :]) for j, i in enumerate(mask_indices)], dim=1)
 
     def _upscaled_masks(self, src: torch.Tensor, hyper_in: torch.Tensor) -> torch.Tensor:
         """Image features ``(B, C, h, w)`` (channels-last) and token weights ``(B, T, C')`` → mask

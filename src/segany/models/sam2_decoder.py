@@ -125,8 +125,10 @@ class Sam2MaskDecoder(MaskDecoder):
         if self.pred_obj_scores:
             heads.insert(0, self.obj_score_token.weight)
         s = 1 if self.pred_obj_scores else 0  # index of the IoU token
-        hs, src = self._attend(torch.cat(heads, dim=0), image_embeddings, image_pe, sparse_prompt_embeddings,
-                               dense_prompt_embeddings)
+        output_tokens = torch.cat(heads, dim=0)
+        # The prompt tokens after the output tokens are not read: they skip the final attention.
+        hs, src = self._attend(output_tokens, image_embeddings, image_pe, sparse_prompt_embeddings,
+                               dense_prompt_embeddings, out_tokens=list(range(len(output_tokens))))
         iou_token_out = hs[:, s, :]
         mask_tokens_out = hs[:, s + 1 : s + 1 + self.num_mask_tokens, :]
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import MLPBlock, linear, onednn_products
+from .common import CPU_AVX512, MLPBlock, linear, onednn_products
 
 
 class TwoWayTransformer(nn.Module):
@@ -37,14 +37,18 @@ class TwoWayTransformer(nn.Module):
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
     def forward(
-        self, image_embedding: torch.Tensor | ProjectedImage, image_pe: torch.Tensor, point_embedding: torch.Tensor
+        self, image_embedding: torch.Tensor | ProjectedImage, image_pe: torch.Tensor, point_embedding: torch.Tensor,
+        out_tokens: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Image ``(1 or B, C, h, w)`` (or a :class:`ProjectedImage` from :meth:`project`), its PE
         ``(1, C, h, w)``, tokens ``(B, N, C)`` → tokens ``(B, N, C)`` and image tokens
         ``(B, h*w, C)`` (contiguous).
 
         An image of batch 1 is shared by the B prompts: the first block reads it once for all of
-        them instead of from B copies.
+        them instead of from B copies. ``out_tokens``: the indices of the tokens the caller reads
+        (then the tokens returned are ``(B, len(out_tokens), C)``, in that order). The final
+        attention treats each token on its own, so the others are left out of it: a box prompt
+        decoded to one mask reads 2 of its 7 tokens, a third of that attention's work.
         """
         if isinstance(image_embedding, ProjectedImage):
             keys, key_pe, first = image_embedding.keys, image_embedding.key_pe, image_embedding
@@ -55,6 +59,9 @@ class TwoWayTransformer(nn.Module):
             # keys made by a previous block are ours to update in place; the first block's are the caller's
             queries, keys = layer(queries, keys, point_embedding, key_pe, projected=first if i == 0 else None,
                                   keys_owned=i > 0)
+        if out_tokens is not None:
+            pick = _as_index(out_tokens)
+            queries, point_embedding = queries[:, pick], point_embedding[:, pick]
         attn_out = self.final_attn_token_to_image.few_to_many(queries + point_embedding, keys + key_pe, keys)
         queries = self.norm_final_attn(queries + attn_out)
         if keys.shape[0] != queries.shape[0]:  # depth 0: the image was never made per prompt
@@ -83,6 +90,12 @@ class ProjectedImage(NamedTuple):
     k: torch.Tensor | None
     v: torch.Tensor | None
     q: torch.Tensor | None
+
+
+def _as_index(indices: list[int]) -> slice | list[int]:
+    """Token indices as a slice where they are consecutive (a view instead of a gathered copy)."""
+    first = indices[0] if indices else 0
+    return slice(first, first + len(indices)) if list(indices) == list(range(first, first + len(indices))) else indices
 
 
 def _tokens(image: torch.Tensor) -> torch.Tensor:
@@ -216,12 +229,12 @@ class Attention(nn.Module):
             return self.out_proj(out)
         # q·(W_k x + b_k) = (W_k^T q)·x + q·b_k; the last term is the same for every key, and
         # softmax over the keys ignores it.
-        qk = torch.einsum("bhnd,hdc->bhnc", qh, self._head_weights(self.k_proj)).reshape(b, -1, c)
+        qk = (qh @ self._head_weights(self.k_proj)).reshape(b, -1, c)  # (B, h, Nt, C) → (B, h*Nt, C)
         # Heads and tokens share one matrix product with the image side (no per-head copy of it).
         attn = torch.softmax(_rows_times_image(qk, k.transpose(1, 2)), dim=-1)  # (B, h*Nt, Ni)
-        pooled = _rows_times_image(attn, v).view(b, self.num_heads, nt, -1)  # (B, h, Nt, C); the weights sum
-        out = torch.einsum("bhnc,hdc->bnhd", pooled, self._head_weights(self.v_proj))  # to one, so b_v passes as is
-        out = out.reshape(b, nt, self.internal_dim) + self.v_proj.bias
+        pooled = _rows_times_image(attn, v).view(b, self.num_heads, nt, -1)  # (B, h, Nt, C)
+        out = pooled @ self._head_weights(self.v_proj).transpose(1, 2)  # (B, h, Nt, d); the weights sum
+        out = out.transpose(1, 2).reshape(b, nt, self.internal_dim) + self.v_proj.bias  # to one: b_v passes as is
         return self.out_proj(out)
 
     def many_to_few(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor | None = None,
@@ -241,9 +254,9 @@ class Attention(nn.Module):
             logits = (rows @ projected_q.transpose(1, 2)).view(heads, b, nt, ni).transpose(0, 1)  # (B, h, Nt, Ni) view
         else:
             # (W_q x + b_q)·k = x·(W_q^T k) + b_q·k
-            wk = torch.einsum("bhnd,hdc->bhnc", kh, self._head_weights(self.q_proj)).reshape(b, heads * nt, c)
-            const = torch.einsum("bhnd,hd->bhn", kh, self.q_proj.bias.view(heads, -1))  # (B, h, Nt)
-            logits = _rows_times_image(wk, q.transpose(1, 2)).view(b, heads, nt, ni) + const.unsqueeze(-1)
+            wk = (kh @ self._head_weights(self.q_proj)).reshape(b, heads * nt, c)
+            const = kh @ self.q_proj.bias.view(heads, -1, 1)  # (B, h, Nt, 1)
+            logits = _rows_times_image(wk, q.transpose(1, 2)).view(b, heads, nt, ni) + const
         e = (logits - logits.amax(2, keepdim=True)).exp_()
         if torch.is_grad_enabled():
             attn = (e / e.sum(2, keepdim=True)).reshape(b, heads * nt, ni)
@@ -253,8 +266,8 @@ class Attention(nn.Module):
             attn = attn.view(b, heads * nt, ni)
         # out_proj(concat_h attn_h v_h) = Σ_h attn_h (v_h W_o,h^T) + b_o; each head's weights sum
         # to one over the tokens, so b_o / heads added to every row of vo adds b_o once.
-        w_out = self.out_proj.weight.view(-1, heads, vh.shape[-1])  # (C, h, d)
-        vo = torch.einsum("bhnd,chd->bhnc", vh, w_out).reshape(b, heads * nt, -1) + self.out_proj.bias / heads
+        w_out = self.out_proj.weight.view(-1, heads, vh.shape[-1]).permute(1, 2, 0)  # (h, d, C)
+        vo = (vh @ w_out).reshape(b, heads * nt, -1) + self.out_proj.bias / heads
         if residual is None or not residual.dtype == attn.dtype == vo.dtype:  # (mixed under autocast)
             out = attn.transpose(1, 2) @ vo
             return out if residual is None else residual + out
@@ -265,13 +278,17 @@ class Attention(nn.Module):
 
 def _rows_times_image(rows: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     """``rows @ image`` for rows ``(B, M, K)`` and an image side ``(1 or B, K, N)`` → ``(B, M, N)``;
-    a shared image meets the rows of all B prompts in one matrix product. On a CPU the products
-    go through oneDNN (:func:`linear`, the image as the weight): 1.2–3× MKL's speed for these
-    few-row shapes on an AVX-512 CPU. On an AVX2 one: 1.1–1.5× for the products with the image
-    as keys (7–224 rows), 0.85× for those with it as values (4096 deep), a wash over a prompt."""
+    a shared image meets the rows of all B prompts in one matrix product.
+
+    On a CPU the products go through oneDNN (:func:`linear`, the image as the weight): 1.2–3× MKL's
+    speed for these few-row shapes on an AVX-512 CPU. On an AVX2 one only the products with the
+    image as keys (``K`` = channels) keep that edge (1.1–1.5×, 7–224 rows); those with it as
+    values (``K`` = image tokens, 4096 deep) go through MKL (56 rows: 0.76 against 0.95 ms)."""
     b, m, k = rows.shape
+    onednn = onednn_products(rows) and (CPU_AVX512 or k <= image.shape[2])
     if image.shape[0] == 1:
-        return linear(rows.reshape(b * m, k), image[0].transpose(0, 1), None).view(b, m, -1)
-    if onednn_products(rows):
+        flat = rows.reshape(b * m, k)
+        return (linear(flat, image[0].transpose(0, 1), None) if onednn else flat @ image[0]).view(b, m, -1)
+    if onednn:
         return torch.stack([linear(rows[i], image[i].transpose(0, 1), None) for i in range(b)])
     return rows @ image
