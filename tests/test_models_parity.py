@@ -172,6 +172,21 @@ def test_decoder_paths_agree():
     assert torch.equal(emb, before)
 
 
+def test_transformer_out_tokens_equal_the_full_output():
+    """Tokens asked for by ``out_tokens`` (consecutive: a view; scattered: gathered) equal those
+    rows of the full output; the image tokens are the same either way."""
+    ours = random_sam(MODELS["sam_b"], seed=5)
+    transformer = ours.mask_decoder.transformer
+    emb, pe = torch.randn(1, 256, 64, 64), ours.prompt_encoder.get_dense_pe()
+    tokens = torch.randn(3, 7, 256)
+    with torch.no_grad():
+        full, keys = transformer(emb, pe, tokens)
+        for wanted in ([0, 1], [0, 2, 3, 4], [5]):
+            part, part_keys = transformer(emb, pe, tokens, out_tokens=wanted)
+            assert part.shape == (3, len(wanted), 256)
+            assert (part - full[:, wanted]).abs().max() <= 1e-5 and torch.equal(part_keys, keys)
+
+
 @pytest.mark.parametrize("onednn_fp32_rows", [sys.maxsize, 0])
 def test_fused_linear_equals_plain_ops(onednn_fp32_rows, monkeypatch):
     """The oneDNN product with bias and activation fused, and MKL's with in-place passes (fp32 on

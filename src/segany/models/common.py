@@ -102,12 +102,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act
             y = out.view(shape)
             return y if residual is None else residual + y
     y = F.linear(x, weight, bias)
-    in_place = not torch.is_grad_enabled()  # y is new: no autograd to keep the product for
     if activation:
-        y = _ACTIVATIONS[activation][in_place](y)
+        y = activate(y, activation)  # y is new: in place unless autograd keeps the product
     if residual is None:
         return y
-    return y.add_(residual) if in_place and residual.dtype == y.dtype and residual.shape == y.shape else residual + y
+    in_place = not torch.is_grad_enabled() and residual.dtype == y.dtype and residual.shape == y.shape
+    return y.add_(residual) if in_place else residual + y
+
+
+def activate(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """``activation`` (``"gelu"``, exact, or ``"relu"``) of a tensor the caller made: in place
+    without autograd (no fresh output to allocate and touch), else out of place."""
+    return _ACTIVATIONS[activation][not torch.is_grad_enabled()](x)
 
 
 # activation → (out of place, in place)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import MLP, LayerNorm2d, linear
+from .common import MLP, LayerNorm2d, activate, linear
 from .transformer import ProjectedImage
 
 
@@ -128,13 +128,13 @@ class MaskDecoder(nn.Module):
         it runs on the (pixel, sub-pixel, channel) layout, and only the masks are put in image
         order at the end. Same values as the convolution path (within float rounding).
         """
-        dc1, ln1, act1, dc2, _ = self.output_upscaling  # the last one is a GELU, fused into the product
+        dc1, ln1, _, dc2, _ = self.output_upscaling  # GELUs, applied to the products' own outputs
         b, c, h, w = src.shape
         x = src.permute(0, 2, 3, 1).reshape(b * h * w, c)
         c1, c2 = dc1.out_channels, dc2.out_channels
         # weight (C_in, C_out, 2, 2) → (2·2·C_out, C_in): output columns ordered (dy, dx, channel)
         x = linear(x, dc1.weight.permute(2, 3, 1, 0).reshape(4 * c1, c), dc1.bias.repeat(4))
-        x = act1(F.layer_norm(x.view(-1, c1), (c1,), ln1.weight, ln1.bias, ln1.eps))
+        x = activate(F.layer_norm(x.view(-1, c1), (c1,), ln1.weight, ln1.bias, ln1.eps), "gelu")
         x = linear(x, dc2.weight.permute(2, 3, 1, 0).reshape(4 * c2, c1), dc2.bias.repeat(4), activation="gelu")
         t = hyper_in.shape[1]
         masks = hyper_in @ x.view(b, h * w * 16, c2).transpose(1, 2)  # pixels in (y, x, dy, dx, dy2, dx2) order
