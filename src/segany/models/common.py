@@ -34,11 +34,14 @@ class MLPBlock(nn.Module):
         self.lin2 = nn.Linear(mlp_dim, embedding_dim)
         self.act = act()
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``lin2(act(lin1(x)))``, plus ``residual`` (added as the last product is written) if given."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, scratch: Scratch | None = None
+                ) -> torch.Tensor:
+        """``lin2(act(lin1(x)))``, plus ``residual`` (added as the last product is written) if given.
+        ``scratch``: where the hidden layer may be written (see :class:`Scratch`)."""
         act = _FUSABLE.get((type(self.act), getattr(self.act, "approximate", None)))
         if act:  # applied as the product is written
-            hidden = linear(x, self.lin1.weight, self.lin1.bias, activation=act)
+            hidden = linear(x, self.lin1.weight, self.lin1.bias, activation=act,
+                            out=None if scratch is None else scratch.take("mlp_hidden", x, self.lin1.out_features))
         else:
             hidden = self.act(self.lin1(x))
         return linear(hidden, self.lin2.weight, self.lin2.bias, residual=residual)
@@ -72,10 +75,40 @@ class MLP(nn.Module):
         return torch.sigmoid(x) if self.sigmoid_output else x
 
 
+class Scratch:
+    """Output buffers reused from block to block within one CPU inference pass of an encoder.
+
+    glibc's allocator maps every block larger than 32 MB afresh and returns it to the system when
+    freed, so each of ViT-B's 38–50 MB products (qkv, the MLP's hidden layer) would otherwise
+    page-fault its whole output in again at every block. One buffer per role, made once per pass
+    and dropped with it: no state is left behind between calls.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def wanted(x: torch.Tensor) -> Scratch | None:
+        """A new scratch for a pass over ``x`` where reuse is safe and pays (CPU, no autograd, not
+        under ``torch.compile``), else None."""
+        return Scratch() if onednn_products(x) else None
+
+    def take(self, role: str, x: torch.Tensor, features: int) -> torch.Tensor:
+        """A buffer for the ``(rows of x, features)`` output of a product of ``x`` in ``role``; its
+        previous content is overwritten."""
+        numel = x.numel() // x.shape[-1] * features
+        buf = self._buffers.get(role)
+        if buf is None or buf.numel() < numel or buf.dtype != x.dtype:
+            buf = self._buffers[role] = x.new_empty(numel)
+        return buf[:numel]
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None,
-           residual: torch.Tensor | None = None) -> torch.Tensor:
+           residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias`` for ``x (..., K)``, ``weight (N, K)``, then ``activation`` (``"gelu"``,
-    exact, or ``"relu"``) if given, then ``+ residual`` (shaped as the output) if given.
+    exact, or ``"relu"``) if given, then ``+ residual`` (shaped as the output) if given. ``out``: a
+    contiguous buffer of the output's size the plain product may write to without autograd (a
+    :meth:`Scratch.take`); the result is then a view of it.
 
     In CPU inference (fp32, or bf16 on a CPU with bf16 units; the dtype autocast would pick) this is
     one oneDNN call with the bias, the activation or the residual applied as the product is written
@@ -101,7 +134,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act
                 out = _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
             y = out.view(shape)
             return y if residual is None else residual + y
-    y = F.linear(x, weight, bias)
+    if out is not None and not torch.is_grad_enabled() and out.dtype == x.dtype:
+        rows = x.numel() // x.shape[-1]
+        flat = out.view(rows, weight.shape[0])
+        x2d = x.reshape(rows, -1)
+        y = (torch.mm(x2d, weight.t(), out=flat) if bias is None else torch.addmm(bias, x2d, weight.t(), out=flat))
+        y = y.view(*x.shape[:-1], weight.shape[0])
+    else:
+        y = F.linear(x, weight, bias)
     if activation:
         y = activate(y, activation)  # y is new: in place unless autograd keeps the product
     if residual is None:

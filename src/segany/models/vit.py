@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import LayerNorm2d, MLPBlock, half_residual_stream, linear
+from .common import LayerNorm2d, MLPBlock, Scratch, half_residual_stream, linear
 
 
 # Queries per part of a CPU attention by parts (Attention._attention_in_parts), and the logits a
@@ -91,8 +91,9 @@ class ImageEncoderViT(nn.Module):
                                     align_corners=False).permute(0, 2, 3, 1)
             x = x + pos
         x = half_residual_stream(x)
+        scratch = Scratch.wanted(x)
         for blk in self.blocks:
-            x = blk(x)
+            x = blk(x, scratch)
         return self.neck(x.permute(0, 3, 1, 2))
 
 
@@ -134,18 +135,19 @@ class Block(nn.Module):
         self.mlp = MLPBlock(dim, int(dim * mlp_ratio))
         self.window_size = window_size
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
+        """``(B, H, W, C)`` → ``(B, H, W, C)``; ``scratch``: buffers shared by the blocks of one pass."""
         y = self.norm1(x)
         if self.window_size > 0:
             h, w = y.shape[1], y.shape[2]
             y, pad_hw = window_partition(y, self.window_size)
-            y = window_unpartition(self.attn.attend(y), self.window_size, pad_hw, (h, w))
+            y = window_unpartition(self.attn.attend(y, scratch), self.window_size, pad_hw, (h, w))
         else:
-            y = self.attn.attend(y)
+            y = self.attn.attend(y, scratch)
         # The output projection is per token: it runs after unpartitioning (no padding tokens), and
         # the shortcuts are added as the products are written.
         x = linear(y, self.attn.proj.weight, self.attn.proj.bias, residual=x)
-        return self.mlp(self.norm2(x), residual=x)
+        return self.mlp(self.norm2(x), residual=x, scratch=scratch)
 
 
 class Attention(nn.Module):
@@ -176,11 +178,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(self.attend(x), self.proj.weight, self.proj.bias)
 
-    def attend(self, x: torch.Tensor) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
         """``(B, H, W, C)`` tokens → the heads' outputs ``(B, H, W, C)``, before the output projection."""
         b, h, w, _ = x.shape
+        buf = None if scratch is None else scratch.take("qkv", x, self.qkv.out_features)
         # (3, B, heads, H*W, head_dim)
-        qkv = linear(x, self.qkv.weight, self.qkv.bias).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        qkv = linear(x, self.qkv.weight, self.qkv.bias, out=buf).reshape(b, h * w, 3, self.num_heads, -1)
+        qkv = qkv.permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         if self.use_rel_pos and _by_parts(q, h, w):
             return self._attention_in_parts(q, k, v, h, w)
