@@ -218,8 +218,11 @@ def test_fused_linear_equals_plain_ops(onednn_fp32_rows, monkeypatch):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             fused_bf16 = linear(x, w, b, residual=residual.to(torch.bfloat16))
             mixed = linear(x, w, b, residual=residual)
+        owned = residual.clone()  # given up by the caller: the plain product may accumulate onto it
+        into_owned = linear(x, w, b, residual=owned, residual_owned=True)
     assert torch.equal(residual, kept)
     assert fused.shape == plain.shape and (fused - plain).abs().max() <= 1e-5
+    assert into_owned.shape == plain.shape and (into_owned - plain).abs().max() <= 1e-5
     assert fused_bf16.dtype == torch.bfloat16 and (fused_bf16.float() - plain).abs().max() <= 0.05
     assert mixed.dtype == torch.float32 and (mixed - plain).abs().max() <= 0.05
     assert (linear(x, w, b, residual=residual) - plain).abs().max() <= 1e-5  # autograd on: plain ops

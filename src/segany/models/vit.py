@@ -146,7 +146,7 @@ class Block(nn.Module):
             y = self.attn.attend(y, scratch)
         # The output projection is per token: it runs after unpartitioning (no padding tokens), and
         # the shortcuts are added as the products are written.
-        x = linear(y, self.attn.proj.weight, self.attn.proj.bias, residual=x)
+        x = linear(y, self.attn.proj.weight, self.attn.proj.bias, residual=x, residual_owned=scratch is not None)
         return self.mlp(self.norm2(x), residual=x, scratch=scratch)
 
 
