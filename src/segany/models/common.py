@@ -41,7 +41,7 @@ class MLPBlock(nn.Module):
         act = _FUSABLE.get((type(self.act), getattr(self.act, "approximate", None)))
         if act:  # applied as the product is written
             hidden = linear(x, self.lin1.weight, self.lin1.bias, activation=act,
-                            out=None if scratch is None else scratch.take("mlp_hidden", x, self.lin1.out_features))
+                            out=None if scratch is None else scratch.take_output("mlp_hidden", x, self.lin1.out_features))
         else:
             hidden = self.act(self.lin1(x))
         return linear(hidden, self.lin2.weight, self.lin2.bias, residual=residual, residual_owned=scratch is not None)
@@ -94,14 +94,17 @@ class Scratch:
         under ``torch.compile``), else None."""
         return Scratch() if onednn_products(x) else None
 
-    def take(self, role: str, x: torch.Tensor, features: int) -> torch.Tensor:
-        """A buffer for the ``(rows of x, features)`` output of a product of ``x`` in ``role``; its
-        previous content is overwritten."""
-        numel = x.numel() // x.shape[-1] * features
+    def take(self, role: str, numel: int, like: torch.Tensor) -> torch.Tensor:
+        """A flat buffer of ``numel`` elements (``like``'s dtype and device) for ``role``; what the
+        previous taker of that role wrote there is overwritten."""
         buf = self._buffers.get(role)
-        if buf is None or buf.numel() < numel or buf.dtype != x.dtype:
-            buf = self._buffers[role] = x.new_empty(numel)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype:
+            buf = self._buffers[role] = like.new_empty(numel)
         return buf[:numel]
+
+    def take_output(self, role: str, x: torch.Tensor, features: int) -> torch.Tensor:
+        """A buffer for the ``(rows of x, features)`` output of a product of ``x``."""
+        return self.take(role, x.numel() // x.shape[-1] * features, x)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None,

@@ -8,6 +8,7 @@ cached, not rebuilt at every call.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -137,13 +138,16 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
         """``(B, H, W, C)`` → ``(B, H, W, C)``; ``scratch``: buffers shared by the blocks of one pass."""
-        y = self.norm1(x)
+        qkv = self.attn.project_qkv(self.norm1(x), scratch)
         if self.window_size > 0:
-            h, w = y.shape[1], y.shape[2]
-            y, pad_hw = window_partition(y, self.window_size)
-            y = window_unpartition(self.attn.attend(y, scratch), self.window_size, pad_hw, (h, w))
+            # The projection is per token, so it runs before partitioning, on the real tokens only:
+            # the padding tokens (zeros after norm1 in the reference) project to the bias.
+            # ViT-B's 14×14 windows: 4096 instead of 4900 rows, 82 against 96 ms a block.
+            h, w = qkv.shape[1], qkv.shape[2]
+            qkv, pad_hw = window_partition(qkv, self.window_size, pad=self.attn.qkv.bias, scratch=scratch)
+            y = window_unpartition(self.attn.attend_qkv(qkv), self.window_size, pad_hw, (h, w))
         else:
-            y = self.attn.attend(y, scratch)
+            y = self.attn.attend_qkv(qkv)
         # The output projection is per token: it runs after unpartitioning (no padding tokens), and
         # the shortcuts are added as the products are written.
         x = linear(y, self.attn.proj.weight, self.attn.proj.bias, residual=x, residual_owned=scratch is not None)
@@ -180,12 +184,18 @@ class Attention(nn.Module):
 
     def attend(self, x: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
         """``(B, H, W, C)`` tokens → the heads' outputs ``(B, H, W, C)``, before the output projection."""
-        b, h, w, _ = x.shape
-        buf = None if scratch is None else scratch.take("qkv", x, self.qkv.out_features)
+        return self.attend_qkv(self.project_qkv(x, scratch))
+
+    def project_qkv(self, x: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
+        """``(B, H, W, C)`` tokens → their queries, keys and values ``(B, H, W, 3C)``."""
+        out = None if scratch is None else scratch.take_output("qkv", x, self.qkv.out_features)
+        return linear(x, self.qkv.weight, self.qkv.bias, out=out)
+
+    def attend_qkv(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Queries, keys and values ``(B, H, W, 3C)`` → the heads' outputs ``(B, H, W, C)``."""
+        b, h, w, _ = qkv.shape
         # (3, B, heads, H*W, head_dim)
-        qkv = linear(x, self.qkv.weight, self.qkv.bias, out=buf).reshape(b, h * w, 3, self.num_heads, -1)
-        qkv = qkv.permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        q, k, v = qkv.reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         if self.use_rel_pos and _by_parts(q, h, w):
             return self._attention_in_parts(q, k, v, h, w)
         if self.use_rel_pos and _use_augmented(q, h, w):
@@ -320,17 +330,52 @@ def _use_augmented(q: torch.Tensor, h: int, w: int) -> bool:
             and (q.shape[-1] + h + w + 7) // 8 * 8 <= _FLASH_MAX_HEAD_DIM)
 
 
-def window_partition(x: torch.Tensor, window_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """``(B, H, W, C)`` → windows ``(B * nW, ws, ws, C)`` after zero padding, and the padded size."""
+def window_partition(x: torch.Tensor, window_size: int, pad: torch.Tensor | None = None,
+                     scratch: Scratch | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``(B, H, W, C)`` → windows ``(B * nW, ws, ws, C)`` padded with zeros, or with the vector
+    ``pad`` (C,) if given, and the padded size; ``scratch``: where the windows may be written.
+
+    The tokens go straight into the windows' layout, one copy per rectangle of whole or cut
+    windows, and only the padding is filled (no padded copy of the grid first)."""
     b, h, w, c = x.shape
     pad_h = (window_size - h % window_size) % window_size
     pad_w = (window_size - w % window_size) % window_size
-    if pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
     hp, wp = h + pad_h, w + pad_w
-    x = x.view(b, hp // window_size, window_size, wp // window_size, window_size, c)
-    windows = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, c)
-    return windows, (hp, wp)
+    shape = (b, hp // window_size, wp // window_size, window_size, window_size, c)
+    windows = x.new_empty(shape) if scratch is None else scratch.take("windows", math.prod(shape), x).view(shape)
+    grid = windows.permute(0, 1, 3, 2, 4, 5)  # (B, rows of windows, ws, columns of windows, ws, C)
+    for rows, cols in _window_blocks(h, w, window_size):
+        grid[_in_windows(rows, cols, window_size)] = _as_windows(x[:, rows, cols], window_size)
+    fill = 0.0 if pad is None else pad.to(x.dtype)
+    if pad_h:
+        grid[:, -1, window_size - pad_h :] = fill
+    if pad_w:
+        grid[:, :, :, -1, window_size - pad_w :] = fill
+    return windows.view(-1, window_size, window_size, c), (hp, wp)
+
+
+def _window_blocks(h: int, w: int, ws: int) -> list[tuple[slice, slice]]:
+    """An ``h × w`` grid cut into whole windows and the cut ones at the far edges: up to four
+    rectangles (rows, columns), each a regular array of windows of one size."""
+    row_parts = [p for p in (slice(0, h // ws * ws), slice(h // ws * ws, h)) if p.stop > p.start]
+    col_parts = [p for p in (slice(0, w // ws * ws), slice(w // ws * ws, w)) if p.stop > p.start]
+    return [(r, c) for r in row_parts for c in col_parts]
+
+
+def _as_windows(block: torch.Tensor, ws: int) -> torch.Tensor:
+    """A ``(B, rows, cols, C)`` rectangle of :func:`_window_blocks` as ``(B, nY, rows in a window,
+    nX, cols in a window, C)`` (a view)."""
+    b, rows, cols, c = block.shape
+    in_y, in_x = min(ws, rows), min(ws, cols)
+    return block.view(b, rows // in_y, in_y, cols // in_x, in_x, c)
+
+
+def _in_windows(rows: slice, cols: slice, ws: int) -> tuple[slice, ...]:
+    """Where a rectangle of :func:`_window_blocks` lies in the ``(B, nY, ws, nX, ws, C)`` windows."""
+    in_y, in_x = min(ws, rows.stop - rows.start), min(ws, cols.stop - cols.start)
+    y0, x0 = rows.start // ws, cols.start // ws
+    n_y, n_x = (rows.stop - rows.start) // in_y, (cols.stop - cols.start) // in_x
+    return slice(None), slice(y0, y0 + n_y), slice(0, in_y), slice(x0, x0 + n_x), slice(0, in_x)
 
 
 def window_unpartition(
