@@ -172,6 +172,24 @@ def test_decoder_paths_agree():
     assert torch.equal(emb, before)
 
 
+def test_window_blocks_project_before_or_after_partitioning_alike(monkeypatch):
+    """q, k, v projected before partitioning (CPU: real tokens only, the padding's set to the
+    bias) or after it (GPU: the reference's order) give the same embedding, here with padding
+    (20 tokens a side in 14-token windows, which go by parts), with and without autograd."""
+    from segany.models import vit
+
+    encoder = random_sam(config_with(SMALL_VIT, img_size=320, window_size=14), seed=6).image_encoder
+    x = torch.randn(1, 3, 320, 320)
+    outputs = []
+    for before in (True, False):
+        monkeypatch.setattr(vit, "_project_before_partition", lambda _x, before=before: before)
+        with torch.no_grad():
+            outputs.append(encoder(x))
+        outputs.append(encoder(x).detach())
+    for out in outputs[1:]:
+        assert (out - outputs[0]).abs().max() <= 1e-4
+
+
 def test_transformer_out_tokens_equal_the_full_output():
     """Tokens asked for by ``out_tokens`` (consecutive: a view; scattered: gathered) equal those
     rows of the full output; the image tokens are the same either way."""
