@@ -113,7 +113,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act
     """``x @ weight.T + bias`` for ``x (..., K)``, ``weight (N, K)``, then ``activation`` (``"gelu"``,
     exact, or ``"relu"``) if given, then ``+ residual`` (shaped as the output) if given. ``out``: a
     contiguous buffer of the output's size the plain product may write to without autograd (a
-    :meth:`Scratch.take`); the result is then a view of it. ``residual_owned``: the caller gives
+    :meth:`Scratch.take_output`); the result is then a view of it. ``residual_owned``: the caller gives
     ``residual`` up, and the plain product may accumulate onto it in place (no fresh output, no
     bias copy, no separate add: two passes over the output instead of four).
 
@@ -217,6 +217,8 @@ _ONEDNN_LINEAR = _onednn_linear()
 # Whether this CPU computes bf16 products in hardware. Elsewhere bf16 is emulated: a ViT-B-sized
 # product ran 8× slower than in fp32 on a 2-core AVX2 EPYC.
 CPU_NATIVE_BF16 = _cpu_has("avx512_bf16", "amx_tile")
+# Whether this CPU has AVX-512: where it has not, MKL takes the fp32 products oneDNN loses
+# (ONEDNN_FP32_MAX_ROWS below; the decoder's 4096-deep products in transformer._rows_times_image).
 CPU_AVX512 = _cpu_has("avx512")
 # The most rows of an fp32 product that go through oneDNN. On an AVX-512 EPYC its fused products
 # beat MKL at every size of these models; on a 2-core AVX2 EPYC (Zen 3) MKL's products plus an
