@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .windows import window_partition, window_unpartition
+
 
 class Hiera(nn.Module):
     """Normalised image ``(B, 3, S, S)`` → one feature map per stage, highest resolution first:
@@ -185,26 +187,3 @@ def _pool(x: torch.Tensor, pool: nn.Module | None) -> torch.Tensor:
     if pool is None:
         return x
     return pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-
-
-def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """``(B, H, W, C)`` → windows ``(B * nW, window, window, C)`` (zero-padded) and the padded size."""
-    b, h, w, c = x.shape
-    pad_h, pad_w = (window - h % window) % window, (window - w % window) % window
-    if pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    hp, wp = h + pad_h, w + pad_w
-    x = x.view(b, hp // window, window, wp // window, window, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window, window, c), (hp, wp)
-
-
-def window_unpartition(
-    windows: torch.Tensor, window: int, pad_hw: tuple[int, int], hw: tuple[int, int]
-) -> torch.Tensor:
-    """Inverse of :func:`window_partition`: windows → ``(B, H, W, C)`` without the padding."""
-    hp, wp = pad_hw
-    h, w = hw
-    b = windows.shape[0] // (hp * wp // window // window)
-    x = windows.reshape(b, hp // window, wp // window, window, window, -1)
-    x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, -1)
-    return x[:, :h, :w, :] if hp > h or wp > w else x

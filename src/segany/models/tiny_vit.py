@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .common import LayerNorm2d
-from .vit import window_partition, window_unpartition
+from .windows import window_partition, window_unpartition
 
 
 class Conv2dBN(nn.Module):
