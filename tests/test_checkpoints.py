@@ -96,6 +96,42 @@ def test_unexpected_and_misshaped_keys_are_named(tmp_path):
     assert "mask_decoder.iou_token.weight" in str(e.value)
 
 
+@pytest.mark.parametrize("key", ["prompt_encoder.no_mask_embed.weight", "image_encoder.blocks.0.mlp.lin1.weight",
+                                 "mask_decoder.mask_tokens.weight"])
+def test_tensor_the_architecture_is_read_from_missing_is_named(tmp_path, key):
+    sd = random_sam(SMALL_VIT).state_dict()
+    sd[key + "X"] = sd.pop(key)
+    path = tmp_path / "renamed.pt"
+    torch.save(sd, path)
+    with pytest.raises(StateDictMismatchError, match=f"looks like a SAM ViT checkpoint, but it lacks the tensor {key}:"):
+        load_model(path)
+
+
+def test_impossible_shapes_are_a_mismatch_not_a_crash(tmp_path):
+    sd = random_sam(SMALL_VIT).state_dict()
+    sd["image_encoder.patch_embed.proj.weight"] = torch.zeros(0)
+    path = tmp_path / "flat.pt"
+    torch.save(sd, path)
+    with pytest.raises(StateDictMismatchError, match="impossible shapes"):
+        load_model(path)
+
+
+def test_other_files_named_pt_are_not_called_unsafe(tmp_path):
+    jpeg = tmp_path / "photo.pt"
+    jpeg.write_bytes(b"\xff\xd8\xff\xe0" + bytes(200))
+    plain = tmp_path / "plain.pt"
+    with open(plain, "wb") as f:
+        pickle.dump({"a": 1}, f, protocol=4)
+    for path in (jpeg, plain):
+        with pytest.raises(CorruptCheckpointError, match="is not a PyTorch checkpoint") as e:
+            read_state_dict(path)
+        assert not isinstance(e.value, UnsafeCheckpointError)
+    wrapped = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": random_sam(SMALL_VIT).state_dict(), "epoch": 3}, wrapped)
+    with pytest.raises(CorruptCheckpointError, match=r"entries 'state_dict', 'epoch' are not tensors.*re-save"):
+        read_state_dict(wrapped)
+
+
 def test_truncated_file(tmp_path, small_ckpt):
     data = open(small_ckpt, "rb").read()
     path = tmp_path / "truncated.pt"

@@ -126,14 +126,21 @@ def test_records_results_and_coco(models):
     assert len(res[1:3].records) == min(2, n - 1)
 
 
-def test_conf_does_not_filter_twice(models):
+def test_conf_is_a_second_score_floor_off_by_default(models):
     pred, _ = models[3]
     img = test_image(120, 160)
-    kw = dict(points_stride=4, conf_thres=0.3, stability_score_thresh=0)
-    a = pred(source=img, **kw)[0]
-    b = pred(source=img, conf=0.99, **kw)[0]
-    assert len(a) == len(b) > 0 and torch.equal(a.masks.data, b.masks.data)
-    assert all(r["predicted_iou"] > 0.3 for r in a.records)
+    kw = dict(points_stride=4, conf_thres=0.0, stability_score_thresh=0)
+    plain = pred(source=img, **kw)[0]
+    scores = sorted(r["predicted_iou"] for r in plain.records)
+    assert len(scores) >= 2 and scores[0] < scores[-1]
+    floor = (scores[0] + scores[-1]) / 2
+    # conf and conf_thres filter alike (at the same step), and the higher one decides
+    by_conf = pred(source=img, conf=floor, **kw)[0]
+    by_thres = pred(source=img, **{**kw, "conf_thres": floor})[0]
+    both = pred(source=img, conf=0.01, **{**kw, "conf_thres": floor})[0]
+    assert 0 < len(by_conf) < len(plain)
+    assert all(r["predicted_iou"] > floor for r in by_conf.records)
+    assert torch.equal(by_conf.masks.data, by_thres.masks.data) and torch.equal(by_conf.masks.data, both.masks.data)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (5, 7), (3, 200)])

@@ -202,6 +202,7 @@ def test_sources_list_stream_directory(model, tmp_path):
     (dict(bboxes=[100, 10, 50, 50]), "x2 < x1"),
     (dict(points=[5000, 10]), "outside"),
     (dict(bboxes=[5000, 5000, 6000, 6000]), "outside"),
+    (dict(bboxes=[-10, -10, 0, 0]), "outside"),  # touches a corner from outside: nothing left after clipping
     (dict(points=[10, 10], labels=[2]), "1 \\(positive\\) or 0"),
     (dict(bboxes=[[1, 1, 20, 20], [2, 2, 30, 30]], points=[[[5, 5]]]), "different numbers of objects"),
     (dict(masks=np.zeros((7, 9))), "masks must be"),
@@ -218,6 +219,14 @@ def test_bad_prompts_are_clear_errors_and_leave_the_predictor_usable(model, img_
 def test_box_partly_outside_is_clipped_with_a_warning(model, img_path):
     with pytest.warns(UserWarning, match="clipped"):
         _check(model(img_path, bboxes=[-20, -20, 100, 500]), 1)
+    _check(model(img_path, bboxes=[50, 50, 50, 80]), 1)  # zero width inside the image: a valid prompt
+
+
+def test_very_elongated_images_keep_a_pixel_of_short_side(model):
+    # 3000 × 5: the short side resized to the model's input size would round to 0 pixels.
+    img = np.full((5, 3000, 3), 128, np.uint8)
+    r = model(img, bboxes=[0, 0, 100, 3])[0]
+    assert r.masks.data.shape == (1, 5, 3000)
 
 
 def test_bad_images_and_options(model, tmp_path, small_ckpt):
@@ -237,6 +246,34 @@ def test_bad_images_and_options(model, tmp_path, small_ckpt):
         Predictor(overrides=dict(model=small_ckpt, confidence=0.3))
     with pytest.raises(PromptError, match="set_image"):
         Predictor(overrides=dict(model=small_ckpt))(points=[1, 1])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(multimask_output="no"), "multimask_output='no': expected true or false"),
+    (dict(half="yes"), "half='yes': expected true or false"),
+    (dict(compile="no"), "expected true or false"),
+    (dict(batch=-1), "batch=-1: expected an integer >= 1"),
+    (dict(batch=1.5), "batch=1.5: expected an integer"),
+    (dict(vid_stride=2.5), "vid_stride=2.5: expected an integer"),
+    (dict(imgsz="abc"), "imgsz='abc': expected an integer"),
+    (dict(conf="high"), "conf='high': expected a number"),
+    (dict(conf=1.5), "conf=1.5: expected a predicted IoU"),
+    (dict(task="detect"), "only does task='segment'"),
+    (dict(points_per_side=8, points_stride=8), "same option"),
+])
+def test_bad_option_values_fail_in_the_constructor_and_in_a_call(model, img_path, small_ckpt, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        Predictor(overrides=dict(model=small_ckpt, **kwargs))
+    with pytest.raises(ConfigError, match=match):
+        model(img_path, bboxes=[40, 40, 120, 110], **kwargs)
+    _check(model(img_path, bboxes=[40, 40, 120, 110], batch=np.int64(2), multimask_output=np.bool_(False)), 1)
+
+
+def test_values_the_model_cannot_take_fail_in_the_constructor(small_ckpt):
+    with pytest.raises(ConfigError, match="imgsz=1024: this model works at imgsz="):
+        Predictor(overrides=dict(model=small_ckpt, imgsz=1024))
+    with pytest.raises(ConfigError, match="points_stride"):
+        Predictor(overrides=dict(model=small_ckpt, points_stride=0))
 
 
 def test_compile_matches_eager():

@@ -40,18 +40,24 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "Weights only load failed" in str(e):
+        # "Unsupported global": the pickle names a class or function to call. Other refusals
+        # (an unknown opcode) come from bytes that are no torch.save archive at all.
+        if "global" in str(e).lower() or "unsupported class" in str(e).lower():
             raise UnsafeCheckpointError(
                 f"refused to load '{path}': the file is a pickle that needs to run code to load "
                 f"(it is not a plain tensor checkpoint), and segany only loads tensors "
                 f"(torch.load(weights_only=True)). If you trust the file, re-save its state dict with "
                 f"torch.save(model.state_dict(), 'clean.pt') and load that."
             ) from None
-        raise CorruptCheckpointError(f"'{path}' is not a PyTorch checkpoint ({_short(e)})") from None
+        detail = re.search(r"Unsupported operand \d+", str(e))
+        raise CorruptCheckpointError(
+            f"'{path}' is not a PyTorch checkpoint: it is another kind of file, or damaged "
+            f"({detail.group(0) if detail else _short(e)}). Checkpoints are files written by torch.save."
+        ) from None
     except Exception as e:  # a damaged file fails anywhere inside the unpickler, with any exception
         raise CorruptCheckpointError(
             f"'{path}' is not a readable PyTorch checkpoint: it is truncated, damaged or another kind "
-            f"of file ({_short(e)}). Download it again."
+            f"of file ({type(e).__name__}: {_short(e)}). Download it again."
         ) from None
     return _unwrap(obj, path)
 
@@ -60,9 +66,14 @@ def _unwrap(obj: Any, path: Path) -> StateDict:
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        found = type(obj).__name__
+        if isinstance(obj, dict):
+            keys = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)][:6]
+            found = f"a dict whose entries {', '.join(map(repr, keys))} are not tensors" if keys else "an empty dict"
         raise CorruptCheckpointError(
-            f"'{path}' holds no state dict (expected a dict of tensors or {{'model': state_dict}}, "
-            f"found {type(obj).__name__})"
+            f"'{path}' holds no state dict (expected a dict of tensors or {{'model': state_dict}}, found "
+            f"{found}). If the weights sit under another key, re-save them: "
+            f"torch.save(ckpt['<key>'], 'weights.pt')"
         )
     # Weights saved from a wrapper (DataParallel, torch.compile) carry a prefix on every key.
     for prefix in ("module.", "_orig_mod."):
@@ -89,9 +100,9 @@ def infer_config(sd: StateDict, name: str = "custom") -> ModelConfig:
             "(image_encoder.trunk.patch_embed.proj.weight): the file is incomplete or from another model"
         )
     if "image_encoder.patch_embed.proj.weight" in sd:
-        family, params = "sam_vit", {"encoder": _vit_encoder_params(sd), **_decoder_params(sd)}
+        family, params = "sam_vit", _read_params(sd, "SAM ViT", _vit_encoder_params)
     elif "image_encoder.patch_embed.seq.0.c.weight" in sd:
-        family, params = "mobile_sam", {"encoder": _tiny_vit_params(sd), **_decoder_params(sd)}
+        family, params = "mobile_sam", _read_params(sd, "MobileSAM (TinyViT)", _tiny_vit_params)
     else:
         sample = ", ".join(list(sd)[:5])
         raise UnknownArchitectureError(
@@ -102,6 +113,19 @@ def infer_config(sd: StateDict, name: str = "custom") -> ModelConfig:
         if cfg.family == family and _same(cfg.params, params):
             return cfg
     return ModelConfig(name=name, family=family, params=params, description=f"custom {family}")
+
+
+def _read_params(sd: StateDict, family: str, encoder_params) -> dict[str, Any]:
+    """Builder parameters of a SAM 1 state dict; a tensor missing or of an impossible shape is a
+    :class:`StateDictMismatchError` that names it."""
+    try:
+        return {"encoder": encoder_params(sd), **_decoder_params(sd)}
+    except KeyError as e:
+        problem = f"lacks the tensor {e.args[0]}"
+    except (IndexError, ValueError, ZeroDivisionError, AttributeError) as e:
+        problem = f"has tensors of impossible shapes ({type(e).__name__}: {_short(e)})"
+    raise StateDictMismatchError(f"this looks like a {family} checkpoint, but it {problem}: the file is "
+                                 "incomplete, damaged or was saved from a modified model") from None
 
 
 def _sam2_config(sd: StateDict, name: str) -> ModelConfig:
@@ -292,7 +316,12 @@ def load_model(path: str | os.PathLike, name: str | None = None) -> tuple[nn.Mod
     """Read a checkpoint file, recognise its architecture, build the model and load the weights (eval mode)."""
     sd = read_state_dict(path)
     config = infer_config(sd, name=name or Path(path).stem)
-    model = build_model(config)
+    try:
+        model = build_model(config)
+    except (ValueError, ZeroDivisionError, RuntimeError, TypeError) as e:  # shapes no model can have
+        raise StateDictMismatchError(
+            f"'{path}' has tensors of shapes no {config.family} model can be built from "
+            f"({type(e).__name__}: {_short(e)}): the file is damaged or was saved from a modified model") from None
     load_state_dict_strict(model, sd, str(path))
     return model.eval(), config
 

@@ -39,7 +39,7 @@ import traceback
 import warnings
 from typing import Any
 
-from .config import suggest
+from .config import check_type, suggest
 from .errors import (CheckpointNotFoundError, ConfigError, DownloadError, ImageNotFoundError, PromptError,
                      SegAnyError)
 
@@ -166,27 +166,6 @@ def parse_options(tokens: list[str], valid: dict[str, Any], aliases: dict[str, s
         value = True if raw is None else parse_value(raw, key)
         out[canonical] = check_type(key, value, types.get(canonical, valid[canonical]))
     return out
-
-
-def check_type(key: str, value: Any, default: Any) -> Any:
-    """A value of the default's type (ints for int options, numbers for floats, booleans for flags)."""
-    if value is None or default is None:
-        return value
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise UsageError(f"{key}={value!r}: expected true or false")
-    elif isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UsageError(f"{key}={value!r}: expected an integer")
-    elif isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UsageError(f"{key}={value!r}: expected a number")
-        value = float(value)
-    elif isinstance(default, str):
-        if isinstance(value, (list, bool)):
-            raise UsageError(f"{key}={value!r}: expected a single value, not a list or boolean")
-        value = str(value)  # device=0, name=1: strings
-    return value
 
 
 # ----------------------------------------------------------------------------- commands

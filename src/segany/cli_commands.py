@@ -124,8 +124,6 @@ PROMPT_DEFAULTS: dict[str, Any] = dict(bboxes=None, points=None, labels=None, ma
 CLI_HANDLED = {"model", "source", "device", "save", "save_txt", "save_conf", "project", "name", "exist_ok",
                "show", "stream", "verbose", *PROMPT_DEFAULTS}
 SAVE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-# Example values giving the type of options whose default is None.
-PREDICT_TYPES: dict[str, Any] = dict(imgsz=1024, batch=1, model="", project="", name="")
 PREDICT_NOTES = dict(
     model="checkpoint name (sam_b.pt, sam_l.pt, sam_h.pt, mobile_sam.pt, sam2_t.pt, ...) or path",
     source="image, folder, glob, video or URL (default: the bundled example image)",
@@ -137,7 +135,7 @@ PREDICT_NOTES = dict(
     imgsz="model input size (default: the model's own)",
     device="'' (best available), cpu, cuda:0, mps",
     half="bf16 autocast on a GPU or a CPU with bf16 units (elsewhere fp32, with a warning)",
-    conf="minimum predicted IoU kept by segment-everything",
+    conf="minimum predicted IoU kept by segment-everything, on top of conf_thres",
     batch="images per encoder pass (default 1 on CPU, 8 on GPU)",
     save="annotated image + JSON of the masks (COCO RLE) per image",
     save_txt="YOLO-seg labels in <dir>/labels/", save_conf="add the score to each label line",
@@ -248,11 +246,12 @@ def _stem(path: str, used: set[str]) -> tuple[str, str]:
 
 
 def run_predict(tokens: list[str]) -> int:
-    from .config import META_ALIASES
+    from .config import META_ALIASES, OPTION_TYPES, check_options
     from .engine.sources import count_sources
 
     defaults = predict_defaults()
-    given = parse_options(tokens, defaults, META_ALIASES, PREDICT_TYPES, "predict")
+    given = parse_options(tokens, defaults, META_ALIASES, OPTION_TYPES, "predict")
+    check_options({k: v for k, v in given.items() if k not in PROMPT_DEFAULTS})  # ranges, before the model loads
     opts = {**defaults, **given}
     for key in ("model", "source", "project", "name"):
         opts[key] = _str_or_none(opts[key])

@@ -6,7 +6,10 @@ The Python API (``SAM``, ``Predictor``) and the CLI both read :data:`DEFAULTS`.
 from __future__ import annotations
 
 import difflib
+import numbers
 from typing import Any
+
+import numpy as np
 
 from .errors import ConfigError
 
@@ -24,7 +27,7 @@ PREDICT_DEFAULTS: dict[str, Any] = dict(
     device="",
     half=False,
     compile=False,  # torch.compile the image encoder: slow first call, faster after (GPU)
-    conf=0.25,
+    conf=None,  # segment-everything only: a minimum predicted IoU on top of conf_thres (None = none)
     batch=None,  # images per encoder pass; None = 1 on CPU, 8 on GPU
     multimask_output=False,
     retina_masks=True,  # masks are always returned at the original size
@@ -72,15 +75,59 @@ def suggest(key: str, choices: list[str] | tuple[str, ...] | set[str]) -> str:
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
+# Example values giving the type of the options whose default is None.
+OPTION_TYPES: dict[str, Any] = dict(imgsz=1024, batch=1, model="", project="", name="", conf=0.5)
+# Options that count something: whole numbers from 1.
+COUNTS = {"imgsz", "batch", "vid_stride"}
+# The only task and mode a SAM predictor has (Ultralytics' overrides name them).
+FIXED = dict(task="segment", mode="predict")
+
+
+def check_type(key: str, value: Any, default: Any) -> Any:
+    """``value`` as the type of ``default`` (booleans for flags, whole numbers for int options,
+    numbers for float ones, single values for strings), or a :class:`ConfigError` naming the option."""
+    if value is None or default is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, (bool, np.bool_)):
+            raise ConfigError(f"{key}={value!r}: expected true or false")
+        return bool(value)
+    is_number = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if isinstance(default, int):
+        if not is_number or not float(value).is_integer():
+            raise ConfigError(f"{key}={value!r}: expected an integer")
+        return int(value)
+    if isinstance(default, float):
+        if not is_number:
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        return float(value)
+    if isinstance(default, str):
+        if isinstance(value, (list, tuple, dict, bool)):
+            raise ConfigError(f"{key}={value!r}: expected a single value, not a list or boolean")
+        return str(value)  # device=0, name=1, a Path: strings
+    return value
+
+
 def check_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Validate option names (Meta aliases resolved to segany's names); unknown names are an error."""
+    """Validate option names (Meta aliases resolved to segany's names) and the values of the
+    prediction options; an unknown name or a value of the wrong type is a :class:`ConfigError`.
+    (Segment-everything values are checked with the rest of them, ``engine.everything``.)"""
     out: dict[str, Any] = {}
     valid = set(DEFAULTS) | set(META_ALIASES)
     for key, value in options.items():
         if key not in valid:
-            raise ConfigError(f"unknown option '{key}'.{suggest(key, valid)} Valid options: {', '.join(sorted(DEFAULTS))}")
+            raise ConfigError(f"unknown option '{key}'.{suggest(key, valid)} Valid options: {', '.join(sorted(DEFAULTS))}"
+                              " (prompts: bboxes, points, labels, masks)")
         canonical = META_ALIASES.get(key, key)
-        if canonical in out and canonical != key:
+        if canonical in out:
             raise ConfigError(f"'{key}' and '{canonical}' are the same option; give only one")
+        if canonical in PREDICT_DEFAULTS:
+            value = check_type(key, value, OPTION_TYPES.get(canonical, PREDICT_DEFAULTS[canonical]))
+            if canonical in COUNTS and value is not None and value < 1:
+                raise ConfigError(f"{key}={value}: expected an integer >= 1")
+            if canonical == "conf" and value is not None and not 0.0 <= value <= 1.0:
+                raise ConfigError(f"conf={value}: expected a predicted IoU in [0, 1] (or None for no filter)")
+            if canonical in FIXED and value != FIXED[canonical]:
+                raise ConfigError(f"{key}={value!r}: a SAM predictor only does {key}={FIXED[canonical]!r}")
         out[canonical] = value
     return out

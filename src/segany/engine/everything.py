@@ -10,8 +10,10 @@ run-length codes from the moment they are thresholded (see :mod:`.everything_ops
 
 Documented choices:
 
-- ``conf`` (the prompted-call score filter) does not apply here; the score filter is
-  ``conf_thres`` (Meta's ``pred_iou_thresh``), so masks are never filtered twice.
+- The score filter is ``conf_thres`` (Meta's ``pred_iou_thresh``). ``conf`` (Ultralytics'
+  score option, never applied to prompted outputs) is off by default; when set, a mask needs a
+  predicted IoU above both, in the same place of the algorithm (so Meta's parameters alone still
+  give Meta's masks).
 - ``multimask_output`` does not apply: every point gives Meta's three masks.
 - ``point_grids`` wins over ``points_stride`` when both are set (``points_stride`` has a default).
 - Crops of zero width or height (tiny images with crop layers) are skipped; Meta fails on them.
@@ -102,7 +104,8 @@ def check_everything_options(opts: dict[str, Any]) -> EverythingOptions:
         crop_n_layers=n_layers,
         crop_overlap_ratio=_real(opts, "crop_overlap_ratio", 0.0, 1.0, hi_open=True),
         # Thresholds <= 0 turn a filter off (Meta), so any value up to 1 is meaningful.
-        conf_thres=_real(opts, "conf_thres", -math.inf, 1.0),
+        conf_thres=max(_real(opts, "conf_thres", -math.inf, 1.0),
+                       -math.inf if opts.get("conf") is None else _real(opts, "conf", 0.0, 1.0)),
         stability_score_thresh=_real(opts, "stability_score_thresh", -math.inf, 1.0),
         stability_score_offset=_real(opts, "stability_score_offset", 0.0, math.inf),
         iou=_real(opts, "iou", 0.0, 1.0),

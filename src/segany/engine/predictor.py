@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..config import DEFAULTS, check_options
+from ..config import DEFAULTS, EVERYTHING_DEFAULTS, check_options
 from ..errors import ConfigError, PromptError, SegAnyError
 from ..models.registry import ModelConfig
 from .decoding import decode_in_chunks
@@ -70,6 +70,12 @@ class Predictor:
             self._use_model(model, config)
         elif self.args["model"] is not None:
             self.setup_model(self.args["model"])
+        if self.model is not None:  # bad values fail here, not at every later call
+            self._options({})
+        if set(self.overrides) & set(EVERYTHING_DEFAULTS):
+            from .everything import check_everything_options
+
+            check_everything_options(self.args)
 
     # -- model -------------------------------------------------------------------------------
     def setup_model(self, model: str | Path) -> None:
@@ -99,7 +105,7 @@ class Predictor:
         own = self.model_config.extra.get("defaults", {}) if self.model_config else {}
         own = {k: v for k, v in own.items() if k not in self.overrides}
         opts = {**self.args, **own, **check_options(kwargs)}
-        if opts["imgsz"] is not None and int(opts["imgsz"]) != model.img_size:
+        if opts["imgsz"] is not None and opts["imgsz"] != model.img_size:
             raise ConfigError(f"imgsz={opts['imgsz']}: this model works at imgsz={model.img_size}")
         if str(opts["device"]) != str(self.args["device"]):
             dev = select_device(opts["device"])
@@ -213,7 +219,9 @@ class Predictor:
         Returns a list of :class:`Results` (one per image), or a generator when ``stream=True``.
         """
         opts = self._options(kwargs)
-        multimask = bool(opts["multimask_output"] if multimask_output is None else multimask_output)
+        if multimask_output is not None:
+            opts["multimask_output"] = check_options(dict(multimask_output=multimask_output))["multimask_output"]
+        multimask = opts["multimask_output"]
         prompts = dict(bboxes=bboxes, points=points, labels=labels, masks=masks)
         has_prompt = any(v is not None for v in prompts.values())
         if not has_prompt:  # bad segment-everything options fail before any image is encoded

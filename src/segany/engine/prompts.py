@@ -87,12 +87,16 @@ def _parse_boxes(arr: np.ndarray, h: int, w: int) -> np.ndarray:
     bad = np.nonzero((arr[:, 2] < arr[:, 0]) | (arr[:, 3] < arr[:, 1]))[0]
     if len(bad):
         raise PromptError(f"bboxes[{bad[0]}] = {arr[bad[0]].tolist()} has x2 < x1 or y2 < y1; boxes are x1, y1, x2, y2")
-    outside = np.nonzero((arr[:, 2] < 0) | (arr[:, 3] < 0) | (arr[:, 0] > w) | (arr[:, 1] > h))[0]
-    if len(outside):
-        raise PromptError(f"bboxes[{outside[0]}] = {arr[outside[0]].tolist()} lies outside the {w}x{h} image")
     clipped = arr.copy()
     clipped[:, [0, 2]] = clipped[:, [0, 2]].clip(0, w)
     clipped[:, [1, 3]] = clipped[:, [1, 3]].clip(0, h)
+    # Outside: no overlap with the image, i.e. a side that clipping shrinks to nothing (a box the
+    # user gave zero width or height inside the image stays a valid, degenerate prompt).
+    gone = ((clipped[:, 2] == clipped[:, 0]) & (arr[:, 2] > arr[:, 0])) | ((clipped[:, 3] == clipped[:, 1]) & (arr[:, 3] > arr[:, 1]))
+    outside = np.nonzero(gone | (arr[:, 2] < 0) | (arr[:, 3] < 0) | (arr[:, 0] > w) | (arr[:, 1] > h))[0]
+    if len(outside):
+        raise PromptError(f"bboxes[{outside[0]}] = {arr[outside[0]].tolist()} lies outside the {w}x{h} image "
+                          "(boxes are x1, y1, x2, y2 in pixels of the original image)")
     if not np.array_equal(clipped, arr):
         warnings.warn(f"bboxes extend past the {w}x{h} image; clipped to it", stacklevel=4)
     return clipped

@@ -100,7 +100,8 @@ class Sam(nn.Module):
     def input_size(self, h: int, w: int) -> tuple[int, int]:
         """Size ``(h', w')`` of an ``h × w`` image after resizing its longest side to :attr:`img_size`."""
         scale = self.img_size * 1.0 / max(h, w)
-        return int(h * scale + 0.5), int(w * scale + 0.5)
+        # At least one pixel: past img_size·2 : 1 the short side would round to nothing.
+        return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
 
     def postprocess_masks(
         self, masks: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
