@@ -402,4 +402,16 @@ def test_argument_errors(tmp_path, small_ckpt):
         auto_annotate(data=[str(images / "exact.png")], labels=labels, verbose=False)
     with pytest.raises(ConfigError, match="classes"):
         auto_annotate(data=images, labels=labels, classes="person", verbose=False)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        auto_annotate(data=images, labels=labels, sam_model=str(tmp_path / "missing.pt"), output_dir=tmp_path / "never",
+                      verbose=False)
+    assert not (tmp_path / "never").exists()  # nothing written, no folder
+    with pytest.raises(ConfigError, match="is a file: give a folder"):
+        auto_annotate(data=images, labels=labels, output_dir=images / "exact.png", verbose=False)
+    with pytest.raises(ConfigError, match="whole numbers >= 0"):
+        auto_annotate(data=images, labels=labels, classes=-1, verbose=False)
+    with pytest.warns(UserWarning, match=r"classes=\[97\] kept none of the \d+ boxes"):
+        s = auto_annotate(data=images, labels=labels, sam_model=small_ckpt, classes=[97], output_dir=tmp_path / "o",
+                          verbose=False)
+    assert s.written and (tmp_path / "o" / "exact.txt").read_text() == ""
     assert "auto_annotate" in segany.__all__

@@ -216,6 +216,19 @@ def test_bad_usage_exits_2_with_one_line(case, bad_usage_runs):
     one_line_error(bad_usage_runs[case], 2, *BAD_USAGE[case][1])
 
 
+def test_failed_predict_leaves_no_run_folder(tmp_path, image, small_ckpt):
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    base = ["predict", f"model={small_ckpt}", "project=out"]
+    bad_box, outside, unreadable = run_many([[*base, "source=img.jpg", "bboxes=[1,2,3]"],
+                                             [*base, "source=img.jpg", "bboxes=[-9,-9,0,0]"],
+                                             [*base, "source=bad.jpg", "bboxes=[1,1,5,5]"]], tmp_path)
+    one_line_error(bad_box, 2, "bboxes must be")
+    one_line_error(outside, 2, "lies outside")
+    one_line_error(unreadable, 1, "bad.jpg is not a readable image")
+    assert "BytesIO" not in unreadable.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_runtime_failure_exits_1_and_verbose_shows_traceback(tmp_path, image):
     (tmp_path / "broken.pt").write_bytes(b"this is not a checkpoint")
     args = ["predict", "model=broken.pt", "source=img.jpg", "bboxes=[1,1,5,5]"]

@@ -3,6 +3,8 @@ SamPredictor, embeddings, sources and bad input (SPEC §3, §4, §6, §9)."""
 
 from __future__ import annotations
 
+import json
+
 import cv2
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from conftest import SMALL_VIT, meta_twin, random_sam, test_image
 from segany import SAM, Predictor, Results
 from segany.checkpoints import load_model
 from segany.models import build_model
-from segany.errors import ConfigError, ImageError, ImageNotFoundError, PromptError
+from segany.errors import ConfigError, ImageError, ImageNotFoundError, PromptError, SegAnyError
 
 H, W = 180, 240
 
@@ -171,6 +173,24 @@ def test_embedding_saved_and_loaded_in_a_second_predictor(small_ckpt, img_path, 
     assert torch.allclose(got.boxes.conf, expected.boxes.conf)
 
 
+def test_bad_embedding_files_are_refused_and_leave_the_predictor_as_it_was(small_ckpt, img_path, tmp_path):
+    a = Predictor(overrides=dict(model=small_ckpt))
+    a.set_image(img_path)
+    a.save_embedding(tmp_path / "emb.pt")
+    expected = a(bboxes=[40, 40, 120, 110])[0]
+    data = torch.load(tmp_path / "emb.pt", weights_only=True)
+    data["features"] = torch.zeros(1, 8, 4, 4)  # another model's embedding
+    torch.save(data, tmp_path / "other.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(SegAnyError, match="computed for another model.*set_image"):
+        a.load_embedding(tmp_path / "other.pt")
+    with pytest.raises(SegAnyError, match="not an embedding saved by"):
+        a.load_embedding(tmp_path / "list.pt")
+    with pytest.raises(FileNotFoundError, match="embedding file not found"):
+        a.load_embedding(tmp_path / "missing.pt")
+    assert torch.equal(a(bboxes=[40, 40, 120, 110])[0].masks.data, expected.masks.data)
+
+
 def test_sources_list_stream_directory(model, tmp_path):
     paths = []
     for i, (h, w) in enumerate([(120, 160), (200, 90), (64, 64)]):
@@ -274,6 +294,21 @@ def test_values_the_model_cannot_take_fail_in_the_constructor(small_ckpt):
         Predictor(overrides=dict(model=small_ckpt, imgsz=1024))
     with pytest.raises(ConfigError, match="points_stride"):
         Predictor(overrides=dict(model=small_ckpt, points_stride=0))
+
+
+def test_save_options_write_a_run_folder_from_python(model, img_path, tmp_path):
+    project = tmp_path / "runs"
+    r = model(img_path, bboxes=[40, 40, 120, 110], save=True, save_txt=True, project=str(project), name="p")[0]
+    folder = project / "p"
+    assert cv2.imread(str(folder / "scene.png")).shape == (H, W, 3)
+    assert json.loads((folder / "scene.json").read_text())["annotations"][0]["segmentation"]["size"] == [H, W]
+    assert (folder / "labels" / "scene.txt").read_text().strip().split()[0] == "0"
+    model(img_path, bboxes=[40, 40, 120, 110], save=True, project=str(project), name="p")
+    assert (project / "p2" / "scene.png").is_file()
+    with pytest.raises(PromptError):  # a call that fails writes nothing, and makes no folder
+        model(img_path, bboxes=[1, 2, 3], save=True, project=str(project), name="p")
+    assert sorted(p.name for p in project.iterdir()) == ["p", "p2"]
+    assert len(r) == 1
 
 
 def test_compile_matches_eager():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -233,6 +234,11 @@ def test_plot_and_save(res: Results, tmp_path) -> None:
     with pytest.raises(ValueError):
         res.save(tmp_path / "plot.notanimageformat")
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no temp files from the failed save
+    # a folder: save() writes its default name inside it, save_txt() says it needs a file name
+    assert Path(res.save(tmp_path / "out")).parent == tmp_path / "out"
+    with pytest.raises(IsADirectoryError, match="is a folder: give a file name"):
+        res.save_txt(tmp_path / "out")
+    assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".tmp")]
 
 
 def test_empty_results(tmp_path) -> None:

@@ -131,15 +131,18 @@ def auto_annotate(
     out = Path(output_dir) if output_dir is not None else _default_output_dir(data)
     if labels is not None and out.resolve() == Path(labels).resolve():
         raise ConfigError(f"output_dir={str(out)!r} is the labels folder: the box labels would be overwritten")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir={str(out)!r} is a file: give a folder for the labels")
     summary.output_dir = str(out)
     source = make_box_source(det_model, labels, paths, root, class_names, conf, iou, imgsz, max_det, keep, device)
-    out.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(out)
+    if out.is_dir():  # else it is made by the first file written: a run that fails first leaves none
+        _remove_stale_temps(out)
 
     coco_done = format == "coco" and (out / COCO_FILE).exists() and not overwrite
     targets = _label_files(paths, out, summary) if format == "yolo" else {p: out / COCO_FILE for p in paths}
     coco: dict[str, list] = {"images": [], "annotations": []}
     predictor = None
+    found_boxes = kept_boxes = 0  # boxes before and after the classes filter
     # Iterating the bar counts an image when the next one is asked for: the rate is images done per second.
     bar = tqdm(list(targets.items()), desc="auto_annotate", unit="img", disable=not verbose)
     try:
@@ -154,7 +157,9 @@ def auto_annotate(
                 summary.failed[path] = str(e)
                 continue
             if keep is not None:
+                found_boxes += len(xyxy)
                 xyxy, cls = xyxy[np.isin(cls, keep)], cls[np.isin(cls, keep)]
+                kept_boxes += len(xyxy)
             if predictor is None and len(xyxy):
                 predictor = _load_sam(sam_model, device)
             try:
@@ -175,6 +180,9 @@ def auto_annotate(
         _write_coco(out / COCO_FILE, coco, source.names, source.category_ids)
     elif format == "yolo" and write_names:
         _write_names(out, source.names, clash="classes" in {t.stem for t in targets.values()})
+    if found_boxes and not kept_boxes:
+        warnings.warn(f"classes={keep} kept none of the {found_boxes} boxes found: the label files written are "
+                      "empty (check the class ids; a rerun skips these images unless overwrite=True)", stacklevel=2)
     summary.elapsed = time.perf_counter() - t0
     if verbose:
         print(summary)

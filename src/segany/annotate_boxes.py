@@ -57,10 +57,10 @@ def check_classes(classes: Any) -> list[int] | None:
     items = [classes] if isinstance(classes, (int, np.integer)) else classes
     try:
         out = [int(c) for c in items]
-        if any(c != float(x) for c, x in zip(out, items)):
+        if any(c != float(x) or c < 0 for c, x in zip(out, items)):
             raise ValueError
     except (TypeError, ValueError):
-        raise ConfigError(f"classes must be a class id or a list of class ids, got {classes!r}") from None
+        raise ConfigError(f"classes must be a class id or a list of class ids (whole numbers >= 0), got {classes!r}") from None
     return out
 
 

@@ -13,10 +13,10 @@ Exit status:
   malformed value, bad prompts (:class:`~segany.errors.PromptError`), invalid option values
   (:class:`~segany.errors.ConfigError`), a missing source or a folder with no images
   (:class:`~segany.errors.ImageNotFoundError`), an output folder that cannot be written, a
-  checkpoint that is not found (:class:`~segany.errors.CheckpointNotFoundError`) or cannot be
-  downloaded (:class:`~segany.errors.DownloadError`: offline, put the file in place by hand).
+  checkpoint that is not found (:class:`~segany.errors.CheckpointNotFoundError`).
 - 1: runtime failure, one line on stderr: every other error (unreadable image, corrupt or unsafe
-  checkpoint, a feature not available in this version, out of memory, ...).
+  checkpoint, a failed download (:class:`~segany.errors.DownloadError`: offline, put the file in
+  place by hand), a feature not available in this version, out of memory, ...).
 - 130: interrupted (Ctrl-C); 141: the output pipe was closed (``segany ... | head``).
 
 ``--verbose`` (or ``SEGANY_DEBUG=1``) also prints the traceback of an error.
@@ -40,7 +40,7 @@ import warnings
 from typing import Any
 
 from .config import check_type, suggest
-from .errors import (CheckpointNotFoundError, ConfigError, DownloadError, ImageNotFoundError, PromptError,
+from .errors import (CheckpointNotFoundError, ConfigError, ImageNotFoundError, PromptError,
                      SegAnyError)
 
 # ------------------------------------------------------------------------------ parsing
@@ -171,7 +171,8 @@ def parse_options(tokens: list[str], valid: dict[str, Any], aliases: dict[str, s
 # ----------------------------------------------------------------------------- commands
 
 COMMANDS = ("predict", "info", "benchmark", "annotate", "serve", "train", "val")
-USAGE_ERRORS = (UsageError, ConfigError, PromptError, ImageNotFoundError, CheckpointNotFoundError, DownloadError)
+# A failed download is a runtime failure (exit 1), like an unreadable image: the command line was right.
+USAGE_ERRORS = (UsageError, ConfigError, PromptError, ImageNotFoundError, CheckpointNotFoundError)
 
 HELP = """\
 usage: segany COMMAND [key=value ...] [--key value ...]

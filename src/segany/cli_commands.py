@@ -7,15 +7,13 @@ errors propagate to :func:`segany.cli.main`, which turns them into one line and 
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-from itertools import count
 from pathlib import Path
 from typing import Any
 
 from .cli import UsageError, parse_options, split_args
 from .config import DEFAULT_MODEL
+from .engine.saving import RunWriter
 
 # ---------------------------------------------------------------------------------------- info
 
@@ -123,7 +121,6 @@ PROMPT_DEFAULTS: dict[str, Any] = dict(bboxes=None, points=None, labels=None, ma
 # Options the command line handles itself rather than passing to SAM.predict.
 CLI_HANDLED = {"model", "source", "device", "save", "save_txt", "save_conf", "project", "name", "exist_ok",
                "show", "stream", "verbose", *PROMPT_DEFAULTS}
-SAVE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 PREDICT_NOTES = dict(
     model="checkpoint name (sam_b.pt, sam_l.pt, sam_h.pt, mobile_sam.pt, sam2_t.pt, ...) or path",
     source="image, folder, glob, video or URL (default: the bundled example image)",
@@ -208,43 +205,6 @@ def load_mask_prompt(value: Any) -> Any:
     return img > 127
 
 
-def run_dir(project: str | None, name: str | None, exist_ok: bool) -> Path:
-    """``<project>/<name>``, numbered ``name2``, ``name3``, ... when it exists (unless ``exist_ok``)."""
-    base = Path(project or "runs/segment").expanduser() / (name or "predict")
-    if exist_ok or not base.exists():
-        return base
-    return next(p for k in count(2) if not (p := base.with_name(f"{base.name}{k}")).exists())
-
-
-def check_writable(folder: Path) -> None:
-    """Fail before any work when ``folder`` cannot be created or written."""
-    p = folder
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    if not p.is_dir():
-        raise UsageError(f"cannot write results to {folder}: {p} is a file, not a folder")
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write results to {folder}: no write permission on {p}")
-
-
-def _stem(path: str, used: set[str]) -> tuple[str, str]:
-    """A file name stem and image suffix for one result, unique within the run."""
-    import re
-
-    base, _, frame = path.partition(":frame_")
-    name = Path(base.split("?")[0]).name or "image"
-    suffix = Path(name).suffix.lower()
-    stem = Path(name).stem + (f"_frame_{frame}" if frame else "")
-    stem = re.sub(r"[^\w.-]", "_", stem) or "image"
-    unique = stem
-    for k in count(2):
-        if unique not in used:
-            break
-        unique = f"{stem}_{k}"
-    used.add(unique)
-    return unique, (suffix if suffix in SAVE_SUFFIXES and not frame else ".jpg")
-
-
 def run_predict(tokens: list[str]) -> int:
     from .config import META_ALIASES, OPTION_TYPES, check_options
     from .engine.sources import count_sources
@@ -266,10 +226,7 @@ def run_predict(tokens: list[str]) -> int:
     # Everything that can be checked cheaply is checked before the model loads.
     total = count_sources(source, vid_stride=opts["vid_stride"])
     masks = load_mask_prompt(opts["masks"])
-    save, save_txt = bool(opts["save"]), bool(opts["save_txt"])
-    out_dir = run_dir(opts["project"], opts["name"], bool(opts["exist_ok"])) if save or save_txt else None
-    if out_dir is not None:
-        check_writable(out_dir)
+    writer = RunWriter.from_options(opts)  # its folder is made when the first result is written
     if opts["show"]:
         print("show=True is ignored by the command line (results are saved instead)", file=sys.stderr)
 
@@ -277,26 +234,15 @@ def run_predict(tokens: list[str]) -> int:
 
     model = SAM(opts["model"] or DEFAULT_MODEL, device=opts["device"])
     kwargs = {k: v for k, v in given.items() if k not in CLI_HANDLED}
-    if out_dir is not None:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            if save_txt:
-                (out_dir / "labels").mkdir(exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"cannot create output folder {out_dir}: {e.strerror or e}") from None
     results = model.predict(source, stream=True, bboxes=opts["bboxes"], points=opts["points"],
                             labels=opts["labels"], masks=masks, **kwargs)
-    return _consume(results, model, total, out_dir, save, save_txt, bool(opts["save_conf"]), bool(opts["verbose"]))
+    return _consume(results, model, total, writer, bool(opts["verbose"]))
 
 
-def _consume(results, model, total: int | None, out_dir: Path | None, save: bool, save_txt: bool,
-             save_conf: bool, verbose: bool) -> int:
+def _consume(results, model, total: int | None, writer: RunWriter | None, verbose: bool) -> int:
     """Write each result as it arrives, with a progress bar for several images and a line per image."""
     from tqdm import tqdm
 
-    from .engine.export import atomic_write_text
-
-    used: set[str] = set()
     n_images = n_masks = 0
     speed = dict(preprocess=0.0, inference=0.0, postprocess=0.0)
     of = "?" if total is None else str(total)
@@ -308,16 +254,8 @@ def _consume(results, model, total: int | None, out_dir: Path | None, save: bool
             ms = {k: float(r.speed.get(k) or 0.0) for k in speed}
             for k in speed:
                 speed[k] += ms[k]
-            if out_dir is not None:
-                stem, suffix = _stem(r.path, used)
-                if save:
-                    r.save(out_dir / f"{stem}{suffix}")
-                    h, w = r.orig_shape
-                    record = dict(image=dict(file_name=Path(r.path).name, path=r.path, height=h, width=w),
-                                  speed=ms, annotations=r.to_coco(image_id=n_images - 1))
-                    atomic_write_text(out_dir / f"{stem}.json", json.dumps(record))
-                if save_txt:
-                    r.save_txt(out_dir / "labels" / f"{stem}.txt", save_conf=save_conf)
+            if writer is not None:
+                writer.write(r, ms)
             if verbose:
                 h, w = getattr(model.model, "input_size", lambda *hw: hw)(*r.orig_shape)
                 tqdm.write(f"image {n_images}/{of} {Path(r.path).name}: {h}x{w} {r.verbose()}, "
@@ -327,9 +265,5 @@ def _consume(results, model, total: int | None, out_dir: Path | None, save: bool
         bar.close()
     mean = ", ".join(f"{v / max(n_images, 1):.1f}ms {k}" for k, v in speed.items())
     print(f"Speed: {mean} per image; {n_images} image{'s' * (n_images != 1)}, {n_masks} mask{'s' * (n_masks != 1)}")
-    if out_dir is None:
-        print("Done (save=False: nothing written)")
-    else:
-        what = [w for w, on in (("images and mask JSON", save), ("labels in labels/", save_txt)) if on]
-        print(f"Results saved to {out_dir} ({', '.join(what)})")
+    print("Done (save=False: nothing written)" if writer is None else writer.summary())
     return 0

@@ -79,6 +79,8 @@ def suggest(key: str, choices: list[str] | tuple[str, ...] | set[str]) -> str:
 OPTION_TYPES: dict[str, Any] = dict(imgsz=1024, batch=1, model="", project="", name="", conf=0.5)
 # Options that count something: whole numbers from 1.
 COUNTS = {"imgsz", "batch", "vid_stride"}
+# The prompts a prediction takes besides its options (named arguments of the calls).
+PROMPTS = ("bboxes", "points", "labels", "masks")
 # The only task and mode a SAM predictor has (Ultralytics' overrides name them).
 FIXED = dict(task="segment", mode="predict")
 
@@ -113,14 +115,16 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
     prediction options; an unknown name or a value of the wrong type is a :class:`ConfigError`.
     (Segment-everything values are checked with the rest of them, ``engine.everything``.)"""
     out: dict[str, Any] = {}
+    given_as: dict[str, str] = {}  # canonical name → the name the caller used
     valid = set(DEFAULTS) | set(META_ALIASES)
     for key, value in options.items():
         if key not in valid:
-            raise ConfigError(f"unknown option '{key}'.{suggest(key, valid)} Valid options: {', '.join(sorted(DEFAULTS))}"
+            raise ConfigError(f"unknown option '{key}'.{suggest(key, valid | set(PROMPTS))} Valid options: {', '.join(sorted(DEFAULTS))}"
                               " (prompts: bboxes, points, labels, masks)")
         canonical = META_ALIASES.get(key, key)
         if canonical in out:
-            raise ConfigError(f"'{key}' and '{canonical}' are the same option; give only one")
+            raise ConfigError(f"'{given_as[canonical]}' and '{key}' are the same option; give only one")
+        given_as[canonical] = key
         if canonical in PREDICT_DEFAULTS:
             value = check_type(key, value, OPTION_TYPES.get(canonical, PREDICT_DEFAULTS[canonical]))
             if canonical in COUNTS and value is not None and value < 1:

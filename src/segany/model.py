@@ -20,8 +20,9 @@ class SAM:
     >>> results = model("bus.jpg", bboxes=[439, 437, 524, 709])
     """
 
-    def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, device: str = "") -> None:
-        self.predictor = Predictor(overrides=dict(model=model, device=device))
+    def __init__(self, model: str | os.PathLike | None = DEFAULT_MODEL, device: str = "") -> None:
+        # None: the default model, as when nothing is named
+        self.predictor = Predictor(overrides=dict(model=DEFAULT_MODEL if model is None else model, device=device))
         self.ckpt_path: str = self.predictor.args["model"]  # the resolved file
         self.config = self.predictor.model_config
 

@@ -25,6 +25,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     fsynced, then ``os.replace``d over the target. Readers never see a half-written file and a
     failure leaves no temporary file behind. Parent folders are created. Returns the path."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder: give a file name to write to (e.g. {path / 'result.jpg'})")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     # os.open with 0o666 honours the umask, unlike mkstemp's 0o600, so the result has the

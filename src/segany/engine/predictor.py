@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +20,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import DEFAULTS, EVERYTHING_DEFAULTS, check_options
-from ..errors import ConfigError, PromptError, SegAnyError
+from ..errors import ConfigError, ImageNotFoundError, PromptError, SegAnyError
 from ..models.registry import ModelConfig
 from .decoding import decode_in_chunks
 from .device import autocast, select_device
 from .prompts import Prompts, parse_prompts
 from .results import Results
+from .saving import RunWriter
 from .sources import iter_sources, load_image
 from .transforms import image_to_tensor, masks_from_logits, scale_coords
 
@@ -59,6 +60,11 @@ class Predictor:
 
     def __init__(self, overrides: dict[str, Any] | None = None, model: nn.Module | None = None,
                  config: ModelConfig | None = None) -> None:
+        if overrides is not None and not isinstance(overrides, Mapping):
+            raise ConfigError(f"overrides must be a dict of options, e.g. dict(model='sam_b.pt'), got {overrides!r}")
+        if model is not None and not isinstance(model, nn.Module):
+            raise ConfigError(f"model= takes a built nn.Module, got {type(model).__name__}; "
+                              "name a checkpoint with overrides=dict(model='sam_b.pt')")
         self.overrides = check_options(dict(overrides or {}))
         self.args: dict[str, Any] = {**DEFAULTS, **self.overrides}
         self.device = select_device(self.args["device"])
@@ -191,18 +197,26 @@ class Predictor:
 
     def load_embedding(self, path: str | Path, name: str | None = None) -> None:
         """Load an embedding written by :meth:`save_embedding` (tensors only: ``weights_only=True``)."""
+        if not Path(path).is_file():
+            raise ImageNotFoundError(f"embedding file not found: '{path}'")
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
             feats = data["features"] if "features" in data else {
                 k.split(".", 1)[1]: v for k, v in data.items() if k.startswith("features.")}
             img = data["orig_img"].numpy()
             orig, inp, size = tuple(data["original_size"].tolist()), tuple(data["input_size"].tolist()), int(data["img_size"])
-        except (OSError, RuntimeError, KeyError, TypeError, EOFError) as e:
-            raise SegAnyError(f"'{path}' is not an embedding saved by Predictor.save_embedding ({e})") from None
+        except Exception as e:  # any damage shows up as any exception inside torch.load or here
+            raise SegAnyError(f"'{path}' is not an embedding saved by Predictor.save_embedding "
+                              f"({type(e).__name__}: {str(e).strip()[:200]})") from None
         model = self._require_model()
-        main = feats if isinstance(feats, torch.Tensor) else next(iter(feats.values()), None)
-        if size != model.img_size or main is None:
-            raise SegAnyError(f"'{path}' was computed for another model (input size {size})")
+        main = feats if isinstance(feats, torch.Tensor) else feats.get("image_embed")
+        pe = model.prompt_encoder
+        want = (1, pe.embed_dim, *pe.image_embedding_size)
+        if size != model.img_size or not isinstance(main, torch.Tensor) or tuple(main.shape) != want:
+            got = tuple(main.shape) if isinstance(main, torch.Tensor) else None
+            raise SegAnyError(f"'{path}' was computed for another model (input size {size}, embedding {got}); "
+                              f"this model takes input size {model.img_size} and embeddings {want}: "
+                              "encode the image again with set_image")
         feats = _features_to(feats, self.device)
         self.image = ImageState(img, name or str(path), orig, inp, feats, decoder_input=self.decoder_input(feats))
 
@@ -228,11 +242,14 @@ class Predictor:
             from .everything import check_everything_options
 
             check_everything_options(opts)
+        writer = RunWriter.from_options(opts)
         if source is None:
             state = self._require_image()
             gen = iter([self._run(state, prompts, has_prompt, multimask, opts)])
         else:
             gen = self._run_sources(source, prompts, has_prompt, multimask, opts)
+        if writer is not None:
+            gen = _written(gen, writer)
         return gen if stream or opts["stream"] else list(gen)
 
     def _run_sources(self, source, prompts, has_prompt, multimask, opts) -> Iterator[Results]:
@@ -330,6 +347,13 @@ class Predictor:
             up = model.postprocess_masks(low_res[s : s + 16], state.input_size, state.original_size)
             out.append(up > model.mask_threshold)
         return torch.cat(out) if out else torch.zeros((0, low_res.shape[1], *state.original_size), dtype=torch.bool)
+
+
+def _written(results: Iterator[Results], writer: RunWriter) -> Iterator[Results]:
+    """``results``, each written to the run folder (``save``/``save_txt``) as it passes."""
+    for r in results:
+        writer.write(r)
+        yield r
 
 
 def _index_features(feats, i: int):

@@ -141,10 +141,7 @@ def _parse_points(arr: np.ndarray, labels, h: int, w: int) -> tuple[np.ndarray, 
 def _parse_masks(masks, h: int, w: int, low: int) -> tuple[np.ndarray, bool]:
     if isinstance(masks, torch.Tensor):
         masks = masks.detach().float().cpu().numpy()
-    arr = np.asarray(masks)
-    if arr.dtype == bool:
-        arr = arr.astype(np.float32)
-    arr = _as_array(arr, "masks").astype(np.float32)
+    arr = _as_array(masks, "masks").astype(np.float32)  # bool → 0/1
     if arr.ndim == 4 and arr.shape[1] == 1:
         arr = arr[:, 0]
     if arr.ndim == 2:
@@ -157,7 +154,7 @@ def _parse_masks(masks, h: int, w: int, low: int) -> tuple[np.ndarray, bool]:
     if arr.shape[1:] == (low, low):
         return arr, True
     if arr.shape[1:] == (h, w):
-        raise PromptError("a mask at the image size must be binary (0/1 or bool); pass logits at 256x256 instead")
+        raise PromptError(f"a mask at the image size must be binary (0/1 or bool); pass logits at {low}x{low} instead")
     raise PromptError(
         f"masks must be low-resolution logits of shape ({low}, {low}) (results[0].low_res_logits) or binary "
         f"masks of the image size ({h}, {w}), got {arr.shape[1:]}"

@@ -26,7 +26,7 @@ class Results:
 
     ``orig_img``: ``(H, W, 3)`` uint8 BGR. ``masks``: ``(N, H, W)`` (bool, or thresholded at > 0),
     ``None`` → no masks. ``scores``: ``(N,)`` predicted IoU (default 1.0). ``cls``: ``(N,)`` ints
-    (default the prompt index ``0..N-1``). ``low_res_logits``: ``(N, 256, 256)`` kept for refinement
+    (default the prompt index ``0..N-1``). ``low_res_logits``: ``(N, s, s)`` (s = 256 for the official models) kept for refinement
     prompts. ``names``: class names (default ``{i: "i"}``). ``speed``: ms per stage.
     ``records``: optional SA-1B dicts from segment-everything, one per mask.
     """
@@ -69,7 +69,7 @@ class Results:
         if low_res_logits is not None:
             low_res_logits = torch.as_tensor(low_res_logits)
             if low_res_logits.ndim != 3 or len(low_res_logits) != n:
-                raise ValueError(f"low_res_logits must be ({n}, 256, 256), got {tuple(low_res_logits.shape)}")
+                raise ValueError(f"low_res_logits must be ({n}, s, s), got {tuple(low_res_logits.shape)}")
         if records is not None and len(records) != n:
             raise ValueError(f"records must hold one dict per mask ({n}), got {len(records)}")
 
@@ -175,6 +175,8 @@ class Results:
         import cv2
 
         filename = Path(filename) if filename is not None else Path(f"results_{Path(self.path).name or 'image'}")
+        if filename.is_dir():  # a folder: the default name inside it
+            filename = filename / f"results_{Path(self.path).name or 'image'}"
         if not filename.suffix:
             filename = filename.with_suffix(".jpg")
         try:

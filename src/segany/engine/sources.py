@@ -23,6 +23,7 @@ from __future__ import annotations
 import glob
 import io
 import os
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
@@ -183,7 +184,7 @@ def _decode_bytes(data: bytes, name: str) -> np.ndarray:
     if arr is None or arr.size == 0:
         raise ImageError(
             f"{name} is not a readable image (neither Pillow nor OpenCV could decode it; "
-            f"Pillow said: {pil_error})"
+            f"Pillow said: {re.sub(r' <_io.BytesIO object at 0x[0-9a-f]+>', '', str(pil_error))})"
         )
     return arr
 

@@ -55,12 +55,9 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def next_run_dir(project: str | os.PathLike, name: str, exist_ok: bool) -> Path:
-    """``project/name``, or ``name2``, ``name3`` ... when it exists (unless ``exist_ok``)."""
-    root = Path(project)
-    path = root / name
-    k = 2
-    while path.exists() and not exist_ok:
-        path = root / f"{name}{k}"
-        k += 1
+    """``project/name``, or ``name2``, ``name3`` ... when it exists (unless ``exist_ok``), made."""
+    from ..engine.saving import run_dir
+
+    path = run_dir(str(project), name, exist_ok)
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -1,0 +1,97 @@
+"""Run folders: ``save=True`` / ``save_txt=True`` of a prediction, from Python and from the shell.
+
+Each result is written as it arrives: the annotated image and a JSON of its masks (COCO RLE) for
+``save``, YOLO-seg labels in ``labels/`` for ``save_txt``. Files are written atomically, and the
+folder is made only when the first result is written, so a call that fails first (a bad prompt,
+an unreadable image, a missing checkpoint) leaves no empty run folder behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from .export import atomic_write_text
+
+SAVE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def run_dir(project: str | None, name: str | None, exist_ok: bool) -> Path:
+    """``<project>/<name>``, numbered ``name2``, ``name3``, ... when it exists (unless ``exist_ok``)."""
+    base = Path(project or "runs/segment").expanduser() / (name or "predict")
+    if exist_ok or not base.exists():
+        return base
+    return next(p for k in count(2) if not (p := base.with_name(f"{base.name}{k}")).exists())
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before any work when ``folder`` cannot be created or written."""
+    p = folder
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise ConfigError(f"cannot write results to {folder}: {p} is a file, not a folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write results to {folder}: no write permission on {p}")
+
+
+class RunWriter:
+    """Writes the results of one prediction run into ``folder`` (see the module docstring)."""
+
+    def __init__(self, folder: Path, save: bool = True, save_txt: bool = False, save_conf: bool = False) -> None:
+        check_writable(folder)
+        self.folder, self.save, self.save_txt, self.save_conf = folder, save, save_txt, save_conf
+        self.written = 0
+        self._stems: set[str] = set()
+
+    @classmethod
+    def from_options(cls, opts: dict[str, Any]) -> RunWriter | None:
+        """A writer for prediction options that ask for files (``save``/``save_txt``), else None."""
+        if not (opts["save"] or opts["save_txt"]):
+            return None
+        folder = run_dir(opts["project"], opts["name"], bool(opts["exist_ok"]))
+        return cls(folder, bool(opts["save"]), bool(opts["save_txt"]), bool(opts["save_conf"]))
+
+    def write(self, r, speed_ms: dict[str, float] | None = None) -> None:
+        """Write one result (``speed_ms`` goes into its JSON; default ``r.speed``)."""
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if self.save_txt:
+                (self.folder / "labels").mkdir(exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create output folder {self.folder}: {e.strerror or e}") from None
+        stem, suffix = self._stem(r.path)
+        if self.save:
+            r.save(self.folder / f"{stem}{suffix}")
+            h, w = r.orig_shape
+            record = dict(image=dict(file_name=Path(r.path).name, path=r.path, height=h, width=w),
+                          speed=speed_ms if speed_ms is not None else dict(r.speed),
+                          annotations=r.to_coco(image_id=self.written))
+            atomic_write_text(self.folder / f"{stem}.json", json.dumps(record))
+        if self.save_txt:
+            r.save_txt(self.folder / "labels" / f"{stem}.txt", save_conf=self.save_conf)
+        self.written += 1
+
+    def summary(self) -> str:
+        what = [w for w, on in (("images and mask JSON", self.save), ("labels in labels/", self.save_txt)) if on]
+        return f"Results saved to {self.folder} ({', '.join(what)})"
+
+    def _stem(self, path: str) -> tuple[str, str]:
+        """A file name stem and image suffix for one result, unique within the run."""
+        base, _, frame = path.partition(":frame_")
+        name = Path(base.split("?")[0]).name or "image"
+        suffix = Path(name).suffix.lower()
+        stem = Path(name).stem + (f"_frame_{frame}" if frame else "")
+        stem = re.sub(r"[^\w.-]", "_", stem) or "image"
+        unique = stem
+        for k in count(2):
+            if unique not in self._stems:
+                break
+            unique = f"{stem}_{k}"
+        self._stems.add(unique)
+        return unique, (suffix if suffix in SAVE_SUFFIXES and not frame else ".jpg")
