@@ -198,6 +198,7 @@ BAD_USAGE = {
     "bad value": (["predict", "imgsz=abc"], ["imgsz='abc'", "expected an integer"]),
     "bad format": (["benchmark", "format=xml"], ["format=xml", "table, json or csv"]),
     "value missing": (["predict", "--bboxes", "--save"], ["--bboxes needs a value"]),
+    "empty value": (["predict", "source="], ["source= has no value"]),
 }
 
 

@@ -242,6 +242,17 @@ def test_box_partly_outside_is_clipped_with_a_warning(model, img_path):
     _check(model(img_path, bboxes=[50, 50, 50, 80]), 1)  # zero width inside the image: a valid prompt
 
 
+def test_an_object_of_negative_points_only_is_warned_about(model, img_path):
+    import warnings
+
+    with pytest.warns(UserWarning, match="object 1 of 2 has only negative points"):
+        _check(model(img_path, points=[[40, 40], [100, 100]], labels=[[1, 0]]), 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check(model(img_path, points=[[[40, 40], [100, 100]]], labels=[[1, 0]]), 1)  # one object, two points
+        _check(model(img_path, bboxes=[30, 30, 120, 110], points=[[100, 100]], labels=[0]), 1)  # box + negative
+
+
 def test_very_elongated_images_keep_a_pixel_of_short_side(model):
     # 3000 × 5: the short side resized to the model's input size would round to 0 pixels.
     img = np.full((5, 3000, 3), 128, np.uint8)

@@ -69,6 +69,8 @@ def _number(s: str) -> int | float | None:
 def parse_value(text: str, key: str = "value") -> Any:
     """One command-line value → a Python value (see the module docstring); never evaluates code."""
     s = text.strip()
+    if not s:
+        raise UsageError(f"{key}= has no value: write {key}=VALUE")
     if len(s) >= 2 and s[0] == s[-1] and s[0] in "'\"":
         return s[1:-1]  # quoted by the user on purpose: keep it a string
     if s in _WORDS:

@@ -76,6 +76,14 @@ def parse_prompts(
         # One box or one mask may go with one multi-point object, nothing else is broadcast.
         detail = ", ".join(f"{k}: {n}" for k, n in counts.items())
         raise PromptError(f"prompts describe different numbers of objects ({detail}); give one entry per object for each")
+    if out.labels is not None and out.boxes is None and out.masks is None:
+        lone = np.nonzero(~(out.labels == 1).any(axis=1))[0]
+        if len(lone):
+            # Legal (SAM segments "not here"), but mostly a layout slip: [[x, y], [x, y]] is two
+            # objects of one point each, [[[x, y], [x, y]]] one object of two points.
+            warnings.warn(f"object {lone[0]} of {len(out.labels)} has only negative points and nothing else to "
+                          "segment; several points of one object go in one list: points=[[[x, y], [x, y]]], "
+                          "labels=[[1, 0]]", stacklevel=3)
     return out
 
 
