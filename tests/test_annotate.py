@@ -132,7 +132,7 @@ def oracle(monkeypatch):
     """Replace SAM's decoder output by the drawn shape inside each box; record the prompt calls."""
     calls: list[int] = []
 
-    def decode(self, state, prompts, multimask, half=False):
+    def decode(self, state, prompts, multimask, half=False, **kw):
         calls.append(len(prompts))
         self._boxes = prompts.boxes
         return torch.zeros(len(prompts), 1, 256, 256), torch.ones(len(prompts), 1)

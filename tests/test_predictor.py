@@ -253,6 +253,23 @@ def test_an_object_of_negative_points_only_is_warned_about(model, img_path):
         _check(model(img_path, bboxes=[30, 30, 120, 110], points=[[100, 100]], labels=[0]), 1)  # box + negative
 
 
+def test_masks_read_the_unpadded_logits_and_the_rest_is_made_when_read(model, img_path):
+    # A non-square image: on a CPU the decoder upscales only what the masks read; the whole low-res
+    # logits come when first read, equal to a whole decode of the same prompts.
+    pred = model.predictor
+    boxes = [[40, 40, 120, 110], [10, 20, 60, 90]]
+    assert not callable(model(img_path, bboxes=boxes)[0]._low_res)  # images passed as sources: made at once
+    r = model(bboxes=boxes)[0]  # a prompt on the set image
+    assert callable(r._low_res)
+    parsed = pred._parse((H, W), dict(bboxes=boxes, points=None, labels=None, masks=None))
+    full, _ = pred.decode(pred.image, parsed, False)
+    top, _ = pred.decode(pred.image, parsed, False, extent=pred.model.low_res_extent(pred.image.input_size))
+    assert top.shape[-2] < full.shape[-2] and torch.equal(top, full[..., : top.shape[-2], : top.shape[-1]])
+    assert torch.equal(r.masks.data, pred.logits_to_masks(pred.image, full).flatten(0, 1))
+    assert torch.equal(r.low_res_logits, full.flatten(0, 1)) and not callable(r._low_res)
+    assert torch.equal(r[1:].low_res_logits, full.flatten(0, 1)[1:])
+
+
 def test_very_elongated_images_keep_a_pixel_of_short_side(model):
     # 3000 × 5: the short side resized to the model's input size would round to 0 pixels.
     img = np.full((5, 3000, 3), 128, np.uint8)

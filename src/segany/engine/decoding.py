@@ -24,11 +24,14 @@ def decode_in_chunks(
     boxes: torch.Tensor | None = None,
     mask_inputs: torch.Tensor | None = None,
     multimask_output: bool = True,
+    extent: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``model.decode`` over prompt chunks → low-res logits ``(N, K, h, w)`` and IoU ``(N, K)``.
 
-    Arguments as for ``model.decode``; every prompt tensor has the N prompts in its first axis.
+    Arguments as for ``model.decode`` (``extent`` only for models that take it, SAM's); every
+    prompt tensor has the N prompts in its first axis.
     """
+    extra = {} if extent is None else dict(extent=extent)
     n = next(t.shape[0] for t in (points[0] if points else None, boxes, mask_inputs) if t is not None)
     chunk = prompt_chunk(model.device)
     outs = []
@@ -40,6 +43,7 @@ def decode_in_chunks(
             boxes=None if boxes is None else boxes[sl],
             mask_inputs=None if mask_inputs is None else mask_inputs[sl],
             multimask_output=multimask_output,
+            **extra,
         ))
     if len(outs) == 1:
         return outs[0]

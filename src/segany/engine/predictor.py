@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -243,9 +243,12 @@ class Predictor:
 
             check_everything_options(opts)
         writer = RunWriter.from_options(opts)
+        if opts["show"]:
+            warnings.warn("show=True opens no window in segany: use results[i].plot() (a BGR array) or save=True",
+                          stacklevel=2)
         if source is None:
             state = self._require_image()
-            gen = iter([self._run(state, prompts, has_prompt, multimask, opts)])
+            gen = iter([self._run(state, prompts, has_prompt, multimask, opts, interactive=True)])
         else:
             gen = self._run_sources(source, prompts, has_prompt, multimask, opts)
         if writer is not None:
@@ -273,20 +276,34 @@ class Predictor:
             self.image = state  # the last image stays available for prompt-only calls
             yield self._run(state, prompts, has_prompt, multimask, opts)
 
-    def _run(self, state: ImageState, prompts, has_prompt, multimask, opts) -> Results:
+    def _run(self, state: ImageState, prompts, has_prompt, multimask, opts, interactive: bool = False) -> Results:
+        """One image's results. ``interactive``: a prompt on the predictor's current image."""
         if not has_prompt:
             from .everything import segment_everything
 
             return segment_everything(self, state, opts)
         parsed = self._parse(state.original_size, prompts)
+        half = bool(opts["half"])
         t0 = time.perf_counter()
-        low_res, iou = self.decode(state, parsed, multimask, half=bool(opts["half"]))
+        model = self._require_model()
+        # Prompting a set image on a CPU, a SAM decoder upscales only the part of the logits the
+        # masks read, not the padding of a non-square image (a quarter of a 4:3 image's
+        # upscaling, ~7 % of a box prompt); the whole low-res logits are made when first read.
+        # (Results of images passed as sources get them at once: a deferred decode would keep
+        # each image's embedding alive as long as its results.)
+        extent = model.low_res_extent(state.input_size) if interactive and self.device.type == "cpu" and hasattr(
+            model, "low_res_extent") else None
+        low_res, iou = self.decode(state, parsed, multimask, half=half, extent=extent)
         t1 = time.perf_counter()
         masks = self.logits_to_masks(state, low_res)
         n, k = iou.shape
         order = torch.argsort(iou, dim=1, descending=True) if k > 1 else torch.zeros_like(iou, dtype=torch.long)
         pick = (torch.arange(n, device=order.device)[:, None] * k + order).flatten()
         cls = torch.arange(n).repeat_interleave(k)
+        low_res_logits: Any = low_res
+        if low_res.shape[-2:] != model.prompt_encoder.mask_input_size:
+            def low_res_logits():  # the same prompts through the same model, the whole logits
+                return self.decode(state, parsed, multimask, half=half, model=model)[0]
         t2 = time.perf_counter()
         return Results(
             orig_img=state.orig_img,
@@ -294,7 +311,7 @@ class Predictor:
             masks=masks.flatten(0, 1)[pick],
             scores=iou.flatten()[pick].float(),
             cls=cls,
-            low_res_logits=low_res.flatten(0, 1)[pick].float(),
+            low_res_logits=_picked(low_res_logits, pick),
             speed=dict(preprocess=state.preprocess_ms, inference=state.encode_ms + (t1 - t0) * 1000,
                        postprocess=(t2 - t1) * 1000),
         )
@@ -303,10 +320,13 @@ class Predictor:
         low_res = self._require_model().prompt_encoder.mask_input_size[0]
         return parse_prompts(image_size, low_res_size=low_res, **prompts)
 
-    def decode(self, state: ImageState, prompts: Prompts, multimask: bool, half: bool = False
+    def decode(self, state: ImageState, prompts: Prompts, multimask: bool, half: bool = False,
+               extent: tuple[int, int] | None = None, model: nn.Module | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts (original pixels) → low-res logits ``(N, K, 256, 256)`` and IoU ``(N, K)``."""
-        model = self._require_model()
+        """Prompts (original pixels) → low-res logits ``(N, K, 256, 256)`` and IoU ``(N, K)``
+        (with ``extent``, SAM's top-left part that covers it: see ``Sam.decode``). ``model``: the
+        one that made ``state`` (default the predictor's)."""
+        model = model or self._require_model()
         dev = self.device
         pts = lab = boxes = mask_in = None
         if prompts.points is not None:
@@ -317,19 +337,18 @@ class Predictor:
             xy = scale_coords(prompts.boxes.reshape(-1, 2, 2), state.original_size, state.input_size).reshape(-1, 4)
             boxes = torch.as_tensor(xy, dtype=torch.float32, device=dev)
         if prompts.masks is not None:
-            mask_in = self._mask_inputs(state, prompts)
+            mask_in = self._mask_inputs(state, prompts, model)
         with torch.inference_mode(), autocast(dev, half):
             low, iou = decode_in_chunks(model, state.for_decoder(), None if pts is None else (pts, lab), boxes, mask_in,
-                                        multimask_output=multimask)
+                                        multimask_output=multimask, extent=extent)
         return low.float(), iou.float()
 
-    def _mask_inputs(self, state: ImageState, prompts: Prompts) -> torch.Tensor:
+    def _mask_inputs(self, state: ImageState, prompts: Prompts, model: nn.Module) -> torch.Tensor:
         """Mask prompts → ``(N, 1, 256, 256)`` logits. A binary mask at the image size is resized
         like the image, padded, area-averaged to 256×256 and mapped to ±10 logits (0.5 → 0)."""
         m = torch.as_tensor(prompts.masks, dtype=torch.float32, device=self.device)[:, None]
         if prompts.masks_are_logits:
             return m
-        model = self._require_model()
         h, w = state.input_size
         m = F.interpolate(m, (h, w), mode="bilinear", align_corners=False)
         m = F.pad(m, (0, model.img_size - w, 0, model.img_size - h))
@@ -338,7 +357,8 @@ class Predictor:
         return (m - 0.5) * 20.0
 
     def logits_to_masks(self, state: ImageState, low_res: torch.Tensor) -> torch.Tensor:
-        """Low-res logits ``(N, K, 256, 256)`` → bool masks ``(N, K, H, W)`` at the original size."""
+        """Low-res logits ``(N, K, 256, 256)`` (or SAM's ``low_res_extent`` of them) → bool masks
+        ``(N, K, H, W)`` at the original size."""
         model = self._require_model()
         if low_res.device.type == "cpu":
             return masks_from_logits(low_res, model, state.input_size, state.original_size)
@@ -347,6 +367,14 @@ class Predictor:
             up = model.postprocess_masks(low_res[s : s + 16], state.input_size, state.original_size)
             out.append(up > model.mask_threshold)
         return torch.cat(out) if out else torch.zeros((0, low_res.shape[1], *state.original_size), dtype=torch.bool)
+
+
+def _picked(low_res: torch.Tensor | Callable[[], torch.Tensor], pick: torch.Tensor):
+    """Logits ``(N, K, s, s)`` → ``(N·K, s, s)`` in the results' order, or for a function that makes
+    them, a function that does this on its result (``Results`` calls it when they are first read)."""
+    if callable(low_res):
+        return lambda: low_res().flatten(0, 1)[pick].float()
+    return low_res.flatten(0, 1)[pick].float()
 
 
 def _written(results: Iterator[Results], writer: RunWriter) -> Iterator[Results]:

@@ -8,6 +8,7 @@ polygon per mask; the separate outer contours are in ``masks.contours(i)``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,10 +67,7 @@ class Results:
         for name, v in (("scores", scores), ("cls", cls)):
             if tuple(v.shape) != (n,):
                 raise ValueError(f"{name} must have shape ({n},) (one per mask), got {tuple(v.shape)}")
-        if low_res_logits is not None:
-            low_res_logits = torch.as_tensor(low_res_logits)
-            if low_res_logits.ndim != 3 or len(low_res_logits) != n:
-                raise ValueError(f"low_res_logits must be ({n}, s, s), got {tuple(low_res_logits.shape)}")
+        self._n = n
         if records is not None and len(records) != n:
             raise ValueError(f"records must hold one dict per mask ({n}), got {len(records)}")
 
@@ -83,8 +81,25 @@ class Results:
         self.path = str(path)
         self.names = dict(names) if names is not None else {i: str(i) for i in range(n)}
         self.speed = {"preprocess": None, "inference": None, "postprocess": None, **(speed or {})}
-        self.low_res_logits = low_res_logits
+        self.low_res_logits = low_res_logits if low_res_logits is None or callable(low_res_logits) else (
+            torch.as_tensor(low_res_logits))
         self.records = list(records) if records is not None else None
+
+    @property
+    def low_res_logits(self) -> torch.Tensor | None:
+        """``(N, s, s)`` low-res logits, or None; a prediction may make them when first read."""
+        if callable(self._low_res):
+            self.low_res_logits = self._low_res()
+        return self._low_res
+
+    @low_res_logits.setter
+    def low_res_logits(self, value: ArrayLike | Callable[[], ArrayLike] | None) -> None:
+        """Logits, or a function that makes them on first use (checked then)."""
+        if value is not None and not callable(value):
+            shape = tuple(np.shape(value))
+            if len(shape) != 3 or shape[0] != self._n:
+                raise ValueError(f"low_res_logits must be ({self._n}, s, s), got {shape}")
+        self._low_res = value
 
     # --- container behaviour -------------------------------------------------------------
 
@@ -105,7 +120,8 @@ class Results:
         out = Results.__new__(Results)
         out.__dict__.update(self.__dict__)
         out.names, out.speed = dict(self.names), dict(self.speed)
-        out.masks, out.boxes, out.low_res_logits, out.records = masks, boxes, low_res, records
+        out.masks, out.boxes, out.records, out._n = masks, boxes, records, len(masks)
+        out.low_res_logits = low_res
         return out
 
     def _apply(self, how: str, device: Any = None) -> Results:

@@ -12,8 +12,6 @@ original size.
 
 from __future__ import annotations
 
-import math
-
 import cv2
 import numpy as np
 import torch
@@ -46,7 +44,8 @@ def scale_coords(coords: np.ndarray, original_size: tuple[int, int], input_size:
 
 def masks_from_logits(low_res: torch.Tensor, model, input_size: tuple[int, int],
                       original_size: tuple[int, int]) -> torch.Tensor:
-    """Low-res logits ``(N, K, s, s)`` on the CPU → bool masks ``(N, K, H, W)``: the model's
+    """Low-res logits ``(N, K, s, s)`` (for SAM, or just their top-left ``Sam.low_res_extent``) on the
+    CPU → bool masks ``(N, K, H, W)``: the model's
     ``postprocess_masks`` thresholded at ``model.mask_threshold``, mask by mask.
 
     The same bilinear resizes (half-pixel centres, no antialiasing), through OpenCV: ~3× PyTorch's
@@ -55,17 +54,17 @@ def masks_from_logits(low_res: torch.Tensor, model, input_size: tuple[int, int],
     original) only the low-res cells that reach the unpadded region are read, as in
     ``Sam.postprocess_masks``; a ``"stretch"`` model (SAM 2) is one resize.
     """
-    n, k, s, _ = low_res.shape
+    n, k = low_res.shape[:2]
     h, w = original_size
     out = np.empty((n, k, h, w), dtype=bool)
     logits = low_res.float().numpy()
+    if model.resize_mode == "longest_side":  # the logits may be just these rows and columns (Sam.decode's extent)
+        factor = model.img_size // model.prompt_encoder.mask_input_size[0]
+        rows, cols = model.low_res_extent(input_size)
     for i in range(n):
         for j in range(k):
             x = logits[i, j]
             if model.resize_mode == "longest_side":
-                factor = model.img_size // s
-                rows = min(s, math.ceil(input_size[0] / factor) + 1)
-                cols = min(s, math.ceil(input_size[1] / factor) + 1)
                 x = cv2.resize(x[:rows, :cols], (cols * factor, rows * factor), interpolation=cv2.INTER_LINEAR)
                 x = x[: input_size[0], : input_size[1]]
             if x.shape != (h, w):

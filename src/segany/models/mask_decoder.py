@@ -47,15 +47,20 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
+        extent: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Image embedding ``(1 or B, C, h, w)``, PE ``(1, C, h, w)``, sparse ``(B, N, C)``,
         dense ``(B, C, h, w)`` → masks ``(B, K, 4h, 4w)`` and IoU ``(B, K)``, K = 3 or 1.
 
         An image embedding of batch 1 is shared by all B prompts without being copied per prompt.
+        ``extent``: (rows, cols) of the masks the caller reads. The upscaling is per image token
+        (each makes its own 4×4 block of mask cells), so only the tokens covering those rows and
+        columns are upscaled and the masks are the top-left ``(B, K, 4⌈rows/4⌉, 4⌈cols/4⌉)``: for
+        an image padded to a square, the padding's share of the upscaling is skipped.
         """
         sl = slice(1, None) if multimask_output else slice(0, 1)
         masks, iou_pred = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, sl
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, sl, extent
         )
         return masks, iou_pred[:, sl]
 
@@ -66,15 +71,18 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         mask_slice: slice = slice(None),
+        extent: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masks of the ``mask_slice`` mask tokens ``(B, T', 4h, 4w)`` (all by default) and IoU
-        predictions of all ``num_mask_tokens`` ``(B, T)``."""
+        """Masks of the ``mask_slice`` mask tokens ``(B, T', 4h, 4w)`` (all by default; see
+        :meth:`forward` for ``extent``) and IoU predictions of all ``num_mask_tokens`` ``(B, T)``."""
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         wanted = list(range(self.num_mask_tokens))[mask_slice]
         # Only the IoU token and the wanted mask tokens are read: the others skip the final attention.
         hs, src = self._attend(output_tokens, image_embeddings, image_pe, sparse_prompt_embeddings,
                                dense_prompt_embeddings, out_tokens=[0] + [1 + i for i in wanted])
         hyper_in = self._hyper_in(hs[:, 1:, :], wanted)
+        if extent is not None:  # the image tokens whose 4×4 blocks of mask cells cover the extent
+            src = src[:, :, : -(-extent[0] // 4), : -(-extent[1] // 4)]
         return self._upscaled_masks(src, hyper_in), self.iou_prediction_head(hs[:, 0, :])
 
     def _attend(
@@ -130,7 +138,7 @@ class MaskDecoder(nn.Module):
         """
         dc1, ln1, _, dc2, _ = self.output_upscaling  # GELUs, applied to the products' own outputs
         b, c, h, w = src.shape
-        x = src.permute(0, 2, 3, 1).reshape(b * h * w, c)
+        x = src.permute(0, 2, 3, 1).reshape(b * h * w, c)  # a view unless src was cut to fewer columns
         c1, c2 = dc1.out_channels, dc2.out_channels
         # weight (C_in, C_out, 2, 2) → (2·2·C_out, C_in): output columns ordered (dy, dx, channel)
         x = linear(x, dc1.weight.permute(2, 3, 1, 0).reshape(4 * c1, c), dc1.bias.repeat(4))

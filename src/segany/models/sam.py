@@ -78,12 +78,15 @@ class Sam(nn.Module):
         boxes: torch.Tensor | None = None,
         mask_inputs: torch.Tensor | None = None,
         multimask_output: bool = True,
+        extent: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts in the input frame → low-res mask logits ``(B, K, 256, 256)`` and IoU ``(B, K)``.
 
         ``image_embeddings`` is ``(1, C, h, w)`` (shared by all B prompts), ``(B, C, h, w)``, or a
         :meth:`prepare_image` result; points ``(B, N, 2)`` with labels ``(B, N)``; boxes ``(B, 4)``
-        (x1, y1, x2, y2); mask_inputs ``(B, 1, 256, 256)`` logits.
+        (x1, y1, x2, y2); mask_inputs ``(B, 1, 256, 256)`` logits. ``extent``: the rows and
+        columns of the logits the caller reads (:meth:`low_res_extent`); the logits returned then
+        cover at least those (the top-left ``(B, K, ≥rows, ≥cols)``), at less cost.
         """
         image = image_embeddings
         if isinstance(image, PreparedImage):
@@ -95,7 +98,16 @@ class Sam(nn.Module):
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
+            extent=extent,
         )
+
+    def low_res_extent(self, input_size: tuple[int, int]) -> tuple[int, int]:
+        """Rows and columns of the low-res logits that reach the unpadded ``input_size`` region, all
+        that :meth:`postprocess_masks` reads: bilinear upsampling (align_corners=False) by an
+        integer factor reads at most ``ceil(n / factor) + 1`` source cells for ``n`` output cells."""
+        s = self.prompt_encoder.mask_input_size[0]
+        factor = self.img_size // s
+        return min(s, math.ceil(input_size[0] / factor) + 1), min(s, math.ceil(input_size[1] / factor) + 1)
 
     def input_size(self, h: int, w: int) -> tuple[int, int]:
         """Size ``(h', w')`` of an ``h × w`` image after resizing its longest side to :attr:`img_size`."""
@@ -114,10 +126,8 @@ class Sam(nn.Module):
         integer factor reads at most ``ceil(n / factor)`` source cells for ``n`` output cells, so
         cropping first changes nothing and saves the padded part of the work.
         """
-        s = masks.shape[-1]
-        factor = self.img_size // s
-        rows = min(s, math.ceil(input_size[0] / factor) + 1)
-        cols = min(s, math.ceil(input_size[1] / factor) + 1)
+        factor = self.img_size // self.prompt_encoder.mask_input_size[0]
+        rows, cols = self.low_res_extent(input_size)
         x = F.interpolate(masks[..., :rows, :cols], (rows * factor, cols * factor), mode="bilinear",
                           align_corners=False)
         x = x[..., : input_size[0], : input_size[1]]
