@@ -75,21 +75,24 @@ def test_small_custom_config_is_read_off_the_state_dict(tmp_path):
     assert _same_weights(loaded, model)
 
 
-def test_missing_key_names_the_key(tmp_path):
+def _edited_checkpoint(tmp_path, edit) -> str:
+    """A small random SAM's state dict, changed by ``edit(sd)``, saved as a checkpoint file."""
     sd = random_sam(SMALL_VIT).state_dict()
-    del sd["mask_decoder.iou_token.weight"]
-    path = tmp_path / "missing.pt"
+    edit(sd)
+    path = tmp_path / "edited.pt"
     torch.save(sd, path)
+    return str(path)
+
+
+def test_missing_key_names_the_key(tmp_path):
+    path = _edited_checkpoint(tmp_path, lambda sd: sd.pop("mask_decoder.iou_token.weight"))
     with pytest.raises(StateDictMismatchError, match=r"missing keys: mask_decoder\.iou_token\.weight"):
         load_model(path)
 
 
 def test_unexpected_and_misshaped_keys_are_named(tmp_path):
-    sd = random_sam(SMALL_VIT).state_dict()
-    sd["extra.weight"] = torch.zeros(3)
-    sd["mask_decoder.iou_token.weight"] = torch.zeros(1, 7)
-    path = tmp_path / "odd.pt"
-    torch.save(sd, path)
+    path = _edited_checkpoint(tmp_path, lambda sd: sd.update({"extra.weight": torch.zeros(3),
+                                                              "mask_decoder.iou_token.weight": torch.zeros(1, 7)}))
     with pytest.raises(StateDictMismatchError) as e:
         load_model(path)
     assert "unexpected keys: extra.weight" in str(e.value)
@@ -99,19 +102,13 @@ def test_unexpected_and_misshaped_keys_are_named(tmp_path):
 @pytest.mark.parametrize("key", ["prompt_encoder.no_mask_embed.weight", "image_encoder.blocks.0.mlp.lin1.weight",
                                  "mask_decoder.mask_tokens.weight"])
 def test_tensor_the_architecture_is_read_from_missing_is_named(tmp_path, key):
-    sd = random_sam(SMALL_VIT).state_dict()
-    sd[key + "X"] = sd.pop(key)
-    path = tmp_path / "renamed.pt"
-    torch.save(sd, path)
+    path = _edited_checkpoint(tmp_path, lambda sd: sd.update({key + "X": sd.pop(key)}))
     with pytest.raises(StateDictMismatchError, match=f"looks like a SAM ViT checkpoint, but it lacks the tensor {key}:"):
         load_model(path)
 
 
 def test_impossible_shapes_are_a_mismatch_not_a_crash(tmp_path):
-    sd = random_sam(SMALL_VIT).state_dict()
-    sd["image_encoder.patch_embed.proj.weight"] = torch.zeros(0)
-    path = tmp_path / "flat.pt"
-    torch.save(sd, path)
+    path = _edited_checkpoint(tmp_path, lambda sd: sd.update({"image_encoder.patch_embed.proj.weight": torch.zeros(0)}))
     with pytest.raises(StateDictMismatchError, match="impossible shapes"):
         load_model(path)
 
