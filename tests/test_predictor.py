@@ -169,6 +169,7 @@ def test_embedding_saved_and_loaded_in_a_second_predictor(small_ckpt, img_path, 
     b = Predictor(model=net, config=cfg)
     b.load_embedding(tmp_path / "emb.pt")
     got = b(bboxes=[40, 40, 120, 110])[0]
+    assert got.path == expected.path == img_path
     assert torch.equal(got.masks.data, expected.masks.data)
     assert torch.allclose(got.boxes.conf, expected.boxes.conf)
 

@@ -190,13 +190,15 @@ class Predictor:
             "original_size": torch.tensor(st.original_size),
             "input_size": torch.tensor(st.input_size),
             "img_size": torch.tensor(self._require_model().img_size),
+            "path": torch.tensor(list(st.path.encode("utf-8")), dtype=torch.uint8),  # tensors only
         }
         tmp = Path(str(path) + ".tmp")
         torch.save(data, tmp)
         tmp.replace(path)
 
     def load_embedding(self, path: str | Path, name: str | None = None) -> None:
-        """Load an embedding written by :meth:`save_embedding` (tensors only: ``weights_only=True``)."""
+        """Load an embedding written by :meth:`save_embedding` (tensors only: ``weights_only=True``).
+        Results are named ``name``, else after the image the embedding was made from."""
         if not Path(path).is_file():
             raise ImageNotFoundError(f"embedding file not found: '{path}'")
         try:
@@ -205,6 +207,7 @@ class Predictor:
                 k.split(".", 1)[1]: v for k, v in data.items() if k.startswith("features.")}
             img = data["orig_img"].numpy()
             orig, inp, size = tuple(data["original_size"].tolist()), tuple(data["input_size"].tolist()), int(data["img_size"])
+            saved_name = bytes(data["path"].tolist()).decode("utf-8") if "path" in data else None
         except Exception as e:  # any damage shows up as any exception inside torch.load or here
             raise SegAnyError(f"'{path}' is not an embedding saved by Predictor.save_embedding "
                               f"({type(e).__name__}: {str(e).strip()[:200]})") from None
@@ -218,7 +221,8 @@ class Predictor:
                               f"this model takes input size {model.img_size} and embeddings {want}: "
                               "encode the image again with set_image")
         feats = _features_to(feats, self.device)
-        self.image = ImageState(img, name or str(path), orig, inp, feats, decoder_input=self.decoder_input(feats))
+        self.image = ImageState(img, name or saved_name or str(path), orig, inp, feats,
+                                decoder_input=self.decoder_input(feats))
 
     def _require_image(self) -> ImageState:
         if self.image is None:
