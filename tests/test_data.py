@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from segany.data import CocoDataset, SyntheticDataset, YoloSegDataset, load_dataset, make_sample, write_synthetic
+from segany.errors import ConfigError
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -81,4 +82,6 @@ def test_coco_polygons_and_uncompressed_rle(tmp_path):
 def test_load_dataset_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no segmentation dataset"):
         load_dataset(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="synthetic:N:SEED"):
+        load_dataset("synthetic:abc")
     assert len(load_dataset("synthetic:5:1")) == 5

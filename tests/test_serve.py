@@ -154,6 +154,27 @@ def test_everything_equals_sam(client, image_id, sam):
         assert {"predicted_iou", "stability_score", "crop_box", "polygon"} <= set(m)
 
 
+def test_everything_leaves_the_score_filters_to_the_model():
+    # The default model has its own segment-everything filters (conf_thres 0.6, stability 0.7):
+    # a request that leaves them out gets the same masks as the Python API with no options.
+    from segany.data import SyntheticDataset
+
+    model = SAM(device="cpu")
+    img = np.ascontiguousarray(SyntheticDataset(6, seed=3000)[1].image)
+    app = create_app(model, max_pixels=1 << 20, max_body_bytes=1 << 22, max_prompts=8)
+    with TestClient(app) as c:
+        up = c.post("/api/images", files={"file": ("s.png", cv2.imencode(".png", img)[1].tobytes(), "image/png")})
+        assert up.status_code == 200, up.text
+        r = c.post(f"/api/images/{up.json()['id']}/everything", json={"points_per_side": 8})
+    assert r.status_code == 200, r.text
+    ref = model(img, points_per_side=8)[0]
+    strict = model(img, points_per_side=8, pred_iou_thresh=0.88, stability_score_thresh=0.95)[0]
+    assert len(ref) > len(strict)  # the image tells the two defaults apart
+    assert len(r.json()["masks"]) == len(ref)
+    for m, want in zip(r.json()["masks"], ref.masks.data.numpy()):
+        np.testing.assert_array_equal(rle_to_mask(m["rle"]), want)
+
+
 def test_everything_without_body_uses_defaults(client, image_id):
     r = client.post(f"/api/images/{image_id}/everything")
     assert r.status_code == 200 and isinstance(r.json()["masks"], list)

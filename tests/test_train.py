@@ -11,6 +11,7 @@ import torch
 from segany import SAM
 from segany.cli import main
 from segany.data import SyntheticDataset
+from segany.errors import ConfigError
 from segany.models import ModelConfig, build_model
 from segany.models.registry import SAM_DECODER
 from segany.train import OracleRunner, train, val
@@ -124,6 +125,34 @@ def test_resume_continues_exactly(tmp_path):
     assert resumed["steps"] == 6 and [h["epoch"] for h in resumed["history"]] == [1, 2]
     a, b = straight["model"].state_dict(), resumed["model"].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # a setting other than the run's is refused (a default one takes the run's value)
+    with pytest.raises(ConfigError, match=r"lr=0.05 \(the run has"):
+        train(tiny_model(), DATA, epochs=3, project=tmp_path, name="cut", resume=True, **{**FAST, "lr": 0.05})
+    sd = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)  # as if stopped between the two files
+    next(iter(sd.values())).add_(1.0)
+    torch.save(sd, tmp_path / "cut" / "last.pt")
+    with pytest.raises(ConfigError, match="from different epochs"):
+        train(tiny_model(), DATA, epochs=3, project=tmp_path, name="cut", resume=True, **FAST)
+    with pytest.raises(ConfigError, match="holds no run to continue"):
+        train(tiny_model(), DATA, epochs=3, project=tmp_path, name="never", resume=True, **FAST)
+
+
+@pytest.mark.parametrize("bad,match", [(dict(epochs=0), "epochs=0: expected a whole number >= 1"),
+                                       (dict(batch=0), "batch=0"), (dict(lr=-1.0), "lr=-1.0: expected a positive"),
+                                       (dict(warmup=-1.0), r"warmup=-1.0: expected a number in \[0.0, 1.0\]"),
+                                       (dict(box_prob=7), "box_prob=7")])
+def test_bad_training_settings_fail_before_anything_is_written(tmp_path, bad, match):
+    with pytest.raises(ConfigError, match=match):
+        train(tiny_model(), DATA, project=tmp_path, name="bad", **{**FAST, **bad})
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("bad,match", [(dict(kinds=("foo",)), "kinds=foo: choose from"),
+                                       (dict(n_points=0), "n_points=0"), (dict(max_images=-1), "max_images=-1"),
+                                       (dict(max_images=0), "max_images=0")])
+def test_val_settings_that_would_measure_nothing_are_refused(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        val(data=SyntheticDataset(2, seed=4, size=96), runner=OracleRunner("perfect"), verbose=False, **bad)
 
 
 def test_val_oracle_perfect_and_empty(tmp_path):
@@ -169,4 +198,7 @@ def test_cli_train_and_val(tmp_path, capsys):
                "kinds=box,point"])
     assert rc == 0 and "box" in json.loads((tmp_path / "v.json").read_text())
     assert main(["train", "epochs=1"]) == 2  # no data: usage error
+    assert main(["train", "data=synthetic:2"]) == 2  # no model: usage error (no silent random ViT-B)
+    assert main(["train", "model=sam_b", "data=synthetic:2", "epochs=0"]) == 2
+    assert main(["val", "model=sam_b", "data=synthetic:abc"]) == 2
     assert "trainable" in (main(["train", "--help"]) or capsys.readouterr().out)

@@ -55,6 +55,10 @@ class ConfigError(SegAnyError, ValueError):
     """An unknown option or an invalid option value."""
 
 
+class DatasetNotFoundError(ConfigError, FileNotFoundError):
+    """``data=`` names no dataset segany can read (COCO JSON, YOLO-seg folder, ``synthetic:N``)."""
+
+
 class NotAvailableError(SegAnyError, NotImplementedError):
     """A feature that this version of segany does not provide yet."""
 

@@ -16,6 +16,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from ..errors import ConfigError, DatasetNotFoundError
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
@@ -186,12 +188,18 @@ def load_dataset(data: Any) -> SegDataset:
     if isinstance(data, (list, tuple)) and all(isinstance(s, Sample) for s in data):
         return ListDataset(list(data))
     text = str(data)
-    if text.startswith("synthetic"):
+    if text == "synthetic" or text.startswith("synthetic:"):
         from .synthetic import SyntheticDataset
 
         parts = text.split(":")
-        n = int(parts[1]) if len(parts) > 1 and parts[1] else 1000
-        seed = int(parts[2]) if len(parts) > 2 else 0
+        try:
+            n = int(parts[1]) if len(parts) > 1 and parts[1] else 1000
+            seed = int(parts[2]) if len(parts) > 2 else 0
+            if n < 1 or seed < 0 or len(parts) > 3:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"data={text!r}: write synthetic, synthetic:N or synthetic:N:SEED "
+                              "(N images >= 1, SEED >= 0)") from None
         return SyntheticDataset(n=n, seed=seed)
     path = Path(text)
     if path.is_file() and path.suffix.lower() == ".json":
@@ -206,7 +214,7 @@ def load_dataset(data: Any) -> SegDataset:
             return YoloSegDataset(path / "images")
         if path.name == "images":
             return YoloSegDataset(path)
-    raise FileNotFoundError(
+    raise DatasetNotFoundError(
         f"no segmentation dataset at '{data}': expected a COCO .json, a folder with annotations.json, "
         "a YOLO-seg folder with images/ and labels/, or 'synthetic[:N[:SEED]]'"
     )

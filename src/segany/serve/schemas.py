@@ -59,9 +59,13 @@ class EverythingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     points_per_side: int = Field(32, ge=1, le=64)
     points_per_batch: int = Field(64, ge=8, le=256)
-    pred_iou_thresh: float = Field(0.88, ge=0.0, le=1.0)
-    stability_score_thresh: float = Field(0.95, ge=0.0, le=1.0)
-    box_nms_thresh: float = Field(0.7, ge=0.0, le=1.0)
+    # The score filters default to the model's own (Meta's 0.88 / 0.95 for SAM; a model's registry
+    # entry may have others): a field left out is not sent.
+    pred_iou_thresh: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False,
+                                          description="default: the model's (0.88 for SAM)")
+    stability_score_thresh: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False,
+                                                 description="default: the model's (0.95 for SAM)")
+    box_nms_thresh: float = Field(0.7, ge=0.0, le=1.0, allow_inf_nan=False)
     crop_n_layers: int = Field(0, ge=0, le=2)
     min_mask_region_area: int = Field(0, ge=0, le=1_000_000)
     png: bool = False
@@ -74,4 +78,4 @@ class EverythingRequest(BaseModel):
             raise ApiError(422, f"points_per_side={self.points_per_side} with crop_n_layers={self.crop_n_layers} is "
                                 f"{self.points_per_side**2 * crops} prompts, over the cap of {MAX_EVERYTHING_POINTS}",
                            "points_per_side")
-        return self.model_dump(exclude={"png", "polygons"})
+        return {k: v for k, v in self.model_dump(exclude={"png", "polygons"}).items() if v is not None}

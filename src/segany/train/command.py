@@ -47,11 +47,13 @@ def run_train(tokens: list[str]) -> int:
 
     valid = _options(train, {"on_epoch_end"})
     valid["resume"] = None  # true or a path
-    valid["model"] = "sam_b"
+    valid["model"] = ""
     opts = parse_options(tokens, valid, types=TYPES, command="train")
-    if opts.get("data") is None:
-        raise UsageError("train needs data=path/to/dataset (COCO .json, YOLO-seg folder or synthetic:N)")
-    opts.setdefault("model", "sam_b")
+    if opts.get("data") is None or not opts.get("model"):
+        # No default model: sam_b (fresh random weights) and sam_b.pt (Meta's) are one character apart.
+        raise UsageError("train needs model= (a checkpoint to fine-tune, e.g. sam_b.pt, or an architecture "
+                         "for fresh weights, e.g. sam_b) and data=path/to/dataset (COCO .json, YOLO-seg folder "
+                         "or synthetic:N)")
     if opts.get("resume") is None:
         opts.pop("resume", None)
     out = train(**opts)

@@ -16,6 +16,7 @@ epoch draws its randomness from ``(seed, epoch)``, so a resumed run equals an un
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import time
@@ -29,7 +30,7 @@ from torch import nn
 from ..checkpoints import read_state_dict
 from ..data.datasets import load_dataset
 from ..engine.device import select_device
-from ..errors import ConfigError
+from ..errors import ConfigError, StateDictMismatchError
 from .common import atomic_save, next_run_dir, resolve_model
 from .losses import sam_loss
 from .batch import InputFrameSamples, batch_prompts, pad_mask
@@ -137,6 +138,9 @@ def train(model: Any, data: Any, epochs: int = 10, batch: int = 2, lr: float = 1
     """
     if trainable not in TRAINABLE:  # before anything is built or written
         raise ConfigError(f"trainable={trainable!r}; choose one of {', '.join(TRAINABLE)}")
+    _check_ranges(epochs=(epochs, 1, None), batch=(batch, 1, None), max_instances=(max_instances, 1, None),
+                  click_rounds=(click_rounds, 0, None), lr=(lr, 0.0, None), weight_decay=(weight_decay, 0.0, None),
+                  warmup=(warmup, 0.0, 1.0), box_prob=(box_prob, 0.0, 1.0), grad_clip=(grad_clip, 0.0, None))
     if threads:
         torch.set_num_threads(threads)
     dev = select_device(device)
@@ -148,8 +152,35 @@ def train(model: Any, data: Any, epochs: int = 10, batch: int = 2, lr: float = 1
     if resume:
         run_dir = Path(project) / name if resume is True else Path(resume)
         run_dir = run_dir.parent if run_dir.suffix == ".pt" else run_dir
+        if not (run_dir / "last_state.pt").is_file() or not (run_dir / "last.pt").is_file():
+            raise ConfigError(f"resume: {run_dir} holds no run to continue (last.pt and last_state.pt); "
+                              "give the run folder, or start a new run without resume")
         state = torch.load(run_dir / "last_state.pt", map_location="cpu", weights_only=True)
-        net.load_state_dict(read_state_dict(run_dir / "last.pt"), strict=True)
+        # A resumed run goes on with the settings its optimizer and schedule were made with: those
+        # left at their defaults take the run's values, others must agree with them.
+        saved = state.get("args", {})
+        given = dict(batch=batch, lr=lr, warmup=warmup, weight_decay=weight_decay, trainable=trainable, seed=seed,
+                     max_instances=max_instances, click_rounds=click_rounds, box_prob=box_prob, grad_clip=grad_clip)
+        defaults = {k: p.default for k, p in inspect.signature(train).parameters.items()}
+        changed = {k: (v, saved[k]) for k, v in given.items() if k in saved and saved[k] != v and v != defaults[k]}
+        if changed:
+            raise ConfigError("resume continues a run with its own settings, and these differ from it: "
+                              + ", ".join(f"{k}={v!r} (the run has {was!r})" for k, (v, was) in changed.items())
+                              + "; leave them out, or start a new run")
+        given.update({k: saved[k] for k in given if k in saved})
+        (batch, lr, warmup, weight_decay, trainable, seed, max_instances, click_rounds, box_prob,
+         grad_clip) = given.values()
+        last = read_state_dict(run_dir / "last.pt")
+        # The two files are written one after the other: a run stopped between them would resume
+        # one epoch's weights with another epoch's optimizer.
+        if "weights_sum" in state and state["weights_sum"] != _weights_sum(last):
+            raise ConfigError(f"resume: {run_dir}'s last.pt and last_state.pt are from different epochs (the run "
+                              "stopped while saving); resume from an earlier copy or start a new run")
+        try:
+            net.load_state_dict(last, strict=True)
+        except RuntimeError as e:
+            raise StateDictMismatchError(f"resume: {run_dir / 'last.pt'} is not a checkpoint of this model "
+                                         f"({str(e).splitlines()[0][:200]})") from None
     else:
         run_dir = next_run_dir(project, name, exist_ok)
     net.to(dev)
@@ -230,7 +261,8 @@ def train(model: Any, data: Any, epochs: int = 10, batch: int = 2, lr: float = 1
             best_fit = fitness
             atomic_save(sd, run_dir / "best.pt")
         atomic_save(dict(optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch + 1, step=step,
-                         best_fitness=best_fit, history=history, args=args), run_dir / "last_state.pt")
+                         best_fitness=best_fit, history=history, args=args, weights_sum=_weights_sum(sd)),
+                    run_dir / "last_state.pt")
         if verbose:
             print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
         if on_epoch_end is not None:
@@ -240,6 +272,26 @@ def train(model: Any, data: Any, epochs: int = 10, batch: int = 2, lr: float = 1
         p.requires_grad_(True)
     return dict(save_dir=str(run_dir), last=str(run_dir / "last.pt"), best=str(run_dir / "best.pt"),
                 epochs=epochs, steps=step, best_fitness=best_fit, history=history, args=args, model=net)
+
+
+def _weights_sum(sd: dict[str, torch.Tensor]) -> float:
+    """A fingerprint of a state dict (the sum of all its values, in float64)."""
+    return float(sum(t.double().sum() for t in sd.values() if t.is_floating_point()))
+
+
+def _check_ranges(**checks: tuple[float, float, float | None]) -> None:
+    """``name=(value, low, high)``: each value a number in ``[low, high]`` (no high: ``>= low``;
+    a low of 0.0 for a float means ``> 0`` for ``lr``), else a :class:`ConfigError` naming it."""
+    for key, (value, low, high) in checks.items():
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and value >= low and (high is None or value <= high) and not (key == "lr" and value <= 0)
+        if isinstance(low, int) and not isinstance(low, bool):
+            ok = ok and float(value).is_integer()
+        if not ok:
+            want = "a positive number" if key == "lr" else (
+                f"a whole number >= {low}" if isinstance(low, int) else
+                f"a number in [{low}, {high}]" if high is not None else f"a number >= {low}")
+            raise ConfigError(f"{key}={value!r}: expected {want}")
 
 
 def _progress(it, desc: str, verbose: bool):

@@ -29,6 +29,7 @@ import torch
 from ..data.datasets import Sample, load_dataset
 from ..engine.device import select_device
 from ..engine.transforms import image_to_tensor, scale_coords
+from ..errors import ConfigError
 from .losses import mask_iou
 from .prompts_sim import center_point, corrective_point, mask_box
 
@@ -98,7 +99,13 @@ def val(model: Any = None, data: Any = None, kinds: tuple[str, ...] = KINDS, n_p
     if threads:
         torch.set_num_threads(threads)
     if data is None:
-        raise ValueError("val needs data= (a COCO .json, a YOLO-seg folder or 'synthetic:N:SEED')")
+        raise ConfigError("val needs data= (a COCO .json, a YOLO-seg folder or 'synthetic:N:SEED')")
+    unknown = [k for k in kinds if k not in KINDS + ("everything",)]
+    if unknown or not kinds:
+        raise ConfigError(f"kinds={','.join(kinds)}: choose from {', '.join(KINDS + ('everything',))}")
+    for key, value in (("n_points", n_points), ("max_images", max_images), ("max_instances", max_instances)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{key}={value!r}: expected a whole number >= 1" + (" (or None for all)" * (key != "n_points")))
     ds = load_dataset(data)
     dev = select_device(device)
     config = None
