@@ -217,6 +217,7 @@ def test_sources_list_stream_directory(model, tmp_path):
     (dict(labels=[1]), "labels were given without points"),
     (dict(points=[[10, 10], [20, 20]], labels=[1, 1, 0]), "labels do not match points"),
     (dict(points=[[[[10, 10]]]]), "points must be"),
+    (dict(points=[[[10, 10], [20, 20]], [[30, 30]]], labels=[[1, 1], [1]]), "different lengths"),
     (dict(bboxes=[1, 2, 3]), "bboxes must be"),
     (dict(points=[float("nan"), 10]), "NaN"),
     (dict(bboxes=[10, 10, float("inf"), 50]), "NaN or infinite"),

@@ -293,6 +293,38 @@ def test_worker_serves_prompts_before_queued_long_jobs():
         w.stop()
 
 
+def test_full_encode_queue_refuses_uploads_before_decoding_them(small_ckpt, monkeypatch):
+    # Waiting encode jobs hold decoded images: with the queue full an upload is a 503 (with
+    # Retry-After) and is never decoded; the worker caps waiting encodes on its own.
+    from segany.serve.service import SegmentService
+
+    decoded = []
+    monkeypatch.setattr(SegmentService, "decode_upload", lambda self, data: decoded.append(data))
+
+    def full(self, priority):
+        raise QueueFullError("8 image encoding jobs are waiting; retry shortly")
+
+    monkeypatch.setattr(ModelWorker, "check_room", full)
+    app = create_app(SAM(small_ckpt, device="cpu"), max_pixels=200 * 200 * 2, max_body_bytes=1 << 20, max_prompts=8)
+    with TestClient(app) as c:
+        r = c.post("/api/images", files={"file": ("x.png", PNG, "image/png")})
+    assert r.status_code == 503 and r.headers.get("retry-after") == "1" and "encoding" in r.json()["detail"]
+    assert not decoded
+    monkeypatch.undo()
+    w = ModelWorker(max_pending=10, max_encode=1)
+    gate = threading.Event()
+    try:
+        w.submit(PROMPT, gate.wait, 10)  # occupies the model thread
+        time.sleep(0.05)
+        w.submit(ENCODE, lambda: None)
+        with pytest.raises(QueueFullError, match="1 image encoding jobs"):
+            w.check_room(ENCODE)
+        w.check_room(PROMPT)  # other jobs still have room
+    finally:
+        gate.set()
+        w.stop()
+
+
 def test_worker_passes_exceptions_to_the_caller():
     w = ModelWorker()
     try:

@@ -46,7 +46,10 @@ def _as_array(value, name: str) -> np.ndarray:
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (ValueError, TypeError) as e:
-        raise PromptError(f"{name} must be numbers in a list/array of a regular shape ({e})") from None
+        ragged = "inhomogeneous" in str(e) or "sequence" in str(e)
+        why = ("its lists have different lengths: every object needs the same number of points (pad "
+               "with another point of the object), or decode the objects in separate calls") if ragged else "not numbers"
+        raise PromptError(f"{name} must be numbers in a list/array of a regular shape; {why}") from None
     if not np.all(np.isfinite(arr)):
         raise PromptError(f"{name} contains NaN or infinite values")
     return arr

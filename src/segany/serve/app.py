@@ -73,7 +73,8 @@ def create_app(model: Any, device: str = "", max_images: int = 16, max_cache_byt
 
     @app.exception_handler(ApiError)
     async def _api_error(_r: Request, e: ApiError) -> JSONResponse:
-        return JSONResponse({"detail": e.detail, "field": e.field}, status_code=e.status)
+        headers = {"Retry-After": "1"} if e.status == 503 else None  # a full queue drains in moments
+        return JSONResponse({"detail": e.detail, "field": e.field}, status_code=e.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_r: Request, e: RequestValidationError) -> JSONResponse:
@@ -131,6 +132,10 @@ def create_app(model: Any, device: str = "", max_images: int = 16, max_cache_byt
         image_id = content_id(data)
         entry = service.images.get(image_id)
         if entry is None:
+            try:  # a full queue refuses before the image is decoded (a decoded upload is large)
+                worker.check_room(ENCODE)
+            except QueueFullError as e:
+                raise ApiError(503, str(e)) from None
             try:
                 img = await run_in_threadpool(service.decode_upload, data)
             except TooLargeError as e:

@@ -34,8 +34,9 @@ class QueueFullError(RuntimeError):
 class ModelWorker:
     """``submit(priority, fn, *args)`` → a :class:`concurrent.futures.Future` run on the model thread."""
 
-    def __init__(self, max_pending: int = 64, max_everything: int = 2) -> None:
-        self.max_pending, self.max_everything = max_pending, max_everything
+    def __init__(self, max_pending: int = 64, max_everything: int = 2, max_encode: int = 8) -> None:
+        # Waiting encode jobs each hold a decoded image (up to the server's pixel cap): their own cap.
+        self.max_pending, self.max_everything, self.max_encode = max_pending, max_everything, max_encode
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._seq = itertools.count()
         self._lock = threading.Lock()
@@ -44,14 +45,25 @@ class ModelWorker:
         self._thread = threading.Thread(target=self._loop, name="segany-model", daemon=True)
         self._thread.start()
 
+    def check_room(self, priority: int) -> None:
+        """Raise :class:`QueueFullError` if a job of ``priority`` would be refused now (callers check
+        before costly preparation, e.g. decoding an upload; :meth:`submit` checks again)."""
+        with self._lock:
+            self._check_room(priority)
+
+    def _check_room(self, priority: int) -> None:
+        if not self._thread.is_alive():
+            raise QueueFullError("the model worker has stopped")
+        if sum(self._pending.values()) >= self.max_pending:
+            raise QueueFullError(f"{self.max_pending} jobs are waiting for the model; retry shortly")
+        for kind, cap, what in ((EVERYTHING, self.max_everything, "segment-everything"),
+                                (ENCODE, self.max_encode, "image encoding")):
+            if priority == kind and self._pending[kind] >= cap:
+                raise QueueFullError(f"{cap} {what} jobs are waiting; retry shortly")
+
     def submit(self, priority: int, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
         with self._lock:
-            if not self._thread.is_alive():
-                raise QueueFullError("the model worker has stopped")
-            if sum(self._pending.values()) >= self.max_pending:
-                raise QueueFullError(f"{self.max_pending} jobs are waiting for the model; retry shortly")
-            if priority == EVERYTHING and self._pending[EVERYTHING] >= self.max_everything:
-                raise QueueFullError(f"{self.max_everything} segment-everything jobs are waiting; retry shortly")
+            self._check_room(priority)
             self._pending[priority] += 1
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._queue.put((priority, next(self._seq), fn, args, fut))
