@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import threading
 import time
 
@@ -231,6 +232,15 @@ def test_mask_input_of_another_image_is_422(client, image_id):
                                         ({"points_per_side": 40, "crop_n_layers": 1}, "points_per_side")])
 def test_bad_everything_params_are_422(client, image_id, body, field):
     check_error(client.post(f"/api/images/{image_id}/everything", json=body), 422, field)
+
+
+def test_prompt_body_that_is_not_json_is_415(client, image_id):
+    body = json.dumps({"points": [[60, 50]], "labels": [1]})
+    for headers in ({"Content-Type": "text/plain"}, {}):
+        r = client.post(f"/api/images/{image_id}/prompt", content=body, headers=headers)
+        check_error(r, 415, "body")
+        assert "application/json" in r.json()["detail"]
+    assert client.post(f"/api/images/{image_id}/prompt", content=body, headers=JSON).status_code == 200
 
 
 @pytest.mark.parametrize("data", [b"not an image at all", b"", b"\x89PNG\r\n\x1a\n" + b"\0" * 64])

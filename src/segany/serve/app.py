@@ -77,7 +77,11 @@ def create_app(model: Any, device: str = "", max_images: int = 16, max_cache_byt
         return JSONResponse({"detail": e.detail, "field": e.field}, status_code=e.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_r: Request, e: RequestValidationError) -> JSONResponse:
+    async def _invalid(r: Request, e: RequestValidationError) -> JSONResponse:
+        kind = r.headers.get("content-type", "").split(";")[0].strip().lower()
+        if r.method == "POST" and kind != "application/json" and r.url.path != "/api/images":
+            return JSONResponse({"detail": f"Content-Type must be application/json (got {kind or 'none'})",
+                                 "field": "body"}, status_code=415)
         errs = e.errors()
         loc = [p for p in (errs[0].get("loc", ()) if errs else ()) if isinstance(p, str) and p != "body"]
         field = loc[0] if loc else "body"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -57,7 +57,10 @@ class BodyLimitMiddleware:
 
 async def read_body(request: Request) -> bytes:
     """The uploaded image bytes: the ``file`` field of a multipart form, or the raw body."""
-    data = await request.body()
+    try:
+        data = await request.body()
+    except ClientDisconnect:  # the client went away mid-upload: nobody to answer, nothing to log
+        raise ApiError(400, "the client disconnected before the upload ended", "file") from None
     ctype = request.headers.get("content-type", "").lower()
     if not ctype.startswith("multipart/form-data"):
         return data
