@@ -27,7 +27,7 @@ from .worker import ENCODE, EVERYTHING, PROMPT, ModelWorker, QueueFullError
 
 STATIC = Path(__file__).parent / "static"
 _ID = re.compile(r"[0-9a-f]{32}")
-_FIELDS = (("bboxes", "boxes"), ("labels", "labels"), ("point", "points"), ("mask", "mask_input"))
+_FIELDS = (("boxes", "boxes"), ("labels", "labels"), ("point", "points"), ("mask", "mask_input"))
 UPLOAD_DOC = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
                                        "properties": {"file": {"type": "string", "format": "binary"}}}},
@@ -101,8 +101,9 @@ def create_app(model: Any, device: str = "", max_images: int = 16, max_cache_byt
             raise ApiError(503, str(e)) from None
         try:
             return await asyncio.wrap_future(fut)
-        except PromptError as e:
-            raise ApiError(422, str(e), _field_of(str(e))) from None
+        except PromptError as e:  # the engine's messages name its Python argument; the API's field is boxes
+            message = re.sub(r"\bbboxes\b", "boxes", str(e))
+            raise ApiError(422, message, _field_of(message)) from None
         except ConfigError as e:
             raise ApiError(422, str(e), str(e).split(" ", 1)[0]) from None
         except SegAnyError as e:  # any other input the engine refused
