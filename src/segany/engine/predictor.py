@@ -7,10 +7,10 @@ never persist into the next call.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,35 +20,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import DEFAULTS, EVERYTHING_DEFAULTS, check_options
-from ..errors import ConfigError, ImageNotFoundError, PromptError, SegAnyError
+from ..errors import ConfigError, PromptError
 from ..models.registry import ModelConfig
 from .decoding import decode_in_chunks
 from .device import autocast, select_device
+from .image_state import Features, ImageState, load_image_state, save_image_state
 from .prompts import Prompts, parse_prompts
 from .results import Results
 from .saving import RunWriter
 from .sources import iter_sources, load_image
 from .transforms import image_to_tensor, masks_from_logits, scale_coords
-
-Features = "torch.Tensor | dict[str, torch.Tensor]"
-
-
-@dataclass
-class ImageState:
-    """An encoded image: what prompts need to become masks."""
-
-    orig_img: np.ndarray  # (H, W, 3) uint8 BGR
-    path: str
-    original_size: tuple[int, int]  # (H, W)
-    input_size: tuple[int, int]  # (h', w') after resizing the longest side to the model's size
-    features: Features  # (1, C, h, w) image embedding; a dict of such tensors for models with several levels
-    encode_ms: float = 0.0
-    preprocess_ms: float = 0.0
-    decoder_input: Any = None  # features with their prompt-independent decoder work done (Predictor.decoder_input)
-
-    def for_decoder(self) -> Any:
-        """What to give the model's ``decode``: the prepared features, else the features."""
-        return self.features if self.decoder_input is None else self.decoder_input
 
 
 class Predictor:
@@ -182,47 +163,14 @@ class Predictor:
 
     def save_embedding(self, path: str | Path) -> None:
         """Save the current image and embedding so another process can prompt without encoding."""
-        st = self._require_image()
-        data = {
-            **({f"features.{k}": v.cpu() for k, v in st.features.items()} if isinstance(st.features, dict)
-               else {"features": st.features.cpu()}),
-            "orig_img": torch.from_numpy(np.ascontiguousarray(st.orig_img)),
-            "original_size": torch.tensor(st.original_size),
-            "input_size": torch.tensor(st.input_size),
-            "img_size": torch.tensor(self._require_model().img_size),
-            "path": torch.tensor(list(st.path.encode("utf-8")), dtype=torch.uint8),  # tensors only
-        }
-        tmp = Path(str(path) + ".tmp")
-        torch.save(data, tmp)
-        tmp.replace(path)
+        save_image_state(self._require_image(), self._require_model().img_size, path)
 
     def load_embedding(self, path: str | Path, name: str | None = None) -> None:
         """Load an embedding written by :meth:`save_embedding` (tensors only: ``weights_only=True``).
         Results are named ``name``, else after the image the embedding was made from."""
-        if not Path(path).is_file():
-            raise ImageNotFoundError(f"embedding file not found: '{path}'")
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-            feats = data["features"] if "features" in data else {
-                k.split(".", 1)[1]: v for k, v in data.items() if k.startswith("features.")}
-            img = data["orig_img"].numpy()
-            orig, inp, size = tuple(data["original_size"].tolist()), tuple(data["input_size"].tolist()), int(data["img_size"])
-            saved_name = bytes(data["path"].tolist()).decode("utf-8") if "path" in data else None
-        except Exception as e:  # any damage shows up as any exception inside torch.load or here
-            raise SegAnyError(f"'{path}' is not an embedding saved by Predictor.save_embedding "
-                              f"({type(e).__name__}: {str(e).strip()[:200]})") from None
-        model = self._require_model()
-        main = feats if isinstance(feats, torch.Tensor) else feats.get("image_embed")
-        pe = model.prompt_encoder
-        want = (1, pe.embed_dim, *pe.image_embedding_size)
-        if size != model.img_size or not isinstance(main, torch.Tensor) or tuple(main.shape) != want:
-            got = tuple(main.shape) if isinstance(main, torch.Tensor) else None
-            raise SegAnyError(f"'{path}' was computed for another model (input size {size}, embedding {got}); "
-                              f"this model takes input size {model.img_size} and embeddings {want}: "
-                              "encode the image again with set_image")
-        feats = _features_to(feats, self.device)
-        self.image = ImageState(img, name or saved_name or str(path), orig, inp, feats,
-                                decoder_input=self.decoder_input(feats))
+        state = load_image_state(path, self._require_model()).with_features_on(self.device)
+        self.image = dataclasses.replace(state, path=name or state.path,
+                                         decoder_input=self.decoder_input(state.features))
 
     def _require_image(self) -> ImageState:
         if self.image is None:
@@ -236,9 +184,9 @@ class Predictor:
 
         Returns a list of :class:`Results` (one per image), or a generator when ``stream=True``.
         """
-        opts = self._options(kwargs)
         if multimask_output is not None:
-            opts["multimask_output"] = check_options(dict(multimask_output=multimask_output))["multimask_output"]
+            kwargs["multimask_output"] = multimask_output
+        opts = self._options(kwargs)
         multimask = opts["multimask_output"]
         prompts = dict(bboxes=bboxes, points=points, labels=labels, masks=masks)
         has_prompt = any(v is not None for v in prompts.values())
@@ -393,9 +341,3 @@ def _index_features(feats, i: int):
     if isinstance(feats, dict):
         return {k: v[i : i + 1].float() for k, v in feats.items()}
     return feats[i : i + 1].float()
-
-
-def _features_to(feats, device: torch.device):
-    if isinstance(feats, dict):
-        return {k: v.to(device) for k, v in feats.items()}
-    return feats.to(device)

@@ -67,7 +67,6 @@ class Results:
         for name, v in (("scores", scores), ("cls", cls)):
             if tuple(v.shape) != (n,):
                 raise ValueError(f"{name} must have shape ({n},) (one per mask), got {tuple(v.shape)}")
-        self._n = n
         if records is not None and len(records) != n:
             raise ValueError(f"records must hold one dict per mask ({n}), got {len(records)}")
 
@@ -97,8 +96,8 @@ class Results:
         """Logits, or a function that makes them on first use (checked then)."""
         if value is not None and not callable(value):
             shape = tuple(np.shape(value))
-            if len(shape) != 3 or shape[0] != self._n:
-                raise ValueError(f"low_res_logits must be ({self._n}, s, s), got {shape}")
+            if len(shape) != 3 or shape[0] != len(self.masks):
+                raise ValueError(f"low_res_logits must be ({len(self.masks)}, s, s), got {shape}")
         self._low_res = value
 
     # --- container behaviour -------------------------------------------------------------
@@ -120,7 +119,7 @@ class Results:
         out = Results.__new__(Results)
         out.__dict__.update(self.__dict__)
         out.names, out.speed = dict(self.names), dict(self.speed)
-        out.masks, out.boxes, out.records, out._n = masks, boxes, records, len(masks)
+        out.masks, out.boxes, out.records = masks, boxes, records
         out.low_res_logits = low_res
         return out
 
@@ -190,9 +189,10 @@ class Results:
         The format follows the extension (``.jpg`` when there is none). Returns the path."""
         import cv2
 
-        filename = Path(filename) if filename is not None else Path(f"results_{Path(self.path).name or 'image'}")
+        default = f"results_{Path(self.path).name or 'image'}"
+        filename = Path(default) if filename is None else Path(filename)
         if filename.is_dir():  # a folder: the default name inside it
-            filename = filename / f"results_{Path(self.path).name or 'image'}"
+            filename = filename / default
         if not filename.suffix:
             filename = filename.with_suffix(".jpg")
         try:

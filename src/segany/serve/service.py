@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..engine.predictor import ImageState, Predictor
+from ..engine.image_state import ImageState
+from ..engine.predictor import Predictor
 from ..errors import ImageError
 from .cache import LRU
 

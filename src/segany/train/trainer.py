@@ -138,9 +138,14 @@ def train(model: Any, data: Any, epochs: int = 10, batch: int = 2, lr: float = 1
     """
     if trainable not in TRAINABLE:  # before anything is built or written
         raise ConfigError(f"trainable={trainable!r}; choose one of {', '.join(TRAINABLE)}")
-    _check_ranges(epochs=(epochs, 1, None), batch=(batch, 1, None), max_instances=(max_instances, 1, None),
-                  click_rounds=(click_rounds, 0, None), lr=(lr, 0.0, None), weight_decay=(weight_decay, 0.0, None),
-                  warmup=(warmup, 0.0, 1.0), box_prob=(box_prob, 0.0, 1.0), grad_clip=(grad_clip, 0.0, None))
+    for key, value in dict(epochs=epochs, batch=batch, max_instances=max_instances).items():
+        _check(key, value, "a whole number >= 1", lambda v: float(v).is_integer() and v >= 1)
+    _check("click_rounds", click_rounds, "a whole number >= 0", lambda v: float(v).is_integer() and v >= 0)
+    _check("lr", lr, "a positive number", lambda v: v > 0)
+    for key, value in dict(weight_decay=weight_decay, grad_clip=grad_clip).items():
+        _check(key, value, "a number >= 0.0", lambda v: v >= 0)
+    for key, value in dict(warmup=warmup, box_prob=box_prob).items():
+        _check(key, value, "a number in [0.0, 1.0]", lambda v: 0 <= v <= 1)
     if threads:
         torch.set_num_threads(threads)
     dev = select_device(device)
@@ -279,19 +284,11 @@ def _weights_sum(sd: dict[str, torch.Tensor]) -> float:
     return float(sum(t.double().sum() for t in sd.values() if t.is_floating_point()))
 
 
-def _check_ranges(**checks: tuple[float, float, float | None]) -> None:
-    """``name=(value, low, high)``: each value a number in ``[low, high]`` (no high: ``>= low``;
-    a low of 0.0 for a float means ``> 0`` for ``lr``), else a :class:`ConfigError` naming it."""
-    for key, (value, low, high) in checks.items():
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        ok = ok and value >= low and (high is None or value <= high) and not (key == "lr" and value <= 0)
-        if isinstance(low, int) and not isinstance(low, bool):
-            ok = ok and float(value).is_integer()
-        if not ok:
-            want = "a positive number" if key == "lr" else (
-                f"a whole number >= {low}" if isinstance(low, int) else
-                f"a number in [{low}, {high}]" if high is not None else f"a number >= {low}")
-            raise ConfigError(f"{key}={value!r}: expected {want}")
+def _check(key: str, value: Any, want: str, ok: Callable[[float], bool]) -> None:
+    """A :class:`ConfigError` naming ``key`` unless ``value`` is a finite number that passes ``ok``."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not (number and ok(value)):
+        raise ConfigError(f"{key}={value!r}: expected {want}")
 
 
 def _progress(it, desc: str, verbose: bool):
