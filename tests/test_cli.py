@@ -125,6 +125,15 @@ def test_predict_directory_source_lines_and_named_run(small_ckpt, tmp_path):
     assert sorted(f.name for f in out.glob("*.json")) == ["im0.json", "im1.json", "im2.json"]
     assert load_coco(out / "im1.json")["image"]["height"] == 200
 
+    # An unreadable file in the folder is skipped and reported; the others are written; exit 1.
+    (folder / "im1.png").write_bytes(b"truncated")
+    p = run(["predict", f"model={small_ckpt}", "source=images", "bboxes=[10,10,100,100]", "project=out",
+             "name=skip"], tmp_path)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert "segany: warning: skipped, unreadable: " in p.stderr and "im1.png is not a readable image" in p.stderr
+    assert "1 file(s) could not be read and were skipped" in p.stderr
+    assert sorted(f.name for f in (tmp_path / "out" / "skip").glob("*.json")) == ["im0.json", "im2.json"]
+
 
 def test_predict_segment_everything(small_ckpt, tmp_path, image):
     p = ok(run(["predict", f"model={small_ckpt}", "source=img.jpg", "points_per_side=4", "conf_thres=0",

@@ -21,7 +21,7 @@ from segany.engine.sources import (
     iter_sources,
     load_image,
 )
-from segany.errors import ConfigError, ImageError, ImageNotFoundError
+from segany.errors import ConfigError, ImageError, ImageNotFoundError, SkippedImageWarning
 
 H, W = 40, 60
 
@@ -263,6 +263,20 @@ def test_missing_empty_and_corrupt_files(tmp_path: Path) -> None:
     corrupt.write_bytes(np.random.default_rng(0).integers(0, 256, 2048, np.uint8).tobytes())
     with pytest.raises(ImageError, match=r"corrupt\.jpg is not a readable image"):
         load_image(corrupt)
+
+
+def test_unreadable_listed_files_are_skipped_named_ones_raise(tmp_path: Path) -> None:
+    cv2.imwrite(str(tmp_path / "a.png"), _bgr())
+    (tmp_path / "b.jpg").write_bytes(b"not a jpeg")
+    cv2.imwrite(str(tmp_path / "c.png"), _bgr())
+    for source in (tmp_path, str(tmp_path / "*.*"), [tmp_path]):
+        with pytest.warns(SkippedImageWarning, match=r"skipped, unreadable: .*b\.jpg is not a readable image"):
+            names = [n for n, _ in iter_sources(source)]
+        assert names == [str(tmp_path / "a.png"), str(tmp_path / "c.png")]
+    for source in (tmp_path / "b.jpg", [tmp_path / "a.png", str(tmp_path / "b.jpg")]):
+        with pytest.raises(ImageError, match=r"b\.jpg is not a readable image"):
+            list(iter_sources(source))
+    assert all(type(p) is str for p in expand_sources(tmp_path))  # plain strings for callers
 
 
 def test_empty_directory_and_unmatched_glob(tmp_path: Path) -> None:

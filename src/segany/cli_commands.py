@@ -7,13 +7,17 @@ errors propagate to :func:`segany.cli.main`, which turns them into one line and 
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .cli import UsageError, parse_options, split_args
 from .config import DEFAULT_MODEL
 from .engine.saving import RunWriter
+from .errors import SkippedImageWarning
 
 # ---------------------------------------------------------------------------------------- info
 
@@ -236,10 +240,32 @@ def run_predict(tokens: list[str]) -> int:
     kwargs = {k: v for k, v in given.items() if k not in CLI_HANDLED}
     results = model.predict(source, stream=True, bboxes=opts["bboxes"], points=opts["points"],
                             labels=opts["labels"], masks=masks, **kwargs)
-    return _consume(results, model, total, writer, bool(opts["verbose"]))
+    with _counting(SkippedImageWarning) as skipped:
+        _consume(results, model, total, writer, bool(opts["verbose"]))
+    if skipped:  # the run went on past them, but a script must know
+        print(f"segany: error: {len(skipped)} file(s) could not be read and were skipped, listed above",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
-def _consume(results, model, total: int | None, writer: RunWriter | None, verbose: bool) -> int:
+@contextlib.contextmanager
+def _counting(category: type[Warning]) -> Iterator[list[str]]:
+    """Collect the texts of the warnings of ``category`` shown inside the block (still shown)."""
+    seen: list[str] = []
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def count(message, cat, *args, **kwargs):
+            if issubclass(cat, category):
+                seen.append(str(message))
+            show(message, cat, *args, **kwargs)
+
+        warnings.showwarning = count
+        yield seen
+
+
+def _consume(results, model, total: int | None, writer: RunWriter | None, verbose: bool) -> None:
     """Write each result as it arrives, with a progress bar for several images and a line per image."""
     from tqdm import tqdm
 
@@ -266,4 +292,3 @@ def _consume(results, model, total: int | None, writer: RunWriter | None, verbos
     mean = ", ".join(f"{v / max(n_images, 1):.1f}ms {k}" for k, v in speed.items())
     print(f"Speed: {mean} per image; {n_images} image{'s' * (n_images != 1)}, {n_masks} mask{'s' * (n_masks != 1)}")
     print("Done (save=False: nothing written)" if writer is None else writer.summary())
-    return 0

@@ -69,3 +69,7 @@ class MissingDependencyError(SegAnyError, ImportError):
 
 class BoxSourceError(SegAnyError, ValueError):
     """The boxes of one image cannot be read (malformed label line, size mismatch, ...)."""
+
+
+class SkippedImageWarning(UserWarning):
+    """A file listed by a directory or glob source could not be read and was skipped."""

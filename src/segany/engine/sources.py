@@ -16,6 +16,9 @@ Choices worth knowing:
 - Directories give their image files (not videos, not hidden files), sorted by name,
   non-recursively; globs give image and video files, sorted. Video frames are named
   ``path:frame_N`` with N counted from 0 in the file (``vid_stride`` keeps every N-th frame).
+- A file that a directory or glob lists but that cannot be read is skipped with a
+  :class:`~segany.errors.SkippedImageWarning` (one bad file should not end a run over a
+  folder); a file named on its own that cannot be read is an error.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import os
 import re
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from segany.errors import ConfigError, ImageError, ImageNotFoundError
+from segany.errors import ConfigError, ImageError, ImageNotFoundError, SkippedImageWarning
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     ".avif .bmp .dib .gif .hdr .jp2 .jpe .jpeg .jpg .mpo .pbm .pfm .pgm .png .pnm .ppm .tga .tif "
@@ -240,8 +244,13 @@ def load_image(source: Any) -> np.ndarray:
 # ---------------------------------------------------------------- many images
 
 
+class _Listed(str):
+    """A path found by listing a directory or matching a glob, not named by the caller."""
+
+
 def _expand_path(s: str) -> Iterator[str]:
-    """One path-like source → the image/video paths (or URL) it stands for."""
+    """One path-like source → the image/video paths (or URL) it stands for; the paths a
+    directory or glob lists are :class:`_Listed` (skipped when unreadable)."""
     if _is_url(s):
         yield s
         return
@@ -256,7 +265,7 @@ def _expand_path(s: str) -> Iterator[str]:
                 f"directory {s} holds no image files{hint}; looked for "
                 + " ".join(sorted(IMAGE_EXTENSIONS))
             )
-        yield from (str(p) for p in images)
+        yield from (_Listed(p) for p in images)
     elif path.exists():
         yield s
     elif any(c in s for c in "*?["):
@@ -265,7 +274,7 @@ def _expand_path(s: str) -> Iterator[str]:
                    if _suffix(m) in known and os.path.isfile(m)]
         if not matches:
             raise ImageNotFoundError(f"glob pattern {s!r} matched no image or video files")
-        yield from matches
+        yield from map(_Listed, matches)
     else:
         raise ImageNotFoundError(f"image source not found: {s}")
 
@@ -293,7 +302,7 @@ def _expand(source: Any) -> Iterator[Any]:
 def expand_sources(source: Any) -> list[Any]:
     """The items ``source`` stands for, undecoded: paths/URLs (videos unexpanded) and in-memory
     images. Lets a caller decode each item itself and skip the bad ones (``auto_annotate``)."""
-    return list(_expand(source))
+    return [str(item) if isinstance(item, _Listed) else item for item in _expand(source)]
 
 
 def _iter_video(s: str, vid_stride: int) -> Iterator[tuple[str, np.ndarray]]:
@@ -348,9 +357,14 @@ def iter_sources(source: Any, vid_stride: int = 1) -> Iterator[tuple[str, np.nda
     _check_stride(vid_stride)
     index = 0
     for item in _expand(source):
-        for name, image in _load_item(item, vid_stride):
-            yield (name if name is not None else f"image{index}"), image
-            index += 1
+        try:
+            for name, image in _load_item(item, vid_stride):
+                yield (name if name is not None else f"image{index}"), image
+                index += 1
+        except ImageError as e:
+            if not isinstance(item, _Listed):
+                raise
+            warnings.warn(f"skipped, unreadable: {e}", SkippedImageWarning, stacklevel=2)
 
 
 def _video_frames(s: str, vid_stride: int) -> int | None:
