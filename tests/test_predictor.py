@@ -341,6 +341,18 @@ def test_save_options_write_a_run_folder_from_python(model, img_path, tmp_path):
     assert len(r) == 1
 
 
+def test_verbose_prints_a_line_per_image_and_the_speed(model, img_path, capsys):
+    model(img_path, bboxes=[40, 40, 120, 110])  # the Python default is quiet
+    assert capsys.readouterr().out == ""
+    model([img_path, img_path], bboxes=[[40, 40, 120, 110], [10, 10, 50, 50]], verbose=True)
+    lines = capsys.readouterr().out.splitlines()
+    h, w = model.model.input_size(H, W)
+    assert [line.split(",")[0] for line in lines[:2]] == [f"image {i}/2 scene.png: {h}x{w} 2 masks" for i in (1, 2)]
+    assert lines[2].startswith("Speed: ") and lines[2].endswith("per image; 2 images, 4 masks")
+    model(points=[50, 60], verbose=True)  # the current image: one of one
+    assert capsys.readouterr().out.startswith(f"image 1/1 scene.png: {h}x{w} 1 mask, ")
+
+
 def test_compile_matches_eager():
     # torch.compile of the encoder (issue 10): same masks as the eager path. The tiniest config:
     # compiling on CPU takes tens of seconds.

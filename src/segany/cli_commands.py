@@ -147,12 +147,13 @@ PREDICT_NOTES = dict(
 
 
 def predict_defaults() -> dict[str, Any]:
-    """Every predict option and its command-line default (``save`` is on, unlike the Python API)."""
+    """Every predict option and its command-line default (``save`` and ``verbose`` are on, unlike
+    the Python API)."""
     from .config import DEFAULTS
 
     # task/mode are fixed for SAM; leaving them out also keeps 'modle' suggesting 'model'.
     options = {k: v for k, v in DEFAULTS.items() if k not in ("task", "mode")}
-    return {**options, "model": DEFAULT_MODEL, "save": True, **PROMPT_DEFAULTS}
+    return {**options, "model": DEFAULT_MODEL, "save": True, "verbose": True, **PROMPT_DEFAULTS}
 
 
 def predict_help() -> str:
@@ -269,26 +270,19 @@ def _consume(results, model, total: int | None, writer: RunWriter | None, verbos
     """Write each result as it arrives, with a progress bar for several images and a line per image."""
     from tqdm import tqdm
 
-    n_images = n_masks = 0
-    speed = dict(preprocess=0.0, inference=0.0, postprocess=0.0)
-    of = "?" if total is None else str(total)
+    from .engine.report import RunReport
+
+    report = RunReport(total, getattr(model.model, "input_size", lambda *hw: hw))
     bar = tqdm(total=total, unit="image", file=sys.stderr, disable=total == 1, leave=False)
     try:
         for r in results:
-            n_images += 1
-            n_masks += len(r)
-            ms = {k: float(r.speed.get(k) or 0.0) for k in speed}
-            for k in speed:
-                speed[k] += ms[k]
+            ms = report.add(r)
             if writer is not None:
                 writer.write(r, ms)
             if verbose:
-                h, w = getattr(model.model, "input_size", lambda *hw: hw)(*r.orig_shape)
-                tqdm.write(f"image {n_images}/{of} {Path(r.path).name}: {h}x{w} {r.verbose()}, "
-                           f"{sum(ms.values()):.1f}ms", file=sys.stdout)
+                tqdm.write(report.image_line(r, ms), file=sys.stdout)
             bar.update(1)
     finally:
         bar.close()
-    mean = ", ".join(f"{v / max(n_images, 1):.1f}ms {k}" for k, v in speed.items())
-    print(f"Speed: {mean} per image; {n_images} image{'s' * (n_images != 1)}, {n_masks} mask{'s' * (n_masks != 1)}")
+    print(report.speed_line())
     print("Done (save=False: nothing written)" if writer is None else writer.summary())

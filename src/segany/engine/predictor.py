@@ -28,7 +28,8 @@ from .image_state import Features, ImageState, load_image_state, save_image_stat
 from .prompts import Prompts, parse_prompts
 from .results import Results
 from .saving import RunWriter
-from .sources import iter_sources, load_image
+from .report import RunReport, reported
+from .sources import count_sources, iter_sources, load_image
 from .transforms import image_to_tensor, masks_from_logits, scale_coords
 
 
@@ -205,6 +206,9 @@ class Predictor:
             gen = self._run_sources(source, prompts, has_prompt, multimask, opts)
         if writer is not None:
             gen = _written(gen, writer)
+        if opts["verbose"]:
+            total = 1 if source is None else count_sources(source, vid_stride=int(opts["vid_stride"]))
+            gen = reported(gen, RunReport(total, getattr(self._require_model(), "input_size", lambda *hw: hw)))
         return gen if stream or opts["stream"] else list(gen)
 
     def _run_sources(self, source, prompts, has_prompt, multimask, opts) -> Iterator[Results]:
