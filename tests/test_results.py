@@ -241,6 +241,42 @@ def test_plot_and_save(res: Results, tmp_path) -> None:
     assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".tmp")]
 
 
+def test_thin_masks_get_valid_yolo_polygons(tmp_path) -> None:
+    m = np.zeros((4, H, W), bool)
+    m[0, 10, 5:55] = True  # a horizontal 1-pixel line: 2 contour vertices
+    m[1, 20:70, 100] = True  # a vertical one
+    np.fill_diagonal(m[2, 30:60, 30:60], True)  # a diagonal one
+    m[3, 90, 90] = True  # a single pixel: 1 vertex
+    r = Results(synthetic_image(), "thin.png", torch.from_numpy(m))
+    assert [len(p) for p in r.masks.xy] == [2, 2, 2, 1]
+    lines = Path(r.save_txt(tmp_path / "thin.txt")).read_text().splitlines()
+    assert [int(line.split()[0]) for line in lines] == [0, 1, 2, 3]  # none dropped
+    for line, mask in zip(lines, m):
+        xy = np.array(line.split()[1:], float).reshape(-1, 2)
+        assert len(xy) == 3
+        assert np.array_equal(rasterise(xy * [W, H]), mask)  # closed back on itself: the same pixels
+
+
+def test_save_names_for_video_frames_urls_and_folders(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    m = torch.from_numpy(synthetic_masks()[:1])
+    for path, name in [("clip.mp4:frame_3", "results_clip_frame_3.jpg"),
+                       ("https://example.com/bus.jpg?size=l", "results_bus.jpg"),
+                       ("https://example.com/", "results_example.jpg"),
+                       ("scan.tiff", "results_scan.tiff")]:
+        assert Results(synthetic_image(), path, m).save() == name and (tmp_path / name).is_file()
+    r = Results(synthetic_image(), "a.png", m)
+    assert Path(r.save("new/")) == Path("new/results_a.png") and (tmp_path / "new" / "results_a.png").is_file()
+
+
+def test_colours_stay_distinct_past_the_palette() -> None:
+    from segany.engine.plotting import PALETTE_BGR, color
+
+    assert [color(i) for i in range(len(PALETTE_BGR))] == list(PALETTE_BGR)
+    colours = [color(i) for i in range(500)]
+    assert len(set(colours)) == 500 and all(0 <= v <= 255 for c in colours for v in c)
+
+
 def test_empty_results(tmp_path) -> None:
     for masks in (None, np.zeros((0, H, W), bool), torch.zeros((0, H, W), dtype=torch.bool)):
         r = Results(synthetic_image(), "empty.jpg", masks)

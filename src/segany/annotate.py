@@ -5,9 +5,9 @@ Choices worth knowing:
 
 - **One prompt call per image.** The image is encoded once and all its boxes go through the
   decoder together (``multimask_output=False``); mask ``i`` belongs to box ``i``.
-- **Classes never shift.** A box whose mask comes out empty, or too small for a polygon of 3
-  vertices, or that lies off the image, is skipped and listed in ``summary.empty_masks``; every
-  other object keeps its own box's class (the reference shifts classes onto the wrong masks).
+- **Classes never shift.** A box whose mask comes out empty, or that lies off the image, is
+  skipped and listed in ``summary.empty_masks``; every other object keeps its own box's class
+  (the reference shifts classes onto the wrong masks).
   Both formats keep the same objects.
 - **YOLO-seg output**: ``<output_dir>/<image stem>.txt``, lines ``cls x1 y1 x2 y2 ...`` normalised
   to 0..1 (6 decimals). A mask of several parts becomes ONE polygon, its parts joined by
@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .annotate_boxes import DEFAULT_DET_MODEL, BoxSourceError, check_classes, make_box_source
-from .engine.export import atomic_write_text, encode_rle, to_numpy
+from .engine.export import atomic_write_text, encode_rle, to_numpy, yolo_line
 from .engine.sources import VIDEO_EXTENSIONS, expand_sources, load_image
 from .errors import ConfigError, ImageError, SegAnyError
 
@@ -170,7 +170,7 @@ def auto_annotate(
             if not len(xyxy):
                 summary.no_detections.append(path)
             if format == "yolo":
-                atomic_write_text(target, "".join(_yolo_line(c, poly) + "\n" for c, poly, *_ in objects))
+                atomic_write_text(target, "".join(yolo_line(c, poly) + "\n" for c, poly, *_ in objects))
             else:
                 _add_coco(coco, image_id, path, root, image.shape[:2], objects, source.category_ids)
             summary.written.append(path)
@@ -260,18 +260,11 @@ def _segment(predictor, path: str, image: np.ndarray, xyxy: np.ndarray, cls: np.
             reason = "box lies off the image or has no area"
         elif not found[i][1].any():
             reason = "empty mask"
-        elif len(found[i][0]) < 3:
-            reason = "mask too small for a polygon (< 3 vertices)"
         else:
             objects.append((c, *found[i]))
             continue
         summary.empty_masks.append(EmptyMask(path, i, c, reason))
     return objects
-
-
-def _yolo_line(c: int, poly: np.ndarray) -> str:
-    # Same format as Results.save_txt (export.yolo_lines), with the box's class.
-    return " ".join([str(int(c))] + [f"{v:.6f}" for v in poly.reshape(-1)])
 
 
 def _add_coco(coco: dict, image_id: int, path: str, root: Path | None, shape: tuple[int, int],

@@ -54,21 +54,27 @@ def to_numpy(x: Any) -> Any:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
 
 
+def yolo_line(cls: int, poly: np.ndarray, conf: float | None = None) -> str | None:
+    """One YOLO-seg label line ``cls x1 y1 x2 y2 ... [conf]`` for a normalised ``(K, 2)`` polygon
+    (6 decimals); ``None`` for an empty one. A thin mask's polygon (a straight 1-pixel line has 2
+    vertices, a single pixel 1) is closed back on itself to the 3 vertices a YOLO polygon needs:
+    it still fills to the same pixels."""
+    if len(poly) == 0:
+        return None
+    if len(poly) < 3:
+        poly = np.resize(poly, (3, 2))  # [a, b] → [a, b, a]; [a] → [a, a, a]
+    fields = [str(int(cls))] + [f"{v:.6f}" for v in np.asarray(poly).reshape(-1)]
+    if conf is not None:
+        fields.append(f"{float(conf):.6f}")
+    return " ".join(fields)
+
+
 def yolo_lines(results: Results, save_conf: bool = False) -> list[str]:
-    """YOLO-seg label lines ``cls x1 y1 x2 y2 ... [conf]``, coordinates normalised to 0..1 with
-    6 decimals. Masks whose polygon has fewer than 3 vertices (empty, 1- or 2-pixel masks) are
-    skipped: they are not valid YOLO polygons."""
-    lines = []
+    """YOLO-seg label lines of every non-empty mask (see :func:`yolo_line`)."""
     cls = to_numpy(results.boxes.cls)
     conf = to_numpy(results.boxes.conf)
-    for i, poly in enumerate(results.masks.xyn):
-        if len(poly) < 3:
-            continue
-        fields = [str(int(cls[i]))] + [f"{v:.6f}" for v in poly.reshape(-1)]
-        if save_conf:
-            fields.append(f"{float(conf[i]):.6f}")
-        lines.append(" ".join(fields))
-    return lines
+    lines = (yolo_line(cls[i], poly, conf[i] if save_conf else None) for i, poly in enumerate(results.masks.xyn))
+    return [line for line in lines if line is not None]
 
 
 def summary(results: Results, normalize: bool = False, decimals: int = 5) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import colorsys
 from typing import TYPE_CHECKING
 
 import cv2
@@ -23,8 +24,16 @@ PALETTE_BGR: tuple[tuple[int, int, int], ...] = tuple(
 
 
 def color(i: int) -> tuple[int, int, int]:
-    """BGR colour number ``i`` of the fixed palette (cycles after 20)."""
-    return PALETTE_BGR[int(i) % len(PALETTE_BGR)]
+    """BGR colour number ``i``: the fixed palette, then hues spread by the golden ratio with
+    varying saturation and value, so that segment-everything's hundreds of masks stay apart."""
+    i = int(i)
+    if 0 <= i < len(PALETTE_BGR):
+        return PALETTE_BGR[i]
+    hue = (i * 0.6180339887498949) % 1.0
+    sat = 0.5 + 0.5 * ((i * 0.7548776662466927) % 1.0)
+    val = 0.65 + 0.35 * ((i * 0.5698402909980532) % 1.0)
+    r, g, b = colorsys.hsv_to_rgb(hue, sat, val)
+    return round(b * 255), round(g * 255), round(r * 255)
 
 
 def as_bgr(img: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ polygon per mask; the separate outer contours are in ``masks.contours(i)``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -185,14 +186,19 @@ class Results:
         return plotting.plot(self, labels=labels, boxes=boxes, masks=masks, conf=conf, line_width=line_width, alpha=alpha)
 
     def save(self, filename: str | Path | None = None, **plot_args: Any) -> str:
-        """Write :meth:`plot` to ``filename`` (default ``results_<image name>``), atomically.
-        The format follows the extension (``.jpg`` when there is none). Returns the path."""
+        """Write :meth:`plot` to ``filename`` (default ``results_<image name>``; a folder, existing
+        or ending in ``/``: that name inside it), atomically. The format follows the extension
+        (``.jpg`` when there is none). Returns the path."""
         import cv2
 
-        default = f"results_{Path(self.path).name or 'image'}"
-        filename = Path(default) if filename is None else Path(filename)
-        if filename.is_dir():  # a folder: the default name inside it
-            filename = filename / default
+        from .saving import image_file_name
+
+        default = "results_{}{}".format(*image_file_name(self.path))
+        if filename is None:
+            filename = Path(default)
+        elif str(filename).endswith(("/", os.sep)) or Path(filename).is_dir():
+            filename = Path(filename) / default
+        filename = Path(filename)
         if not filename.suffix:
             filename = filename.with_suffix(".jpg")
         try:

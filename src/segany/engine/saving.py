@@ -21,6 +21,18 @@ from .export import atomic_write_text
 SAVE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
+def image_file_name(path: str) -> tuple[str, str]:
+    """A file name stem and image suffix for the plot of a result whose image is ``path``:
+    ``bus.jpg`` → ``("bus", ".jpg")``, ``clip.mp4:frame_3`` → ``("clip_frame_3", ".jpg")``,
+    a URL's query and characters a file name should not hold are left out."""
+    base, _, frame = path.partition(":frame_")
+    name = Path(base.split("?")[0].split("#")[0]).name or "image"
+    suffix = Path(name).suffix.lower()
+    stem = Path(name).stem + (f"_frame_{frame}" if frame else "")
+    stem = re.sub(r"[^\w.-]", "_", stem) or "image"
+    return stem, (suffix if suffix in SAVE_SUFFIXES and not frame else ".jpg")
+
+
 def run_dir(project: str | None, name: str | None, exist_ok: bool) -> Path:
     """``<project>/<name>``, numbered ``name2``, ``name3``, ... when it exists (unless ``exist_ok``)."""
     base = Path(project or "runs/segment").expanduser() / (name or "predict")
@@ -83,15 +95,11 @@ class RunWriter:
 
     def _stem(self, path: str) -> tuple[str, str]:
         """A file name stem and image suffix for one result, unique within the run."""
-        base, _, frame = path.partition(":frame_")
-        name = Path(base.split("?")[0]).name or "image"
-        suffix = Path(name).suffix.lower()
-        stem = Path(name).stem + (f"_frame_{frame}" if frame else "")
-        stem = re.sub(r"[^\w.-]", "_", stem) or "image"
+        stem, suffix = image_file_name(path)
         unique = stem
         for k in count(2):
             if unique not in self._stems:
                 break
             unique = f"{stem}_{k}"
         self._stems.add(unique)
-        return unique, (suffix if suffix in SAVE_SUFFIXES and not frame else ".jpg")
+        return unique, suffix
