@@ -183,6 +183,9 @@ def test_coco_boxes_in_coco_and_yolo_out(tmp_path, small_ckpt, oracle):
     coco = COCO(str(out / "annotations.json"))
     assert {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())} == {1: "box", 3: "disc", 7: "blob"}
     assert len(coco.getImgIds()) == 4  # images without boxes are listed too (background)
+    given = {e["file_name"]: e["id"] for e in json.loads((tmp_path / "coco.json").read_text())["images"]}
+    written = {e["file_name"]: e["id"] for e in coco.loadImgs(coco.getImgIds())}
+    assert written == {k: given.get(k, max(given.values()) + 1) for k in written}  # the JSON's own ids kept
     for img in coco.loadImgs(coco.getImgIds()):
         objects = truth[Path(img["file_name"]).stem]
         assert (img["height"], img["width"]) == objects[0][1].shape if objects else True

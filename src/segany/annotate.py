@@ -141,12 +141,13 @@ def auto_annotate(
     coco_done = format == "coco" and (out / COCO_FILE).exists() and not overwrite
     targets = _label_files(paths, out, summary) if format == "yolo" else {p: out / COCO_FILE for p in paths}
     coco: dict[str, list] = {"images": [], "annotations": []}
+    image_ids = _image_ids(paths, getattr(source, "image_ids", {}))
     predictor = None
     found_boxes = kept_boxes = 0  # boxes before and after the classes filter
     # Iterating the bar counts an image when the next one is asked for: the rate is images done per second.
     bar = tqdm(list(targets.items()), desc="auto_annotate", unit="img", disable=not verbose)
     try:
-        for image_id, (path, target) in enumerate(bar, 1):
+        for path, target in bar:
             if coco_done or (format == "yolo" and target.exists() and not overwrite):
                 summary.skipped_existing.append(path)
                 continue
@@ -172,7 +173,7 @@ def auto_annotate(
             if format == "yolo":
                 atomic_write_text(target, "".join(yolo_line(c, poly) + "\n" for c, poly, *_ in objects))
             else:
-                _add_coco(coco, image_id, path, root, image.shape[:2], objects, source.category_ids)
+                _add_coco(coco, image_ids[path], path, root, image.shape[:2], objects, source.category_ids)
             summary.written.append(path)
     finally:
         bar.close()
@@ -265,6 +266,16 @@ def _segment(predictor, path: str, image: np.ndarray, xyxy: np.ndarray, cls: np.
             continue
         summary.empty_masks.append(EmptyMask(path, i, c, reason))
     return objects
+
+
+def _image_ids(paths: list[str], known: dict[str, int]) -> dict[str, int]:
+    """COCO image ids: a box source's own (a COCO JSON's), the other images numbered after them."""
+    ids, n = dict(known), max(known.values(), default=0)
+    for p in paths:
+        if p not in ids:
+            n += 1
+            ids[p] = n
+    return ids
 
 
 def _add_coco(coco: dict, image_id: int, path: str, root: Path | None, shape: tuple[int, int],

@@ -161,7 +161,8 @@ class YoloLabels:
 class CocoBoxes:
     """Boxes from a COCO JSON (``bbox`` = x, y, w, h in pixels). Images are matched by
     ``file_name``: its path relative to ``root`` first, else its base name when unique.
-    Crowd annotations (``iscrowd: 1``) are skipped: their box covers a group, not one object."""
+    Crowd annotations (``iscrowd: 1``) are skipped: their box covers a group, not one object.
+    ``image_ids`` keeps the JSON's image ids, so a COCO output uses the same ones."""
 
     def __init__(self, file: Path, images: list[str], root: Path | None) -> None:
         try:
@@ -186,6 +187,7 @@ class CocoBoxes:
             found = by_name.get(rel) or by_name.get("/" + Path(p).name) or []
             if len(found) == 1:
                 self.entry[p] = found[0]
+        self.image_ids = {p: int(e["id"]) for p, e in self.entry.items()}  # kept in COCO output
         if images and not self.entry:
             raise ConfigError(f"labels={str(file)!r}: no image of the COCO JSON matches any of the "
                               f"{len(images)} image(s) by file_name")
