@@ -3,6 +3,7 @@ counts, recognition of checkpoints from their tensors, and loading ``{"model": s
 
 from __future__ import annotations
 
+import json
 import warnings
 from contextlib import contextmanager
 
@@ -332,3 +333,18 @@ def test_incomplete_sam2_file_gets_a_clear_message(tmp_path):
     torch.save({"model": {"image_encoder.trunk.patch_embed.proj.weight": torch.zeros(96, 3, 7, 7)}}, path)
     with pytest.raises(StateDictMismatchError, match="SAM 2.*lacks the tensor"):
         load_model(path)
+
+
+def test_val_from_the_command_line_takes_a_sam2_checkpoint(tmp_path, capsys):
+    from segany.cli import main
+
+    cfg = config_with(MODELS["sam2.1_t"], **{**SMALL, "num_heads": 1})
+    path = tmp_path / "my_sam2.pt"
+    torch.save({"model": randomize(build_model(cfg), seed=3).state_dict()}, path)
+    out = tmp_path / "v.json"
+    assert main(["val", f"model={path}", "data=synthetic:2", "max_images=1", "kinds=box",
+                 f"save_json={out}", "verbose=False"]) == 0
+    res = json.loads(out.read_text())
+    assert res["images"] == 1 and res["instances"] >= 1 and 0 <= res["box"] <= 1
+    assert main(["train", f"model={path}", "data=synthetic:2", "epochs=1"]) == 2  # training: not SAM 2
+    assert "SAM 2 is not supported" in capsys.readouterr().err

@@ -13,8 +13,9 @@ from ..errors import ConfigError
 from ..models.registry import ModelConfig
 
 
-def resolve_model(model: Any, imgsz: int | None = None) -> tuple[nn.Module, ModelConfig]:
-    """``model=`` as users give it → ``(Sam, config)``.
+def resolve_model(model: Any, imgsz: int | None = None, training: bool = True) -> tuple[nn.Module, ModelConfig]:
+    """``model=`` as users give it → ``(Sam, config)``; ``training=False`` (validation) also
+    takes SAM 2 checkpoints.
 
     A registry architecture name without a file suffix (``sam_b``, ``mobile_sam``) builds that
     architecture with fresh weights (``imgsz`` sets its input size); anything else is a
@@ -31,7 +32,7 @@ def resolve_model(model: Any, imgsz: int | None = None) -> tuple[nn.Module, Mode
     name = str(model)
     if name in MODELS and not Path(name).exists():
         config = MODELS[name]
-        if config.family not in ("sam_vit", "mobile_sam"):
+        if training and config.family not in ("sam_vit", "mobile_sam"):
             raise ConfigError(f"training supports SAM (ViT) and MobileSAM architectures, not {config.family}")
         if imgsz and imgsz != config.params["encoder"]["img_size"]:
             config = config_with(config, img_size=int(imgsz))
@@ -39,7 +40,7 @@ def resolve_model(model: Any, imgsz: int | None = None) -> tuple[nn.Module, Mode
     from ..hub import resolve_weights
 
     net, config = load_model(resolve_weights(name), name=Path(name).stem)
-    if config.family == "sam2":
+    if config.family == "sam2" and training:
         raise ConfigError("training supports SAM (ViT) and MobileSAM checkpoints; SAM 2 is not supported yet")
     if imgsz and imgsz != net.img_size:
         raise ConfigError(f"imgsz={imgsz} differs from the checkpoint's input size {net.img_size}; "

@@ -110,7 +110,7 @@ def val(model: Any = None, data: Any = None, kinds: tuple[str, ...] = KINDS, n_p
     dev = select_device(device)
     config = None
     if runner is None:
-        net, config = resolve_model(model)
+        net, config = resolve_model(model, training=False)
         net.to(dev).eval()
         runner = SamRunner(net, dev)
     everything = None
