@@ -76,6 +76,8 @@ def test_health_models_docs(client):
 def test_page_and_static_files(client):
     page = client.get("/")
     assert page.status_code == 200 and "/static/app.js" in page.text
+    head = client.head("/")  # uptime checks use HEAD
+    assert head.status_code == 200 and head.content == b""
     for name in ("app.js", "style.css", "index.html"):
         assert client.get(f"/static/{name}").status_code == 200
     for name in ("app.js", "style.css", "index.html"):  # works offline: nothing from another host
@@ -205,6 +207,9 @@ def test_unknown_image_id_is_404(client, endpoint, bad_id):
     ({"boxes": [[1, 1, 9, 9]], "points": [[1, 1], [2, 2]]}, None),
     ({"points": [[10, 10]], "mask_input": "deadbeef"}, "mask_input"),
     ({"points": [[10, 10]], "multimask_output": "maybe"}, "multimask_output"),
+    ({"points": [[10, 10]], "png": "yes"}, "png"),  # strict: no coercion of strings
+    ({"boxes": ["10", 10, 100, 100]}, "boxes"),
+    ({"points": [[10, 10]], "labels": [True]}, "labels"),
     ({"points": [[10, 10]], "colour": "red"}, "colour"),
     ({"points": [[i, i] for i in range(9)]}, "points"),
 ])
@@ -230,6 +235,7 @@ def test_mask_input_of_another_image_is_422(client, image_id):
                                         ({"pred_iou_thresh": 2}, "pred_iou_thresh"),
                                         ({"points_stride": 8}, "points_stride"),
                                         ({"points_per_batch": 1}, "points_per_batch"),
+                                        ({"points_per_side": "8"}, "points_per_side"),
                                         ({"points_per_side": 40, "crop_n_layers": 1}, "points_per_side")])
 def test_bad_everything_params_are_422(client, image_id, body, field):
     check_error(client.post(f"/api/images/{image_id}/everything", json=body), 422, field)

@@ -173,7 +173,7 @@ def create_app(model: Any, device: str = "", max_images: int = 16, max_cache_byt
         body = body or EverythingRequest()
         return await run(EVERYTHING, service.everything, entry, body.options(), body.png, body.polygons)
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 

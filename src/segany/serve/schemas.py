@@ -23,7 +23,7 @@ class ImageInfo(BaseModel):
 class PromptRequest(BaseModel):
     """Prompts in pixels of the original image, shaped as for ``SAM(...)``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "yes" is not a bool, "3" not a number
     points: Optional[Points] = Field(None, description="[x, y], [[x, y], ...] (one object each) "
                                                        "or [[[x, y], ...], ...]")
     labels: Optional[Labels] = Field(None, description="1 positive / 0 negative, shaped like points")
@@ -56,7 +56,7 @@ class PromptRequest(BaseModel):
 class EverythingRequest(BaseModel):
     """Segment-everything parameters (Meta's names), bounded so one request stays bounded."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "yes" is not a bool, "3" not a number
     points_per_side: int = Field(32, ge=1, le=64)
     points_per_batch: int = Field(64, ge=8, le=256)
     # The score filters default to the model's own (Meta's 0.88 / 0.95 for SAM; a model's registry
