@@ -157,6 +157,18 @@ def test_binary_mask_prompt_at_image_size(model, img_path):
     mask[40:100, 50:120] = True
     _check(model(img_path, masks=mask), 1)
     _check(model(img_path, masks=np.stack([mask, ~mask])), 2)
+    # On a large image a thin object keeps its share of each low-res cell (area averaging), and
+    # bool masks stay one byte a pixel until then.
+    pred = model.predictor
+    big = np.zeros((3000, 4000), bool)
+    big[:, 2000:2040] = True
+    pred.set_image(np.full((3000, 4000, 3), 100, np.uint8))
+    for given in (big, big.astype(np.float32), torch.from_numpy(big)):
+        parsed = pred._parse((3000, 4000), dict(bboxes=None, points=None, labels=None, masks=given))
+        assert parsed.masks.dtype in (np.uint8, np.float32) and not parsed.masks_are_logits
+        logits = pred._mask_inputs(pred.image, parsed, model.model)
+        low = model.model.prompt_encoder.mask_input_size[0]
+        assert logits.shape == (1, 1, low, low) and int((logits > 0).sum()) == low * 3 // 4
 
 
 def test_embedding_saved_and_loaded_in_a_second_predictor(small_ckpt, img_path, tmp_path):
@@ -339,6 +351,15 @@ def test_save_options_write_a_run_folder_from_python(model, img_path, tmp_path):
         model(img_path, bboxes=[1, 2, 3], save=True, project=str(project), name="p")
     assert sorted(p.name for p in project.iterdir()) == ["p", "p2"]
     assert len(r) == 1
+
+
+def test_batch_prompt_errors_name_the_image_and_imgsz_takes_a_square_pair(model, img_path):
+    with pytest.raises(PromptError, match=r"^image1: point .* outside the 30x20 image"):
+        model([test_image(H, W), test_image(20, 30)], points=[100, 80])
+    size = model.model.img_size
+    assert len(model(img_path, bboxes=[40, 40, 120, 110], imgsz=[size, size])[0]) == 1
+    with pytest.raises(ConfigError, match="square input"):
+        model(img_path, bboxes=[40, 40, 120, 110], imgsz=[size, size // 2])
 
 
 def test_verbose_prints_a_line_per_image_and_the_speed(model, img_path, capsys):

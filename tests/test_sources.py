@@ -103,11 +103,42 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     assert out[-3, H // 2, 0] > 200 and out[-3, H // 2, 2] < 60
 
 
+def test_in_memory_pil_images_are_taken_as_their_pixels_are(tmp_path: Path) -> None:
+    rgb = np.zeros((H, W, 3), np.uint8)
+    rgb[:, : W // 2] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    opened = Image.open(tmp_path / "rot.jpg")
+    turned = opened.rotate(-90, expand=True)  # the user turned it already; the tag stays in .info
+    assert load_image(opened).shape == (H, W, 3)  # stored pixels, as np.asarray(opened) has them
+    assert load_image(turned).shape == (W, H, 3)  # not turned a second time
+    assert load_image(tmp_path / "rot.jpg").shape == (W, H, 3)  # a file: displayed orientation
+
+
 def test_opencv_fallback_for_formats_pillow_cannot_read(tmp_path: Path) -> None:
     cv2.imwrite(str(tmp_path / "x.hdr"), np.full((H, W, 3), 0.5, np.float32))
     out = load_image(tmp_path / "x.hdr")
     _assert_bgr(out)
     assert abs(int(out[0, 0, 0]) - 128) <= 2
+    # Float files OpenCV decodes (colour PFM, float RGB TIFF) are 0..1 data, scaled like arrays.
+    colour = np.zeros((H, W, 3), np.float32)
+    colour[..., 2] = 0.8
+    for name in ("c.pfm", "f.tif"):
+        cv2.imwrite(str(tmp_path / name), colour)
+        out = load_image(tmp_path / name)
+        assert out[..., 2].min() == 204 and out[..., :2].max() == 0
+
+
+def test_file_values_that_need_a_guess_are_refused(tmp_path: Path) -> None:
+    cv2.imwrite(str(tmp_path / "bright.tif"), np.full((H, W, 3), 200.0, np.float32))  # OpenCV reads it
+    Image.fromarray(np.full((H, W), 200.0, np.float32)).save(tmp_path / "gray.tif")  # Pillow reads it
+    Image.fromarray(np.array([[-1000, 5, 70000]], np.int32)).save(tmp_path / "wide.tif")
+    for name, why in [("bright.tif", "values must lie in 0..1"), ("gray.tif", "values must lie in 0..1"),
+                      ("wide.tif", r"values -1000..70000, outside the 0..65535")]:
+        with pytest.raises(ImageError, match=why) as info:
+            load_image(tmp_path / name)
+        assert "could decode" not in str(info.value)  # it was read: its values are refused
 
 
 # ---------------------------------------------------------------- in-memory images

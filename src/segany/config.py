@@ -88,6 +88,8 @@ FIXED = dict(task="segment", mode="predict")
 def check_type(key: str, value: Any, default: Any) -> Any:
     """``value`` as the type of ``default`` (booleans for flags, whole numbers for int options,
     numbers for float ones, single values for strings), or a :class:`ConfigError` naming the option."""
+    if key == "imgsz" and isinstance(value, (list, tuple)):
+        value = _square_size(key, value)
     if value is None or default is None:
         return value
     if isinstance(default, bool):
@@ -108,6 +110,13 @@ def check_type(key: str, value: Any, default: Any) -> Any:
             raise ConfigError(f"{key}={value!r}: expected a single value, not a list or boolean")
         return str(value)  # device=0, name=1, a Path: strings
     return value
+
+
+def _square_size(key: str, value: list | tuple) -> Any:
+    """Ultralytics' ``imgsz=[h, w]`` form: SAM's input is square, so ``[s, s]`` → ``s``."""
+    if len(value) == 2 and value[0] == value[1]:
+        return value[0]
+    raise ConfigError(f"{key}={list(value)!r}: SAM models take a square input; give one size, e.g. {key}=1024")
 
 
 def check_options(options: dict[str, Any]) -> dict[str, Any]:

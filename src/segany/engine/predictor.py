@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -27,8 +28,8 @@ from .device import autocast, select_device
 from .image_state import Features, ImageState, load_image_state, save_image_state
 from .prompts import Prompts, parse_prompts
 from .results import Results
-from .saving import RunWriter
 from .report import RunReport, reported
+from .saving import RunWriter
 from .sources import count_sources, iter_sources, load_image
 from .transforms import image_to_tensor, masks_from_logits, scale_coords
 
@@ -226,8 +227,11 @@ class Predictor:
         if has_prompt:  # check prompts against every image before the expensive encode
             with warnings.catch_warnings():  # warnings come once, from the real call below
                 warnings.simplefilter("ignore")
-                for _, img in named:
-                    self._parse(img.shape[:2], prompts)
+                for name, img in named:
+                    try:
+                        self._parse(img.shape[:2], prompts)
+                    except PromptError as e:  # which image, in a folder or a list of them
+                        raise PromptError(f"{name}: {e}") from None
         for state in self._encode_states(named, opts):
             self.image = state  # the last image stays available for prompt-only calls
             yield self._run(state, prompts, has_prompt, multimask, opts)
@@ -300,13 +304,17 @@ class Predictor:
         return low.float(), iou.float()
 
     def _mask_inputs(self, state: ImageState, prompts: Prompts, model: nn.Module) -> torch.Tensor:
-        """Mask prompts → ``(N, 1, 256, 256)`` logits. A binary mask at the image size is resized
-        like the image, padded, area-averaged to 256×256 and mapped to ±10 logits (0.5 → 0)."""
-        m = torch.as_tensor(prompts.masks, dtype=torch.float32, device=self.device)[:, None]
+        """Mask prompts → ``(N, 1, 256, 256)`` logits. A binary mask at the image size is
+        area-averaged to the input size (antialiased, as the image is resized), padded,
+        area-averaged to 256×256 and mapped to ±10 logits (0.5 → 0)."""
         if prompts.masks_are_logits:
-            return m
+            return torch.as_tensor(prompts.masks, dtype=torch.float32, device=self.device)[:, None]
         h, w = state.input_size
-        m = F.interpolate(m, (h, w), mode="bilinear", align_corners=False)
+        # One mask at a time, in bytes (0/255): a thin object keeps its share of each input pixel.
+        how = cv2.INTER_AREA if h < prompts.masks.shape[1] else cv2.INTER_LINEAR
+        resized = [cv2.resize(np.multiply(mask, 255, dtype=np.uint8, casting="unsafe"), (w, h), interpolation=how)
+                   for mask in prompts.masks]
+        m = torch.from_numpy(np.stack(resized)).to(self.device)[:, None].float() / 255.0
         m = F.pad(m, (0, model.img_size - w, 0, model.img_size - h))
         low = model.prompt_encoder.mask_input_size
         m = F.interpolate(m, low, mode="area")

@@ -30,7 +30,7 @@ class Prompts:
     points: np.ndarray | None = None  # (N, P, 2) float64
     labels: np.ndarray | None = None  # (N, P) int64
     boxes: np.ndarray | None = None  # (N, 4) float64
-    masks: np.ndarray | None = None  # (N, h, w) float32: low-res logits, or (N, H, W) binary at image size
+    masks: np.ndarray | None = None  # (N, h, w) float32 low-res logits, or (N, H, W) 0/1 at image size
     masks_are_logits: bool = True
 
     def __len__(self) -> int:
@@ -151,7 +151,15 @@ def _parse_points(arr: np.ndarray, labels, h: int, w: int) -> tuple[np.ndarray, 
 
 def _parse_masks(masks, h: int, w: int, low: int) -> tuple[np.ndarray, bool]:
     if isinstance(masks, torch.Tensor):
-        masks = masks.detach().float().cpu().numpy()
+        masks = masks.detach().cpu()
+        masks = (masks if masks.dtype == torch.bool else masks.float()).numpy()
+    if isinstance(masks, np.ndarray) and masks.dtype in (np.bool_, np.uint8) and masks.ndim >= 2:
+        # A binary mask stays one byte a pixel: a float copy of a large image's masks takes GBs.
+        arr = masks.astype(bool, copy=False).view(np.uint8) if masks.dtype == np.bool_ else masks
+        if arr.shape[-2:] == (h, w) and (masks.dtype == np.bool_ or arr.max(initial=0) <= 1):
+            arr = arr[:, 0] if arr.ndim == 4 and arr.shape[1] == 1 else arr
+            if arr.ndim in (2, 3) and arr.size:
+                return (arr[None] if arr.ndim == 2 else arr), False
     arr = _as_array(masks, "masks").astype(np.float32)  # bool → 0/1
     if arr.ndim == 4 and arr.shape[1] == 1:
         arr = arr[:, 0]

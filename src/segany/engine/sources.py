@@ -4,7 +4,10 @@ Choices worth knowing:
 
 - Files are decoded with Pillow first (EXIF orientation honoured; 16-bit, grayscale, palette
   and RGBA files all handled), then with ``cv2.imdecode`` for formats Pillow cannot read.
-  Multi-frame files (GIF, multi-page TIFF) give their first frame.
+  Multi-frame files (GIF, multi-page TIFF) give their first frame. In-memory images (PIL,
+  arrays, tensors) are taken as their pixels are: a ``PIL.Image`` keeps its EXIF tag through
+  ``rotate``/``convert``, so applying it here could turn an image twice (``ImageOps.exif_transpose``
+  gives the displayed orientation).
 - Alpha is dropped, not composited: the colour under a transparent pixel is kept as is.
 - 16-bit data is scaled to 8 bits by /257 (65535 → 255); float data must lie in 0..1 and is
   scaled by 255; other integer dtypes must hold 0..255. Anything else is refused with a
@@ -121,17 +124,25 @@ def _array_to_bgr(a: np.ndarray, what: str = "numpy array") -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def _pil_to_bgr(im: Image.Image, what: str = "PIL image") -> np.ndarray:
-    """Any Pillow mode → H×W×3 uint8 BGR, after applying the EXIF orientation."""
+class _PillowFailed(ImageError):
+    """Pillow could not decode the pixels (as opposed to segany refusing their values)."""
+
+
+def _pil_to_bgr(im: Image.Image, what: str = "PIL image", exif: bool = False) -> np.ndarray:
+    """Any Pillow mode → H×W×3 uint8 BGR; ``exif``: after applying the EXIF orientation (files)."""
     try:
-        im = ImageOps.exif_transpose(im)
+        if exif:
+            im = ImageOps.exif_transpose(im)
         mode = im.mode
         if mode.startswith("I;16"):
             return _array_to_bgr(np.asarray(im).astype(np.uint16), what)
         if mode == "I":
-            # 32-bit int is how Pillow may hand over 16-bit files: treat it as 0..65535
-            a = np.clip(np.asarray(im), 0, 65535).astype(np.uint16)
-            return _array_to_bgr(a, what)
+            # 32-bit int is how Pillow may hand over 16-bit files: 0..65535 is taken as 16-bit data
+            a = np.asarray(im)
+            if a.size and (a.min() < 0 or a.max() > 65535):
+                raise ImageError(f"{what}: 32-bit integer image with values {a.min()}..{a.max()}, outside the "
+                                 "0..65535 of 16-bit data: convert it to 8 or 16 bits first")
+            return _array_to_bgr(a.astype(np.uint16), what)
         if mode == "F":
             return _array_to_bgr(np.asarray(im), what)
         if mode in ("1", "L", "LA"):
@@ -146,7 +157,7 @@ def _pil_to_bgr(im: Image.Image, what: str = "PIL image") -> np.ndarray:
     except ImageError:
         raise
     except Exception as e:  # a lazily loaded PIL image can fail here on a damaged file
-        raise ImageError(f"{what}: Pillow could not read it ({type(e).__name__}: {e})") from e
+        raise _PillowFailed(f"{what}: Pillow could not read it ({type(e).__name__}: {e})") from e
     return np.ascontiguousarray(a[..., 2::-1])  # RGB(A) → BGR, alpha dropped
 
 
@@ -181,10 +192,18 @@ def _decode_bytes(data: bytes, name: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            return _pil_to_bgr(im, name)
+            return _pil_to_bgr(im, name, exif=True)
+    except _PillowFailed as e:
+        pil_error = e
+    except ImageError:
+        raise  # Pillow read it, and its values are refused (the message says why)
     except Exception as e:
         pil_error = e
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # applies EXIF too
+    buf = np.frombuffer(data, np.uint8)
+    raw = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if raw is not None and raw.dtype.kind == "f":  # PFM, HDR, float TIFF: IMREAD_COLOR would not scale them
+        return _array_to_bgr(raw, name)
+    arr = cv2.imdecode(buf, cv2.IMREAD_COLOR)  # applies EXIF too
     if arr is None or arr.size == 0:
         raise ImageError(
             f"{name} is not a readable image (neither Pillow nor OpenCV could decode it; "
