@@ -23,11 +23,12 @@ from .errors import SkippedImageWarning
 
 INFO_DEFAULTS: dict[str, Any] = dict(model=DEFAULT_MODEL, detailed=False, device="")
 INFO_HELP = """\
-usage: segany info [model=sam_b.pt] [detailed=False] [device='']
+usage: segany info [model=segany_tiny.pt] [detailed=False] [device='']
 
 Print the model summary line: layers, parameters, gradients, GFLOPs at the working image size
 and checkpoint size in MB. detailed=True adds a per-module table.
-  model     checkpoint name (sam_b.pt, sam_l.pt, sam_h.pt, mobile_sam.pt) or path
+  model     checkpoint name (sam_b.pt, sam_l.pt, sam_h.pt, mobile_sam.pt, sam2.1_t.pt, ...) or path;
+            default segany_tiny.pt, the bundled demo model
   detailed  add the per-module table
   device    '', 'cpu', 'cuda:0', ..."""
 
@@ -143,6 +144,10 @@ PREDICT_NOTES = dict(
     project="output folder (default runs/segment)", name="run name (default predict, predict2, ...)",
     exist_ok="reuse an existing run folder", vid_stride="keep every N-th video frame",
     verbose="print a line per image",
+    compile="torch.compile the image encoder: a slow first image, faster after (long GPU runs)",
+    stream="(results are always streamed to disk by the command line)",
+    retina_masks="(masks are always at the original image size)",
+    show="(ignored: results are saved instead)",
 )
 
 
@@ -158,9 +163,12 @@ def predict_defaults() -> dict[str, Any]:
 
 def predict_help() -> str:
     from .config import EVERYTHING_DEFAULTS, META_ALIASES
+    from .models.registry import MODELS
+
+    tuned = MODELS[Path(DEFAULT_MODEL).stem].extra.get("defaults", {})  # the default model's own
 
     defaults = predict_defaults()
-    skip = {"stream", "retina_masks", "show", *EVERYTHING_DEFAULTS}
+    skip = set(EVERYTHING_DEFAULTS)
     alias_of = {v: k for k, v in META_ALIASES.items()}
     lines = ["usage: segany predict model=sam_b.pt source=img.jpg [bboxes=...] [points=... labels=...] [key=value ...]",
              "", "Prompted segmentation, or segment-everything when no prompt is given. Saves the annotated",
@@ -170,10 +178,12 @@ def predict_help() -> str:
     for key in dict.fromkeys(order):
         if key not in skip:
             lines.append(f"  {key:<18} {PREDICT_NOTES.get(key, '')} ({_show(defaults[key])})")
-    lines += ["", "segment-everything (Meta's name in brackets):"]
+    lines += ["", "segment-everything (Meta's name in brackets; * the model's own default, shown: SAM's):"]
     for key, value in EVERYTHING_DEFAULTS.items():
         alias = f" [{alias_of[key]}]" if key in alias_of else ""
-        lines.append(f"  {key + alias:<44} ({_show(value)})")
+        star = "*" if key in tuned else ""
+        lines.append(f"  {key + alias + star:<44} ({_show(value)})")
+    lines += [f"  * {DEFAULT_MODEL}, the default model, uses " + " and ".join(f"{k}={v}" for k, v in tuned.items())]
     lines += ["", "examples:", "  segany predict model=sam_b.pt source=img.jpg bboxes=[439,437,524,709]",
               "  segany predict --model mobile_sam.pt --source images/ --points [[400,370],[900,370]] --labels [1,1]",
               "  segany predict model=sam_b.pt source=img.jpg points_stride=16 crop_n_layers=1 save_txt=True"]

@@ -15,11 +15,12 @@ log = logging.getLogger("segany.serve")
 SERVE_DEFAULTS: dict[str, Any] = dict(model=DEFAULT_MODEL, host="127.0.0.1", port=8000, device="", max_images=16,
                                       max_cache_mb=2048, max_pixels=40_000_000, max_body_mb=32, log_level="info")
 SERVE_HELP = """\
-usage: segany serve [model=sam_b.pt] [host=127.0.0.1] [port=8000] [key=value ...]
+usage: segany serve [model=segany_tiny.pt] [host=127.0.0.1] [port=8000] [key=value ...]
 
 Serve a JSON API (docs at /docs) and a click-to-segment web page at / on http://host:port.
 Needs the optional extra: pip install segany[serve]
-  model         checkpoint name or path (sam_b.pt)   device      '', 'cpu', 'cuda:0', ...
+  model         checkpoint name or path, e.g. sam_b.pt (segany_tiny.pt, the bundled demo)
+  device        '', 'cpu', 'cuda:0', ...
   host          address to bind (127.0.0.1: this machine only; anything else is logged)
   port          port (8000)                          log_level   uvicorn log level (info)
   max_images    embeddings kept in the cache (16)    max_cache_mb  cache bound in MB (2048)

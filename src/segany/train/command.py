@@ -19,6 +19,7 @@ best.pt (plain state dicts) and last_state.pt in project/name (default runs/trai
   max_instances 8, click_rounds 1, box_prob 0.5   prompts per image, corrective clicks, box share
   val_data       dataset that picks best.pt by mIoU (val_max_images 50)
   device '', amp true (GPU only), seed 0, threads, project runs/train, name exp, exist_ok false
+  workers        processes making samples (default 0 on CPU, up to 8 on GPU)    verbose true
   resume         true (project/name) or the run folder / its last.pt"""
 
 VAL_HELP = """\
@@ -28,7 +29,7 @@ mIoU per ground-truth instance with one box, one point (best of 3 outputs, highe
 single output) and n_points points (corrective clicks), as the SAM paper evaluates.
   model          checkpoint (or a registry architecture name for fresh weights)
   data           COCO .json, YOLO-seg folder, or synthetic:N:SEED
-  kinds          box,point,points (default all)    n_points 3
+  kinds          box,point,points (default), or everything too    n_points 3
   max_images, max_instances   limits             save_json   write the figures to this file
   device '', threads, verbose true"""
 
