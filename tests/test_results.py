@@ -241,6 +241,22 @@ def test_plot_and_save(res: Results, tmp_path) -> None:
     assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".tmp")]
 
 
+def test_plot_takes_ultralytics_arguments(res: Results, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    grey = np.full((H, W, 3), 128, np.uint8)
+    on_grey = res.plot(img=grey, boxes=False)
+    outside = cv2.dilate(synthetic_masks().any(0).astype(np.uint8), np.ones((7, 7), np.uint8)) == 0  # past outlines
+    assert (on_grey[outside] == 128).all() and not np.array_equal(on_grey, res.plot(boxes=False))
+    big, small = res.plot(font_size=40), res.plot(font_size=8)
+    assert (big != res.orig_img).sum() > (small != res.orig_img).sum()  # larger label boxes
+    out = res.plot(save=True)
+    assert np.array_equal(cv2.imread("results_synthetic.jpg").shape, out.shape)
+    res.plot(filename="p.png")
+    assert np.array_equal(cv2.imread("p.png"), res.plot())
+    with pytest.raises(ValueError, match="original size"):
+        res.plot(img=grey[:10])
+
+
 def test_thin_masks_get_valid_yolo_polygons(tmp_path) -> None:
     m = np.zeros((4, H, W), bool)
     m[0, 10, 5:55] = True  # a horizontal 1-pixel line: 2 contour vertices

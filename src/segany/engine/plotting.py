@@ -54,16 +54,23 @@ def plot(
     conf: bool = True,
     line_width: int | None = None,
     alpha: float = 0.5,
+    font_size: float | None = None,
+    img: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Masks, outlines, boxes and labels drawn on a copy of ``orig_img`` → ``(H, W, 3)`` uint8 BGR.
+    """Masks, outlines, boxes and labels drawn on a copy of ``orig_img`` (or of ``img``, an image
+    of the same size) → ``(H, W, 3)`` uint8 BGR. ``font_size``: label text height in pixels
+    (default from the line width).
 
     Mask ``i`` gets palette colour ``i`` (every mask its own colour, whatever its class). Masks
     are blended largest first so small masks stay visible on top of big ones. Labels
     (``name conf``) are drawn with the boxes, as in Ultralytics: ``boxes=False`` hides both.
     The original image is never modified.
     """
-    img = as_bgr(results.orig_img)
+    img = as_bgr(results.orig_img if img is None else img)
     h, w = img.shape[:2]
+    if (h, w) != tuple(results.orig_shape):
+        raise ValueError(f"img is {w}x{h} but the masks are {results.orig_shape[1]}x{results.orig_shape[0]}: "
+                         "draw on an image of the original size")
     lw = int(line_width) if line_width else max(round((h + w) / 2 * 0.003), 2)
     n = len(results)
     if n == 0:
@@ -97,15 +104,17 @@ def plot(
             if labels:
                 name = results.name_of(int(cls[i]))
                 text = f"{name} {float(scores[i]):.2f}" if conf else name
-                _label(img, text, p1, color(i), lw)
+                _label(img, text, p1, color(i), lw, font_size)
     return img
 
 
-def _label(img: np.ndarray, text: str, p1: tuple[int, int], bg: tuple[int, int, int], lw: int) -> None:
+def _label(img: np.ndarray, text: str, p1: tuple[int, int], bg: tuple[int, int, int], lw: int,
+           font_size: float | None = None) -> None:
     """Filled label box with ``text`` above ``p1`` (inside the box when there is no room above)."""
     h, w = img.shape[:2]
     tf = max(lw - 1, 1)  # font thickness
-    sf = lw / 3  # font scale
+    # Font scale; Hershey simplex capitals are ~22 px tall at scale 1.
+    sf = font_size / 22 if font_size else lw / 3
     (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, sf, tf)
     x = min(p1[0], max(w - tw, 0))
     outside = p1[1] - th - 3 >= 0

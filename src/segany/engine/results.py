@@ -181,14 +181,27 @@ class Results:
         conf: bool = True,
         line_width: int | None = None,
         alpha: float = 0.5,
+        font_size: float | None = None,
+        img: np.ndarray | None = None,
+        save: bool = False,
+        filename: str | Path | None = None,
     ) -> np.ndarray:
-        """The annotated image, ``(H, W, 3)`` uint8 BGR (see :func:`segany.engine.plotting.plot`)."""
-        return plotting.plot(self, labels=labels, boxes=boxes, masks=masks, conf=conf, line_width=line_width, alpha=alpha)
+        """The annotated image, ``(H, W, 3)`` uint8 BGR (see :func:`segany.engine.plotting.plot`):
+        on ``img`` (BGR, the original's size) instead of the original when given; also written to
+        ``filename`` (as :meth:`save` does) with ``save=True`` or a ``filename`` (Ultralytics' form)."""
+        out = plotting.plot(self, labels=labels, boxes=boxes, masks=masks, conf=conf, line_width=line_width,
+                            alpha=alpha, font_size=font_size, img=img)
+        if save or filename is not None:
+            self._write_image(out, filename)
+        return out
 
     def save(self, filename: str | Path | None = None, **plot_args: Any) -> str:
         """Write :meth:`plot` to ``filename`` (default ``results_<image name>``; a folder, existing
         or ending in ``/``: that name inside it), atomically. The format follows the extension
         (``.jpg`` when there is none). Returns the path."""
+        return self._write_image(self.plot(**plot_args), filename)
+
+    def _write_image(self, image: np.ndarray, filename: str | Path | None) -> str:
         import cv2
 
         from .saving import image_file_name
@@ -202,7 +215,7 @@ class Results:
         if not filename.suffix:
             filename = filename.with_suffix(".jpg")
         try:
-            ok, buf = cv2.imencode(filename.suffix, self.plot(**plot_args))
+            ok, buf = cv2.imencode(filename.suffix, image)
         except cv2.error as e:
             raise ValueError(f"cannot save an image as {filename.suffix!r} ({filename}); use .jpg or .png") from e
         if not ok:
