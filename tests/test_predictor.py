@@ -4,6 +4,7 @@ SamPredictor, embeddings, sources and bad input (SPEC §3, §4, §6, §9)."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import cv2
 import numpy as np
@@ -360,6 +361,18 @@ def test_batch_prompt_errors_name_the_image_and_imgsz_takes_a_square_pair(model,
     assert len(model(img_path, bboxes=[40, 40, 120, 110], imgsz=[size, size])[0]) == 1
     with pytest.raises(ConfigError, match="square input"):
         model(img_path, bboxes=[40, 40, 120, 110], imgsz=[size, size // 2])
+
+
+def test_many_results_without_stream_warn(model, img_path, monkeypatch):
+    import segany.engine.predictor as predictor_module
+
+    monkeypatch.setattr(predictor_module, "MANY_RESULTS", 2)
+    with pytest.warns(UserWarning, match="results of 3 images are kept in memory.*stream=True"):
+        assert len(model([img_path] * 3, bboxes=[40, 40, 120, 110])) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a stream, or few images: no warning
+        assert len(list(model([img_path] * 3, bboxes=[40, 40, 120, 110], stream=True))) == 3
+        assert len(model([img_path] * 2, bboxes=[40, 40, 120, 110])) == 2
 
 
 def test_verbose_prints_a_line_per_image_and_the_speed(model, img_path, capsys):

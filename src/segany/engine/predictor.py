@@ -27,11 +27,15 @@ from .decoding import decode_in_chunks
 from .device import autocast, select_device
 from .image_state import Features, ImageState, load_image_state, save_image_state
 from .prompts import Prompts, parse_prompts
-from .results import Results
 from .report import RunReport, reported
+from .results import Results
 from .saving import RunWriter
 from .sources import count_sources, iter_sources, load_image
 from .transforms import image_to_tensor, masks_from_logits, scale_coords
+
+
+# More images than this in one call without stream=True: a warning that every result stays in memory.
+MANY_RESULTS = 100
 
 
 class Predictor:
@@ -207,10 +211,15 @@ class Predictor:
             gen = self._run_sources(source, prompts, has_prompt, multimask, opts)
         if writer is not None:
             gen = _written(gen, writer)
-        if opts["verbose"]:
+        stream = stream or opts["stream"]
+        if opts["verbose"] or not stream:
             total = 1 if source is None else count_sources(source, vid_stride=int(opts["vid_stride"]))
-            gen = reported(gen, RunReport(total, getattr(self._require_model(), "input_size", lambda *hw: hw)))
-        return gen if stream or opts["stream"] else list(gen)
+            if not stream and total is not None and total > MANY_RESULTS:
+                warnings.warn(f"the results of {total} images are kept in memory, each with its image and masks: "
+                              "pass stream=True to get them one at a time", stacklevel=2)
+            if opts["verbose"]:
+                gen = reported(gen, RunReport(total, getattr(self._require_model(), "input_size", lambda *hw: hw)))
+        return gen if stream else list(gen)
 
     def _run_sources(self, source, prompts, has_prompt, multimask, opts) -> Iterator[Results]:
         batch = opts["batch"] or (8 if self.device.type == "cuda" else 1)

@@ -153,13 +153,13 @@ def _parse_masks(masks, h: int, w: int, low: int) -> tuple[np.ndarray, bool]:
     if isinstance(masks, torch.Tensor):
         masks = masks.detach().cpu()
         masks = (masks if masks.dtype == torch.bool else masks.float()).numpy()
-    if isinstance(masks, np.ndarray) and masks.dtype in (np.bool_, np.uint8) and masks.ndim >= 2:
+    if isinstance(masks, np.ndarray) and masks.dtype in (np.bool_, np.uint8):
         # A binary mask stays one byte a pixel: a float copy of a large image's masks takes GBs.
-        arr = masks.astype(bool, copy=False).view(np.uint8) if masks.dtype == np.bool_ else masks
-        if arr.shape[-2:] == (h, w) and (masks.dtype == np.bool_ or arr.max(initial=0) <= 1):
-            arr = arr[:, 0] if arr.ndim == 4 and arr.shape[1] == 1 else arr
-            if arr.ndim in (2, 3) and arr.size:
-                return (arr[None] if arr.ndim == 2 else arr), False
+        arr = masks.view(np.uint8)  # bool → 0/1, no copy
+        arr = arr[:, 0] if arr.ndim == 4 and arr.shape[1] == 1 else arr
+        arr = arr[None] if arr.ndim == 2 else arr
+        if arr.ndim == 3 and len(arr) and arr.shape[1:] == (h, w) and arr.max(initial=0) <= 1:
+            return arr, False
     arr = _as_array(masks, "masks").astype(np.float32)  # bool → 0/1
     if arr.ndim == 4 and arr.shape[1] == 1:
         arr = arr[:, 0]
