@@ -27,9 +27,7 @@ Choices worth knowing:
 from __future__ import annotations
 
 import glob
-import io
 import os
-import re
 import urllib.error
 import urllib.request
 import warnings
@@ -40,9 +38,11 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from segany.errors import ConfigError, ImageError, ImageNotFoundError, SkippedImageWarning
+
+from .pixels import array_to_bgr, decode_bytes, pil_to_bgr, tensor_to_bgr
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     ".avif .bmp .dib .gif .hdr .jp2 .jpe .jpeg .jpg .mpo .pbm .pfm .pgm .png .pnm .ppm .tga .tif "
@@ -53,15 +53,6 @@ VIDEO_EXTENSIONS: frozenset[str] = frozenset(
 )
 URL_TIMEOUT = 30.0  # seconds for connect and each read of a URL download
 
-ARRAY_LAYOUTS = (
-    "expected a numpy image H×W×3 BGR (as cv2.imread returns), H×W grayscale, H×W×1, or "
-    "H×W×4 BGRA (alpha dropped), of dtype uint8 (0..255), uint16 (0..65535) or float (0..1)"
-)
-TENSOR_LAYOUTS = (
-    "expected a torch.Tensor of shape (3,H,W) or (1,3,H,W) (or (B,3,H,W) with iter_sources), "
-    "RGB channel order, float in 0..1 or uint8 in 0..255"
-)
-
 
 def _is_url(s: str) -> bool:
     return s[:8].lower().startswith(("http://", "https://"))
@@ -71,145 +62,7 @@ def _suffix(s: str) -> str:
     return os.path.splitext(s)[1].lower()
 
 
-# ---------------------------------------------------------------- arrays, PIL, tensors → BGR
-
-
-def _to_uint8(a: np.ndarray, what: str) -> np.ndarray:
-    """Bring any supported dtype to uint8, refusing value ranges that would need a guess."""
-    if a.dtype == np.uint8:
-        return a
-    if a.dtype == np.bool_:
-        return a.astype(np.uint8) * 255
-    if a.dtype == np.uint16 or (a.dtype.kind == "u" and a.dtype.itemsize == 2):
-        return ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)  # rounded /257
-    if a.dtype.kind == "f":
-        if not np.isfinite(a).all():
-            raise ImageError(f"{what}: float image contains NaN or infinite values")
-        lo, hi = float(a.min()), float(a.max())
-        if lo < -1e-3 or hi > 1.0 + 1e-3:
-            raise ImageError(
-                f"{what}: float image values must lie in 0..1 (got min {lo:g}, max {hi:g}); "
-                "divide 0..255 data by 255 or convert it to uint8"
-            )
-        return np.clip(np.rint(a.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
-    if a.dtype.kind in "iu":
-        if a.min() >= 0 and a.max() <= 255:  # e.g. int64 arrays built from Python ints
-            return a.astype(np.uint8)
-        raise ImageError(
-            f"{what}: integer image of dtype {a.dtype} has values outside 0..255 "
-            f"(min {a.min()}, max {a.max()}); {ARRAY_LAYOUTS}"
-        )
-    raise ImageError(f"{what}: unsupported dtype {a.dtype}; {ARRAY_LAYOUTS}")
-
-
-def _array_to_bgr(a: np.ndarray, what: str = "numpy array") -> np.ndarray:
-    """Channels-last array in BGR(A) or grayscale → contiguous H×W×3 uint8 BGR."""
-    if a.ndim == 3 and a.shape[2] not in (1, 3, 4):
-        hint = ""
-        if a.shape[0] in (1, 3, 4):
-            hint = "; it looks channels-first (C,H,W): use arr.transpose(1, 2, 0)"
-        raise ImageError(f"{what}: got shape {tuple(a.shape)}{hint}; {ARRAY_LAYOUTS}")
-    if a.ndim not in (2, 3):
-        batch = "; for a batch (B,H,W,C) use iter_sources()" if a.ndim == 4 else ""
-        raise ImageError(f"{what}: got shape {tuple(a.shape)}{batch}; {ARRAY_LAYOUTS}")
-    if a.shape[0] == 0 or a.shape[1] == 0:
-        raise ImageError(f"{what}: empty image of shape {tuple(a.shape)}")
-    if a.ndim == 3 and a.shape[2] == 4:
-        a = a[..., :3]  # BGRA: drop alpha
-    elif a.ndim == 3 and a.shape[2] == 1:
-        a = a[..., 0]
-    a = _to_uint8(a, what)
-    if a.ndim == 2:
-        a = cv2.cvtColor(np.ascontiguousarray(a), cv2.COLOR_GRAY2BGR)
-    return np.ascontiguousarray(a)
-
-
-class _PillowFailed(ImageError):
-    """Pillow could not decode the pixels (as opposed to segany refusing their values)."""
-
-
-def _pil_to_bgr(im: Image.Image, what: str = "PIL image", exif: bool = False) -> np.ndarray:
-    """Any Pillow mode → H×W×3 uint8 BGR; ``exif``: after applying the EXIF orientation (files)."""
-    try:
-        if exif:
-            im = ImageOps.exif_transpose(im)
-        mode = im.mode
-        if mode.startswith("I;16"):
-            return _array_to_bgr(np.asarray(im).astype(np.uint16), what)
-        if mode == "I":
-            # 32-bit int is how Pillow may hand over 16-bit files: 0..65535 is taken as 16-bit data
-            a = np.asarray(im)
-            if a.size and (a.min() < 0 or a.max() > 65535):
-                raise ImageError(f"{what}: 32-bit integer image with values {a.min()}..{a.max()}, outside the "
-                                 "0..65535 of 16-bit data: convert it to 8 or 16 bits first")
-            return _array_to_bgr(a.astype(np.uint16), what)
-        if mode == "F":
-            return _array_to_bgr(np.asarray(im), what)
-        if mode in ("1", "L", "LA"):
-            return _array_to_bgr(np.asarray(im.convert("L")), what)
-        if mode in ("P", "PA"):
-            # palette transparency must go through RGBA or Pillow warns; alpha is dropped anyway
-            rgba = mode == "PA" or "transparency" in im.info
-            im = im.convert("RGBA" if rgba else "RGB")
-        elif mode != "RGB" and mode != "RGBA":
-            im = im.convert("RGB")  # CMYK, YCbCr, RGBX, LAB, ...
-        a = np.asarray(im)
-    except ImageError:
-        raise
-    except Exception as e:  # a lazily loaded PIL image can fail here on a damaged file
-        raise _PillowFailed(f"{what}: Pillow could not read it ({type(e).__name__}: {e})") from e
-    return np.ascontiguousarray(a[..., 2::-1])  # RGB(A) → BGR, alpha dropped
-
-
-def _tensor_to_bgr(t: torch.Tensor, what: str = "tensor") -> np.ndarray:
-    """(3,H,W) / (1,3,H,W) RGB tensor (or 1-channel) → H×W×3 uint8 BGR."""
-    if t.ndim == 4 and t.shape[0] == 1:
-        t = t[0]
-    dtype_ok = t.is_floating_point() or t.dtype == torch.uint8
-    if t.ndim != 3 or t.shape[0] not in (1, 3) or not dtype_ok:
-        batch = f" (a batch of {t.shape[0]}: use iter_sources())" if t.ndim == 4 else ""
-        raise ImageError(
-            f"{what}: got shape {tuple(t.shape)}{batch}, dtype {t.dtype}; {TENSOR_LAYOUTS}"
-        )
-    t = t.detach().cpu()
-    t = t.float() if t.is_floating_point() else t  # numpy has no bfloat16
-    a = t.numpy().transpose(1, 2, 0)
-    if a.shape[2] == 3:
-        a = a[..., ::-1]  # RGB → BGR
-    try:
-        return _array_to_bgr(a, what)
-    except ImageError as e:
-        raise ImageError(f"{e}; {TENSOR_LAYOUTS}") from None
-
-
 # ---------------------------------------------------------------- files and URLs
-
-
-def _decode_bytes(data: bytes, name: str) -> np.ndarray:
-    """Decode encoded image bytes: Pillow first, then OpenCV for what Pillow cannot read."""
-    if not data:
-        raise ImageError(f"{name} is empty (0 bytes), not a readable image")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return _pil_to_bgr(im, name, exif=True)
-    except _PillowFailed as e:
-        pil_error = e
-    except ImageError:
-        raise  # Pillow read it, and its values are refused (the message says why)
-    except Exception as e:
-        pil_error = e
-    buf = np.frombuffer(data, np.uint8)
-    raw = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-    if raw is not None and raw.dtype.kind == "f":  # PFM, HDR, float TIFF: IMREAD_COLOR would not scale them
-        return _array_to_bgr(raw, name)
-    arr = cv2.imdecode(buf, cv2.IMREAD_COLOR)  # applies EXIF too
-    if arr is None or arr.size == 0:
-        raise ImageError(
-            f"{name} is not a readable image (neither Pillow nor OpenCV could decode it; "
-            f"Pillow said: {re.sub(r' <_io.BytesIO object at 0x[0-9a-f]+>', '', str(pil_error))})"
-        )
-    return arr
 
 
 def _load_path(s: str) -> np.ndarray:
@@ -224,7 +77,7 @@ def _load_path(s: str) -> np.ndarray:
         data = path.read_bytes()
     except OSError as e:
         raise ImageError(f"{s} could not be read: {e}") from e
-    return _decode_bytes(data, s)
+    return decode_bytes(data, s)
 
 
 def _load_url(url: str) -> np.ndarray:
@@ -234,23 +87,23 @@ def _load_url(url: str) -> np.ndarray:
             data = response.read()
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise ImageError(f"could not download image {url}: {e}") from e
-    return _decode_bytes(data, url)
+    return decode_bytes(data, url)
 
 
 def load_image(source: Any) -> np.ndarray:
     """Read one image as H×W×3 uint8 BGR.
 
-    ``source``: a path (str or ``Path``), an http(s) URL, a ``PIL.Image`` (any mode; EXIF
-    orientation applied), a numpy array (BGR / grayscale / BGRA, uint8 / uint16 / float 0..1)
+    ``source``: a path (str or ``Path``; EXIF orientation applied), an http(s) URL, a
+    ``PIL.Image`` (any mode, taken as its pixels are), a numpy array (BGR / grayscale / BGRA, uint8 / uint16 / float 0..1)
     or a ``torch.Tensor`` ((3,H,W) or (1,3,H,W), RGB, float 0..1 or uint8).
     Raises ``ImageNotFoundError`` for a missing path and ``ImageError`` for anything unreadable.
     """
     if isinstance(source, np.ndarray):
-        return _array_to_bgr(source)
+        return array_to_bgr(source)
     if isinstance(source, torch.Tensor):
-        return _tensor_to_bgr(source)
+        return tensor_to_bgr(source)
     if isinstance(source, Image.Image):
-        return _pil_to_bgr(source)
+        return pil_to_bgr(source)
     if isinstance(source, (str, os.PathLike)):
         s = os.path.expanduser(os.fspath(source))
         return _load_url(s) if _is_url(s) else _load_path(s)
@@ -339,7 +192,7 @@ def _iter_video(s: str, vid_stride: int) -> Iterator[tuple[str, np.ndarray]]:
                 break
             if frame is not None:
                 kept += 1
-                yield f"{s}:frame_{index}", _array_to_bgr(frame, f"{s}:frame_{index}")
+                yield f"{s}:frame_{index}", array_to_bgr(frame, f"{s}:frame_{index}")
             index += 1
         if kept == 0:
             raise ImageError(f"{s} is not a readable video (no frame could be decoded)")

@@ -91,7 +91,7 @@ class SegmentService:
         """Image bytes → BGR array. The pixel cap is checked on the header, before decoding."""
         from PIL import Image
 
-        from ..engine.sources import _decode_bytes
+        from ..engine.pixels import decode_bytes
 
         if not data:
             raise ImageError("the upload is empty (0 bytes), not an image")
@@ -106,7 +106,7 @@ class SegmentService:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             try:
-                img = _decode_bytes(data, "the upload")
+                img = decode_bytes(data, "the upload")
             except Image.DecompressionBombWarning as e:
                 raise TooLargeError(f"image over the pixel cap: {e}") from None
         self._check_pixels(img.shape[1], img.shape[0])

@@ -1,0 +1,159 @@
+"""Pixels of one image → H×W×3 uint8 BGR (OpenCV's convention), for :mod:`segany.engine.sources`:
+numpy arrays, ``PIL.Image``, tensors and encoded file bytes. The value rules (16-bit /257,
+float 0..1, refusals instead of guesses) are listed in that module's docstring."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from segany.errors import ImageError
+
+ARRAY_LAYOUTS = (
+    "expected a numpy image H×W×3 BGR (as cv2.imread returns), H×W grayscale, H×W×1, or "
+    "H×W×4 BGRA (alpha dropped), of dtype uint8 (0..255), uint16 (0..65535) or float (0..1)"
+)
+TENSOR_LAYOUTS = (
+    "expected a torch.Tensor of shape (3,H,W) or (1,3,H,W) (or (B,3,H,W) with iter_sources), "
+    "RGB channel order, float in 0..1 or uint8 in 0..255"
+)
+
+
+def _to_uint8(a: np.ndarray, what: str) -> np.ndarray:
+    """Bring any supported dtype to uint8, refusing value ranges that would need a guess."""
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == np.bool_:
+        return a.astype(np.uint8) * 255
+    if a.dtype == np.uint16 or (a.dtype.kind == "u" and a.dtype.itemsize == 2):
+        return ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)  # rounded /257
+    if a.dtype.kind == "f":
+        if not np.isfinite(a).all():
+            raise ImageError(f"{what}: float image contains NaN or infinite values")
+        lo, hi = float(a.min()), float(a.max())
+        if lo < -1e-3 or hi > 1.0 + 1e-3:
+            raise ImageError(
+                f"{what}: float image values must lie in 0..1 (got min {lo:g}, max {hi:g}); "
+                "divide 0..255 data by 255 or convert it to uint8"
+            )
+        return np.clip(np.rint(a.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
+    if a.dtype.kind in "iu":
+        if a.min() >= 0 and a.max() <= 255:  # e.g. int64 arrays built from Python ints
+            return a.astype(np.uint8)
+        raise ImageError(
+            f"{what}: integer image of dtype {a.dtype} has values outside 0..255 "
+            f"(min {a.min()}, max {a.max()}); {ARRAY_LAYOUTS}"
+        )
+    raise ImageError(f"{what}: unsupported dtype {a.dtype}; {ARRAY_LAYOUTS}")
+
+
+def array_to_bgr(a: np.ndarray, what: str = "numpy array") -> np.ndarray:
+    """Channels-last array in BGR(A) or grayscale → contiguous H×W×3 uint8 BGR."""
+    if a.ndim == 3 and a.shape[2] not in (1, 3, 4):
+        hint = ""
+        if a.shape[0] in (1, 3, 4):
+            hint = "; it looks channels-first (C,H,W): use arr.transpose(1, 2, 0)"
+        raise ImageError(f"{what}: got shape {tuple(a.shape)}{hint}; {ARRAY_LAYOUTS}")
+    if a.ndim not in (2, 3):
+        batch = "; for a batch (B,H,W,C) use iter_sources()" if a.ndim == 4 else ""
+        raise ImageError(f"{what}: got shape {tuple(a.shape)}{batch}; {ARRAY_LAYOUTS}")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise ImageError(f"{what}: empty image of shape {tuple(a.shape)}")
+    if a.ndim == 3 and a.shape[2] == 4:
+        a = a[..., :3]  # BGRA: drop alpha
+    elif a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    a = _to_uint8(a, what)
+    if a.ndim == 2:
+        a = cv2.cvtColor(np.ascontiguousarray(a), cv2.COLOR_GRAY2BGR)
+    return np.ascontiguousarray(a)
+
+
+class _PillowFailed(ImageError):
+    """Pillow could not decode the pixels (as opposed to segany refusing their values)."""
+
+
+def pil_to_bgr(im: Image.Image, what: str = "PIL image", exif: bool = False) -> np.ndarray:
+    """Any Pillow mode → H×W×3 uint8 BGR; ``exif``: after applying the EXIF orientation (files)."""
+    try:
+        if exif:
+            im = ImageOps.exif_transpose(im)
+        mode = im.mode
+        if mode.startswith("I;16"):
+            return array_to_bgr(np.asarray(im).astype(np.uint16), what)
+        if mode == "I":
+            # 32-bit int is how Pillow may hand over 16-bit files: 0..65535 is taken as 16-bit data
+            a = np.asarray(im)
+            if a.size and (a.min() < 0 or a.max() > 65535):
+                raise ImageError(f"{what}: 32-bit integer image with values {a.min()}..{a.max()}, outside the "
+                                 "0..65535 of 16-bit data: convert it to 8 or 16 bits first")
+            return array_to_bgr(a.astype(np.uint16), what)
+        if mode == "F":
+            return array_to_bgr(np.asarray(im), what)
+        if mode in ("1", "L", "LA"):
+            return array_to_bgr(np.asarray(im.convert("L")), what)
+        if mode in ("P", "PA"):
+            # palette transparency must go through RGBA or Pillow warns; alpha is dropped anyway
+            rgba = mode == "PA" or "transparency" in im.info
+            im = im.convert("RGBA" if rgba else "RGB")
+        elif mode != "RGB" and mode != "RGBA":
+            im = im.convert("RGB")  # CMYK, YCbCr, RGBX, LAB, ...
+        a = np.asarray(im)
+    except ImageError:
+        raise
+    except Exception as e:  # a lazily loaded PIL image can fail here on a damaged file
+        raise _PillowFailed(f"{what}: Pillow could not read it ({type(e).__name__}: {e})") from e
+    return np.ascontiguousarray(a[..., 2::-1])  # RGB(A) → BGR, alpha dropped
+
+
+def tensor_to_bgr(t: torch.Tensor, what: str = "tensor") -> np.ndarray:
+    """(3,H,W) / (1,3,H,W) RGB tensor (or 1-channel) → H×W×3 uint8 BGR."""
+    if t.ndim == 4 and t.shape[0] == 1:
+        t = t[0]
+    dtype_ok = t.is_floating_point() or t.dtype == torch.uint8
+    if t.ndim != 3 or t.shape[0] not in (1, 3) or not dtype_ok:
+        batch = f" (a batch of {t.shape[0]}: use iter_sources())" if t.ndim == 4 else ""
+        raise ImageError(
+            f"{what}: got shape {tuple(t.shape)}{batch}, dtype {t.dtype}; {TENSOR_LAYOUTS}"
+        )
+    t = t.detach().cpu()
+    t = t.float() if t.is_floating_point() else t  # numpy has no bfloat16
+    a = t.numpy().transpose(1, 2, 0)
+    if a.shape[2] == 3:
+        a = a[..., ::-1]  # RGB → BGR
+    try:
+        return array_to_bgr(a, what)
+    except ImageError as e:
+        raise ImageError(f"{e}; {TENSOR_LAYOUTS}") from None
+
+
+def decode_bytes(data: bytes, name: str) -> np.ndarray:
+    """Decode encoded image bytes: Pillow first, then OpenCV for what Pillow cannot read."""
+    if not data:
+        raise ImageError(f"{name} is empty (0 bytes), not a readable image")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return pil_to_bgr(im, name, exif=True)
+    except _PillowFailed as e:
+        pil_error = e
+    except ImageError:
+        raise  # Pillow read it, and its values are refused (the message says why)
+    except Exception as e:
+        pil_error = e
+    buf = np.frombuffer(data, np.uint8)
+    raw = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if raw is not None and raw.dtype.kind == "f":  # PFM, HDR, float TIFF: IMREAD_COLOR would not scale them
+        return array_to_bgr(raw, name)
+    arr = cv2.imdecode(buf, cv2.IMREAD_COLOR)  # applies EXIF too
+    if arr is None or arr.size == 0:
+        raise ImageError(
+            f"{name} is not a readable image (neither Pillow nor OpenCV could decode it; "
+            f"Pillow said: {re.sub(r' <_io.BytesIO object at 0x[0-9a-f]+>', '', str(pil_error))})"
+        )
+    return arr
