@@ -247,3 +247,13 @@ def test_runtime_failure_exits_1_and_verbose_shows_traceback(tmp_path, image):
     one_line_error(plain, 1, "broken.pt")
     for p in (verbose, env_debug):
         assert p.returncode == 1 and "Traceback" in p.stderr and "segany: error:" in p.stderr
+
+
+def test_in_process_runs_each_show_their_warnings(small_ckpt, tmp_path, image, capsys, monkeypatch):
+    from segany.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):  # the second run in the same process warns again
+        assert main(["predict", f"model={small_ckpt}", f"source={image}", "bboxes=[-20,10,100,100]",
+                     "save=False"]) == 0
+        assert "segany: warning: bboxes extend past" in capsys.readouterr().err

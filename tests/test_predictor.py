@@ -3,8 +3,11 @@ SamPredictor, embeddings, sources and bad input (SPEC §3, §4, §6, §9)."""
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import json
 import warnings
+import weakref
 
 import cv2
 import numpy as np
@@ -283,6 +286,17 @@ def test_masks_read_the_unpadded_logits_and_the_rest_is_made_when_read(model, im
     assert torch.equal(r.masks.data, pred.logits_to_masks(pred.image, full).flatten(0, 1))
     assert torch.equal(r.low_res_logits, full.flatten(0, 1)) and not callable(r._low_res)
     assert torch.equal(r[1:].low_res_logits, full.flatten(0, 1)[1:])
+    # Unread, they are made when the predictor's image changes: from the image and the weights
+    # they belong to, and no result keeps an embedding alive after that.
+    r = model(bboxes=boxes)[0]
+    state = weakref.ref(pred.image)
+    model.predictor.set_image(test_image(H, W, seed=5))
+    assert not callable(r._low_res) and torch.equal(r.low_res_logits, full.flatten(0, 1))
+    gc.collect()
+    assert state() is None
+    r = model(bboxes=boxes)[0]
+    model.predictor.reset_image()
+    assert not callable(r._low_res)
 
 
 def test_very_elongated_images_keep_a_pixel_of_short_side(model):
@@ -352,6 +366,25 @@ def test_save_options_write_a_run_folder_from_python(model, img_path, tmp_path):
         model(img_path, bboxes=[1, 2, 3], save=True, project=str(project), name="p")
     assert sorted(p.name for p in project.iterdir()) == ["p", "p2"]
     assert len(r) == 1
+
+
+def test_a_failed_call_leaves_the_current_image_and_prompts_report_their_own_time(model, img_path, tmp_path):
+    pred = model.predictor
+    pred.set_image(img_path)
+    current = pred.image
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    for batch in (1, 2):
+        with pytest.raises(ImageError):
+            model([test_image(H, W, seed=1), str(bad)], points=[50, 60], batch=batch)
+        assert pred.image is current  # whatever the batch size
+        with pytest.raises(PromptError):
+            model([test_image(H, W, seed=1), test_image(20, 30)], points=[100, 80], batch=batch)
+        assert pred.image is current
+    pred.image = dataclasses.replace(current, preprocess_ms=1e6, encode_ms=1e6)  # a very slow earlier encode
+    r = model(points=[50, 60])[0]  # a prompt on the set image reports only its decode
+    assert r.speed["preprocess"] == 0.0 and 0 < r.speed["inference"] < 1e5
+    assert model(img_path, points=[50, 60])[0].speed["preprocess"] > 0  # an image given: its encode counts
 
 
 def test_batch_prompt_errors_name_the_image_and_imgsz_takes_a_square_pair(model, img_path):

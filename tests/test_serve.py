@@ -372,3 +372,13 @@ def test_cli_serve_without_fastapi_says_what_to_install(monkeypatch, capsys):
 def test_loopback_detection():
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2") and not is_loopback("example.com")
+
+
+def test_the_server_keeps_the_callers_current_image(small_ckpt):
+    model = SAM(small_ckpt, device="cpu")
+    model.predictor.set_image(test_image(seed=4))
+    mine = model.predictor.image
+    with TestClient(create_app(model, max_pixels=1 << 20)) as c:
+        image_id = c.post("/api/images", content=PNG).json()["id"]
+        assert c.post(f"/api/images/{image_id}/prompt", json={"points": [[5, 5]]}).status_code == 200
+    assert model.predictor.image is mine  # the server's jobs ran on a predictor of their own

@@ -155,7 +155,10 @@ def test_pil_rgb_and_rgba() -> None:
 
 def test_ndarray_inputs() -> None:
     bgr = _bgr()
-    assert load_image(bgr) is bgr  # documented: returned as is, no copy
+    out = load_image(bgr)  # documented: a copy, so later edits of the caller's array do not reach results
+    assert np.array_equal(out, bgr) and not np.shares_memory(out, bgr)
+    batch = np.stack([bgr, bgr])
+    assert not any(np.shares_memory(img, batch) for _, img in iter_sources(batch))
     gray = bgr[..., 1]
     np.testing.assert_array_equal(load_image(gray), np.dstack([gray] * 3))
     np.testing.assert_array_equal(load_image(bgr.astype(np.uint16) * 257), bgr)

@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             debug = True
             args.pop(i)
     args = [a for a in args if a != "--debug"]
+    _shown.clear()  # each run shows its own warnings (main may run twice in one process)
     try:
         with warnings.catch_warnings():  # restores the caller's warning display after an in-process call
             warnings.showwarning = _show_warning

@@ -65,9 +65,10 @@ class SAM:
         from .train import train
 
         kwargs.setdefault("device", self.device)
-        out = train(self.model, data, **kwargs)
-        self.predictor.reset_image()  # a cached embedding came from the weights before training
-        return out
+        # Before training: the cached embedding (and the logits that earlier results make when
+        # first read, see Predictor.image) come from the weights as they are now.
+        self.predictor.reset_image()
+        return train(self.model, data, **kwargs)
 
     def val(self, data: Any, **kwargs: Any) -> dict[str, Any]:
         """Box / point / multi-point mIoU on ``data``; see :func:`segany.train.val`."""

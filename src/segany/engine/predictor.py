@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ class Predictor:
 
     ``set_image`` encodes; calling with prompts decodes on the cached embedding; calling with a
     ``source`` encodes that source first; calling with no prompts runs segment-everything.
+    The current image (:attr:`image`) is state: one predictor per thread, or a lock
+    (``Predictor(model=..., config=...)`` shares another's weights).
     """
 
     def __init__(self, overrides: dict[str, Any] | None = None, model: nn.Module | None = None,
@@ -57,7 +60,11 @@ class Predictor:
         self.device = select_device(self.args["device"])
         self.model: nn.Module | None = None
         self.model_config: ModelConfig | None = None
-        self.image: ImageState | None = None
+        self._image: ImageState | None = None
+        # Results of prompts on the current image whose whole low-res logits are made when first
+        # read (see _run); made at the latest when the image changes, so no result keeps an
+        # embedding alive, or sees other weights (SAM.train resets the image first).
+        self._deferred: weakref.WeakSet[Results] = weakref.WeakSet()
         self._compiled: tuple[nn.Module, Any] | None = None  # (model, its compiled encode_image)
         if model is not None:
             self._use_model(model, config)
@@ -69,6 +76,19 @@ class Predictor:
             from .everything import check_everything_options
 
             check_everything_options(self.args)
+
+    @property
+    def image(self) -> ImageState | None:
+        """The current image and its embedding: what prompts given without a source segment."""
+        return self._image
+
+    @image.setter
+    def image(self, state: ImageState | None) -> None:
+        if state is not self._image:
+            for r in list(self._deferred):
+                r.low_res_logits  # noqa: B018 - reading makes them, from the image they belong to
+            self._deferred.clear()
+        self._image = state
 
     # -- model -------------------------------------------------------------------------------
     def setup_model(self, model: str | Path) -> None:
@@ -224,16 +244,21 @@ class Predictor:
     def _run_sources(self, source, prompts, has_prompt, multimask, opts) -> Iterator[Results]:
         batch = opts["batch"] or (8 if self.device.type == "cuda" else 1)
         pending: list[tuple[str, np.ndarray]] = []
-        for item in iter_sources(source, vid_stride=int(opts["vid_stride"])):
-            pending.append(item)
-            if len(pending) == batch:
+        before = self.image
+        try:
+            for item in iter_sources(source, vid_stride=int(opts["vid_stride"])):
+                pending.append(item)
+                if len(pending) == batch:
+                    yield from self._run_batch(pending, prompts, has_prompt, multimask, opts)
+                    pending = []
+            if pending:
                 yield from self._run_batch(pending, prompts, has_prompt, multimask, opts)
-                pending = []
-        if pending:
-            yield from self._run_batch(pending, prompts, has_prompt, multimask, opts)
+        except Exception:
+            self.image = before  # a failed call leaves the current image as it was, whatever the batch size
+            raise
 
     def _run_batch(self, named, prompts, has_prompt, multimask, opts) -> Iterator[Results]:
-        if has_prompt:  # check prompts against every image before the expensive encode
+        if has_prompt:  # check prompts against every image of the batch before the expensive encode
             with warnings.catch_warnings():  # warnings come once, from the real call below
                 warnings.simplefilter("ignore")
                 for name, img in named:
@@ -257,9 +282,9 @@ class Predictor:
         model = self._require_model()
         # Prompting a set image on a CPU, a SAM decoder upscales only the part of the logits the
         # masks read, not the padding of a non-square image (a quarter of a 4:3 image's
-        # upscaling, ~7 % of a box prompt); the whole low-res logits are made when first read.
-        # (Results of images passed as sources get them at once: a deferred decode would keep
-        # each image's embedding alive as long as its results.)
+        # upscaling, ~7 % of a box prompt); the whole low-res logits are made when first read, or
+        # when the predictor's image changes (the image setter). (Results of images passed as
+        # sources get them at once: the image changes with the next one anyway.)
         extent = model.low_res_extent(state.input_size) if interactive and self.device.type == "cpu" and hasattr(
             model, "low_res_extent") else None
         low_res, iou = self.decode(state, parsed, multimask, half=half, extent=extent)
@@ -274,16 +299,21 @@ class Predictor:
             def low_res_logits():  # the same prompts through the same model, the whole logits
                 return self.decode(state, parsed, multimask, half=half, model=model)[0]
         t2 = time.perf_counter()
-        return Results(
+        results = Results(
             orig_img=state.orig_img,
             path=state.path,
             masks=masks.flatten(0, 1)[pick],
             scores=iou.flatten()[pick].float(),
             cls=cls,
             low_res_logits=_picked(low_res_logits, pick),
-            speed=dict(preprocess=state.preprocess_ms, inference=state.encode_ms + (t1 - t0) * 1000,
+            # A prompt on the set image took only its decode: the encode was an earlier call's.
+            speed=dict(preprocess=0.0 if interactive else state.preprocess_ms,
+                       inference=(0.0 if interactive else state.encode_ms) + (t1 - t0) * 1000,
                        postprocess=(t2 - t1) * 1000),
         )
+        if callable(low_res_logits):
+            self._deferred.add(results)
+        return results
 
     def _parse(self, image_size: tuple[int, int], prompts: dict[str, Any]) -> Prompts:
         low_res = self._require_model().prompt_encoder.mask_input_size[0]

@@ -55,10 +55,14 @@ def check_writable(folder: Path) -> None:
 class RunWriter:
     """Writes the results of one prediction run into ``folder`` (see the module docstring)."""
 
-    def __init__(self, folder: Path, save: bool = True, save_txt: bool = False, save_conf: bool = False) -> None:
-        check_writable(folder)
-        self.folder, self.save, self.save_txt, self.save_conf = folder, save, save_txt, save_conf
+    def __init__(self, project: str | None = None, name: str | None = None, exist_ok: bool = False,
+                 save: bool = True, save_txt: bool = False, save_conf: bool = False) -> None:
+        self.project, self.name, self.exist_ok = project, name, exist_ok
+        self.folder = run_dir(project, name, exist_ok)  # the name it will get, unless taken meanwhile
+        check_writable(self.folder)
+        self.save, self.save_txt, self.save_conf = save, save_txt, save_conf
         self.written = 0
+        self._made = False  # the folder: made at the first write
         self._stems: set[str] = set()
 
     @classmethod
@@ -66,13 +70,28 @@ class RunWriter:
         """A writer for prediction options that ask for files (``save``/``save_txt``), else None."""
         if not (opts["save"] or opts["save_txt"]):
             return None
-        folder = run_dir(opts["project"], opts["name"], bool(opts["exist_ok"]))
-        return cls(folder, bool(opts["save"]), bool(opts["save_txt"]), bool(opts["save_conf"]))
+        return cls(opts["project"], opts["name"], bool(opts["exist_ok"]), bool(opts["save"]),
+                   bool(opts["save_txt"]), bool(opts["save_conf"]))
+
+    def _make_folder(self) -> None:
+        """Make the run folder at the first write. Without ``exist_ok`` it is claimed by an
+        exclusive ``mkdir``: a run that took the name meanwhile (another call or process)
+        makes this one move on to the next number instead of sharing, and overwriting, a folder."""
+        while True:
+            try:
+                self.folder.mkdir(parents=True, exist_ok=self.exist_ok)
+                return
+            except FileExistsError:
+                if not self.folder.is_dir():
+                    raise
+                self.folder = run_dir(self.project, self.name, False)
 
     def write(self, r, speed_ms: dict[str, float] | None = None) -> None:
         """Write one result (``speed_ms`` goes into its JSON; default ``r.speed``)."""
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            if not self._made:
+                self._make_folder()
+                self._made = True
             if self.save_txt:
                 (self.folder / "labels").mkdir(exist_ok=True)
         except OSError as e:

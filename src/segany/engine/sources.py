@@ -15,7 +15,8 @@ Choices worth knowing:
 - URLs (http/https) are downloaded with urllib, ``URL_TIMEOUT`` seconds per connect/read.
 - Tensors follow Ultralytics' layout: ``(3,H,W)``, ``(1,3,H,W)`` or a batch ``(B,3,H,W)``,
   **RGB**, float in 0..1 (uint8 0..255 also accepted).
-- A contiguous ``H×W×3`` uint8 ndarray is returned as is, without a copy.
+- An ``H×W×3`` uint8 ndarray is copied: the results keep their image, and the caller's later
+  edits of the array must not reach them.
 - Directories give their image files (not videos, not hidden files), sorted by name,
   non-recursively; globs give image and video files, sorted. Video frames are named
   ``path:frame_N`` with N counted from 0 in the file (``vid_stride`` keeps every N-th frame).
@@ -99,7 +100,10 @@ def load_image(source: Any) -> np.ndarray:
     Raises ``ImageNotFoundError`` for a missing path and ``ImageError`` for anything unreadable.
     """
     if isinstance(source, np.ndarray):
-        return array_to_bgr(source)
+        image = array_to_bgr(source)
+        # A copy when it would be the caller's own array: results and the predictor keep the
+        # image, and a later edit of the array (drawing on a video frame) must not reach them.
+        return image.copy() if np.shares_memory(image, source) else image
     if isinstance(source, torch.Tensor):
         return tensor_to_bgr(source)
     if isinstance(source, Image.Image):

@@ -41,10 +41,13 @@ def _load_model(model: Any, device: str):
     from ..model import SAM
 
     if isinstance(model, Predictor):
-        return model, Path(str(model.args.get("model") or "model")).name
-    if not isinstance(model, SAM):
-        model = SAM(model, device=device)
-    return model.predictor, Path(model.ckpt_path).name
+        given, name = model, Path(str(model.args.get("model") or "model")).name
+    else:
+        model = model if isinstance(model, SAM) else SAM(model, device=device)
+        given, name = model.predictor, Path(model.ckpt_path).name
+    # A predictor of its own over the same weights: the server's jobs set and clear its current
+    # image, which must not touch the caller's.
+    return Predictor(overrides=given.overrides, model=given.model, config=given.model_config), name
 
 
 def create_app(model: Any, device: str = "", max_images: int = 16, max_cache_bytes: int = 2 << 30,
