@@ -366,6 +366,12 @@ def test_save_options_write_a_run_folder_from_python(model, img_path, tmp_path):
         model(img_path, bboxes=[1, 2, 3], save=True, project=str(project), name="p")
     assert sorted(p.name for p in project.iterdir()) == ["p", "p2"]
     assert len(r) == 1
+    # Two runs started before either writes get folders of their own (not both p3).
+    first = model([img_path] * 2, bboxes=[40, 40, 120, 110], save=True, project=str(project), name="p", stream=True)
+    second = model([img_path], bboxes=[40, 40, 120, 110], save=True, project=str(project), name="p", stream=True)
+    next(first), list(second), list(first)
+    assert sorted(p.name for p in project.iterdir()) == ["p", "p2", "p3", "p4"]
+    assert [len(list((project / n).glob("*.json"))) for n in ("p3", "p4")] == [2, 1]
 
 
 def test_a_failed_call_leaves_the_current_image_and_prompts_report_their_own_time(model, img_path, tmp_path):
