@@ -18,6 +18,7 @@ from PIL import Image
 from conftest import SMALL_VIT, meta_twin, random_sam, test_image
 from segany import SAM, Predictor, Results
 from segany.checkpoints import load_model
+from segany.engine.transforms import binary_masks_to_logits
 from segany.models import build_model
 from segany.errors import ConfigError, ImageError, ImageNotFoundError, PromptError, SegAnyError
 
@@ -170,8 +171,8 @@ def test_binary_mask_prompt_at_image_size(model, img_path):
     for given in (big, big.astype(np.float32), torch.from_numpy(big)):
         parsed = pred._parse((3000, 4000), dict(bboxes=None, points=None, labels=None, masks=given))
         assert parsed.masks.dtype in (np.uint8, np.float32) and not parsed.masks_are_logits
-        logits = pred._mask_inputs(pred.image, parsed, model.model)
         low = model.model.prompt_encoder.mask_input_size[0]
+        logits = binary_masks_to_logits(parsed.masks, pred.image.input_size, model.model.img_size, (low, low))
         assert logits.shape == (1, 1, low, low) and int((logits > 0).sum()) == low * 3 // 4
 
 

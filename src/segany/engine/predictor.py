@@ -15,11 +15,9 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..config import DEFAULTS, EVERYTHING_DEFAULTS, check_options
 from ..errors import ConfigError, PromptError
@@ -32,7 +30,7 @@ from .report import RunReport, reported
 from .results import Results
 from .saving import RunWriter
 from .sources import count_sources, iter_sources, load_image
-from .transforms import image_to_tensor, masks_from_logits, scale_coords
+from .transforms import binary_masks_to_logits, image_to_tensor, masks_from_logits, scale_coords
 
 
 # More images than this in one call without stream=True: a warning that every result stays in memory.
@@ -335,29 +333,15 @@ class Predictor:
         if prompts.boxes is not None:
             xy = scale_coords(prompts.boxes.reshape(-1, 2, 2), state.original_size, state.input_size).reshape(-1, 4)
             boxes = torch.as_tensor(xy, dtype=torch.float32, device=dev)
-        if prompts.masks is not None:
-            mask_in = self._mask_inputs(state, prompts, model)
+        if prompts.masks is not None and prompts.masks_are_logits:
+            mask_in = torch.as_tensor(prompts.masks, dtype=torch.float32, device=dev)[:, None]
+        elif prompts.masks is not None:  # binary masks at the image size
+            mask_in = binary_masks_to_logits(prompts.masks, state.input_size, model.img_size,
+                                             model.prompt_encoder.mask_input_size).to(dev)
         with torch.inference_mode(), autocast(dev, half):
             low, iou = decode_in_chunks(model, state.for_decoder(), None if pts is None else (pts, lab), boxes, mask_in,
                                         multimask_output=multimask, extent=extent)
         return low.float(), iou.float()
-
-    def _mask_inputs(self, state: ImageState, prompts: Prompts, model: nn.Module) -> torch.Tensor:
-        """Mask prompts → ``(N, 1, 256, 256)`` logits. A binary mask at the image size is
-        area-averaged to the input size (antialiased, as the image is resized), padded,
-        area-averaged to 256×256 and mapped to ±10 logits (0.5 → 0)."""
-        if prompts.masks_are_logits:
-            return torch.as_tensor(prompts.masks, dtype=torch.float32, device=self.device)[:, None]
-        h, w = state.input_size
-        # One mask at a time, in bytes (0/255): a thin object keeps its share of each input pixel.
-        how = cv2.INTER_AREA if h < prompts.masks.shape[1] else cv2.INTER_LINEAR
-        resized = [cv2.resize(np.multiply(mask, 255, dtype=np.uint8, casting="unsafe"), (w, h), interpolation=how)
-                   for mask in prompts.masks]
-        m = torch.from_numpy(np.stack(resized)).to(self.device)[:, None].float() / 255.0
-        m = F.pad(m, (0, model.img_size - w, 0, model.img_size - h))
-        low = model.prompt_encoder.mask_input_size
-        m = F.interpolate(m, low, mode="area")
-        return (m - 0.5) * 20.0
 
     def logits_to_masks(self, state: ImageState, low_res: torch.Tensor) -> torch.Tensor:
         """Low-res logits ``(N, K, 256, 256)`` (or SAM's ``low_res_extent`` of them) → bool masks

@@ -7,7 +7,8 @@ A model says how it wants images resized through ``model.resize_mode``:
   as ``sam2``'s transforms do.
 ``model.input_size(h, w)`` gives the resized size; prompt coordinates are scaled per axis.
 On the way back, :func:`masks_from_logits` brings a CPU decoder's low-res logits to masks at the
-original size.
+original size. Binary mask prompts go into the decoder's mask input with
+:func:`binary_masks_to_logits`.
 """
 
 from __future__ import annotations
@@ -71,3 +72,18 @@ def masks_from_logits(low_res: torch.Tensor, model, input_size: tuple[int, int],
                 x = cv2.resize(x, (w, h), interpolation=cv2.INTER_LINEAR)
             np.greater(x, model.mask_threshold, out=out[i, j])
     return torch.from_numpy(out)
+
+
+def binary_masks_to_logits(masks: np.ndarray, input_size: tuple[int, int], padded: int,
+                           low_size: tuple[int, int]) -> torch.Tensor:
+    """Binary masks ``(N, H, W)`` (0/1, any dtype) at the image size → mask-input logits
+    ``(N, 1, *low_size)``: area-averaged to the input size ``(h', w')`` (antialiased, as the image
+    is resized), padded to ``padded`` square, area-averaged to ``low_size`` and mapped to ±10
+    logits (0.5 → 0). One mask at a time in bytes: a large image's masks never exist as floats."""
+    h, w = input_size
+    how = cv2.INTER_AREA if h < masks.shape[1] else cv2.INTER_LINEAR
+    resized = [cv2.resize(np.multiply(m, 255, dtype=np.uint8, casting="unsafe"), (w, h), interpolation=how)
+               for m in masks]
+    m = torch.from_numpy(np.stack(resized))[:, None].float() / 255.0
+    m = F.interpolate(F.pad(m, (0, padded - w, 0, padded - h)), low_size, mode="area")
+    return (m - 0.5) * 20.0
