@@ -132,6 +132,7 @@ def test_predict_directory_source_lines_and_named_run(small_ckpt, tmp_path):
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert "segany: warning: skipped, unreadable: " in p.stderr and "im1.png is not a readable image" in p.stderr
     assert "1 file(s) could not be read and were skipped" in p.stderr
+    assert "image 2/2 im2.png: " in p.stdout  # the skipped file is taken off the count
     assert sorted(f.name for f in (tmp_path / "out" / "skip").glob("*.json")) == ["im0.json", "im2.json"]
 
 

@@ -252,7 +252,7 @@ def run_predict(tokens: list[str]) -> int:
     results = model.predict(source, stream=True, bboxes=opts["bboxes"], points=opts["points"],
                             labels=opts["labels"], masks=masks, **kwargs)
     with _counting(SkippedImageWarning) as skipped:
-        _consume(results, model, total, writer, bool(opts["verbose"]))
+        _consume(results, model, total, writer, bool(opts["verbose"]), skipped)
     if skipped:  # the run went on past them, but a script must know
         print(f"segany: error: {len(skipped)} file(s) could not be read and were skipped, listed above",
               file=sys.stderr)
@@ -276,8 +276,10 @@ def _counting(category: type[Warning]) -> Iterator[list[str]]:
         yield seen
 
 
-def _consume(results, model, total: int | None, writer: RunWriter | None, verbose: bool) -> None:
-    """Write each result as it arrives, with a progress bar for several images and a line per image."""
+def _consume(results, model, total: int | None, writer: RunWriter | None, verbose: bool,
+             skipped: list[str]) -> None:
+    """Write each result as it arrives, with a progress bar for several images and a line per
+    image; files ``skipped`` so far (unreadable) are taken off the count."""
     from tqdm import tqdm
 
     from .engine.report import RunReport
@@ -286,6 +288,8 @@ def _consume(results, model, total: int | None, writer: RunWriter | None, verbos
     bar = tqdm(total=total, unit="image", file=sys.stderr, disable=total == 1, leave=False)
     try:
         for r in results:
+            if total is not None and skipped:
+                report.total = bar.total = total - len(skipped)
             ms = report.add(r)
             if writer is not None:
                 writer.write(r, ms)
