@@ -103,7 +103,7 @@ def load_image(source: Any) -> np.ndarray:
         image = array_to_bgr(source)
         # A copy when it would be the caller's own array: results and the predictor keep the
         # image, and a later edit of the array (drawing on a video frame) must not reach them.
-        return image.copy() if np.shares_memory(image, source) else image
+        return image.copy() if np.may_share_memory(image, source) else image
     if isinstance(source, torch.Tensor):
         return tensor_to_bgr(source)
     if isinstance(source, Image.Image):
