@@ -284,7 +284,7 @@ def _consume(results, model, total: int | None, writer: RunWriter | None, verbos
 
     from .engine.report import RunReport
 
-    report = RunReport(total, getattr(model.model, "input_size", lambda *hw: hw))
+    report = RunReport(total, model.model)
     bar = tqdm(total=total, unit="image", file=sys.stderr, disable=total == 1, leave=False)
     try:
         for r in results:

@@ -236,7 +236,7 @@ class Predictor:
                 warnings.warn(f"the results of {total} images are kept in memory, each with its image and masks: "
                               "pass stream=True to get them one at a time", stacklevel=2)
             if opts["verbose"]:
-                gen = reported(gen, RunReport(total, getattr(self._require_model(), "input_size", lambda *hw: hw)))
+                gen = reported(gen, RunReport(total, self._require_model()))
         return gen if stream else list(gen)
 
     def _run_sources(self, source, prompts, has_prompt, multimask, opts) -> Iterator[Results]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from .results import Results
 
@@ -14,11 +15,12 @@ SPEED_KEYS = ("preprocess", "inference", "postprocess")
 class RunReport:
     """Counts the images, masks and times of a run and words them.
 
-    ``total``: images expected (``None`` when unknown); ``input_size``: ``(h, w) → (h', w')``, the
-    model's input size for an image (shown on each line)."""
+    ``total``: images expected (``None`` when unknown); ``model``: its ``input_size(h, w)`` is
+    shown on each line (an image's own size for a model without one)."""
 
-    def __init__(self, total: int | None, input_size: Callable[[int, int], tuple[int, int]]) -> None:
-        self.total, self.input_size = total, input_size
+    def __init__(self, total: int | None, model: Any) -> None:
+        self.total = total
+        self.input_size: Callable[[int, int], tuple[int, int]] = getattr(model, "input_size", lambda h, w: (h, w))
         self.images = self.masks = 0
         self.speed = dict.fromkeys(SPEED_KEYS, 0.0)
 
