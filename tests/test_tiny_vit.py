@@ -68,6 +68,32 @@ def test_encoder_parity(img_size: int) -> None:
     assert (out - expected).abs().max().item() <= TOL
 
 
+def test_cpu_inference_paths_match_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first stage by bands of rows and the MLPs by chunks of tokens (CPU inference), each with
+    a part left over at the end, and the plain ops that autograd takes, all give the reference's values."""
+    from segany.models import tiny_vit
+
+    torch.manual_seed(0)
+    ours = TinyViT(img_size=288, **MOBILE_SAM)  # a 72-row first stage: 4 bands of 16 and one of 8
+    ref = RefTinyViT(img_size=288, drop_path_rate=0.0, **MOBILE_SAM)
+    _same_weights(ours, ref)
+    x = torch.randn(1, 3, 288, 288, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = _ref_encode(ref, x)
+        monkeypatch.setattr(tiny_vit, "CPU_BANDS_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(tiny_vit, "CPU_MLP_ROWS", 1000)  # 5184 tokens in the second stage
+        calls = []
+        bands = tiny_vit.MBConv._forward_in_bands
+        monkeypatch.setattr(tiny_vit.MBConv, "_forward_in_bands", lambda self, t: calls.append(1) or bands(self, t))
+        assert (ours(x) - expected).abs().max().item() <= TOL
+        assert len(calls) == 2  # both blocks of the first stage went by bands
+    with torch.enable_grad():
+        out = ours(x.requires_grad_())
+        assert (out - expected).abs().max().item() <= TOL
+        out.sum().backward()  # the ops autograd takes are out of place
+        assert len(calls) == 2 and x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_state_dict_matches_reference() -> None:
     ours = TinyViT(**MOBILE_SAM).state_dict()
     ref = RefTinyViT(img_size=1024, **MOBILE_SAM).state_dict()

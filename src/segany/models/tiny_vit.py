@@ -14,8 +14,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import LayerNorm2d
+from .common import LayerNorm2d, activate, linear, onednn_products
 from .windows import window_partition, window_unpartition
+
+# Rows a band of MobileSAM's first stage at a time (MBConv._forward_in_bands), in CPU inference once
+# the expanded activations of the whole map would pass this many elements.
+CPU_BAND_ROWS = 16
+CPU_BANDS_MIN_ELEMENTS = 1 << 22
+# Tokens an MLP takes at a time in CPU inference (Mlp.forward).
+CPU_MLP_ROWS = 4096
 
 
 class Conv2dBN(nn.Module):
@@ -36,22 +43,33 @@ class Conv2dBN(nn.Module):
         self.bn = nn.BatchNorm2d(out_chans)
         nn.init.constant_(self.bn.weight, bn_weight_init)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, activation: str | None = None
+                ) -> torch.Tensor:
+        """conv → batch norm → ``+ residual`` if given → ``activation`` (``"gelu"``) if given."""
         if self.training:
-            return self.bn(self.c(x))
+            y = self.bn(self.c(x))
+            y = y if residual is None else y + residual
+            return y if activation is None else activate(y, activation)
         # In eval the batch norm is an affine map per channel: fold it into the conv (one pass
         # over the activations instead of two; the weights are small).
-        bn = self.bn
+        bn, c = self.bn, self.c
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-        weight = self.c.weight * scale.view(-1, 1, 1, 1)
+        weight = c.weight * scale.view(-1, 1, 1, 1)
         bias = bn.bias - bn.running_mean * scale
-        c = self.c
         if c.kernel_size == (1, 1) and c.stride == (1, 1) and c.groups == 1:
             # A 1×1 conv is a linear map of the channels: one matrix product on the channels-last
-            # data (PyTorch's CPU conv with a bias falls back to a slow kernel here).
-            y = F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias)
-            return y.permute(0, 3, 1, 2)
-        return F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
+            # data (PyTorch's CPU conv with a bias falls back to a slow kernel here), with the
+            # activation or the residual applied as it is written (see common.linear).
+            fuse = residual is None  # linear applies an activation before a residual, not after
+            y = linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias, activation=activation if fuse else None,
+                       residual=None if residual is None else residual.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            if fuse:
+                return y
+        else:
+            y = F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
+            if residual is not None:  # y is new: in place unless autograd keeps it
+                y = y + residual if torch.is_grad_enabled() else y.add_(residual)
+        return y if activation is None else activate(y, activation)
 
 
 class PatchEmbed(nn.Module):
@@ -66,7 +84,7 @@ class PatchEmbed(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.seq(x)
+        return self.seq[2](self.seq[0](x, activation="gelu"))  # seq[1], the GELU, applied by seq[0]
 
 
 class MBConv(nn.Module):
@@ -81,9 +99,27 @@ class MBConv(nn.Module):
         self.conv3 = Conv2dBN(hidden, dim, bn_weight_init=0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.gelu(self.conv1(x))
-        y = F.gelu(self.conv2(y))
-        return F.gelu(self.conv3(y) + x)
+        if _in_bands(x, self.conv1.c.out_channels):
+            return self._forward_in_bands(x)
+        y = self.conv2(self.conv1(x, activation="gelu"), activation="gelu")
+        return self.conv3(y, residual=x, activation="gelu")
+
+    def _forward_in_bands(self, x: torch.Tensor) -> torch.Tensor:
+        """The same block a band of :data:`CPU_BAND_ROWS` rows at a time, each band with the rows
+        above and below it that the 3×3 conv reads (its outputs there are dropped). The expanded
+        activations of a band stay in cache, where those of the whole map (67 MB for MobileSAM's
+        first stage) would be written, page-faulted in afresh and read back at every step."""
+        h = x.shape[2]
+        tokens = x.permute(0, 2, 3, 1)  # (B, H, W, C): contiguous for channels-last x
+        out = torch.empty_like(tokens)
+        for r0 in range(0, h, CPU_BAND_ROWS):
+            r1 = min(h, r0 + CPU_BAND_ROWS)
+            a0, a1 = max(0, r0 - 1), min(h, r1 + 1)
+            y = self.conv1(tokens[:, a0:a1].permute(0, 3, 1, 2), activation="gelu")
+            y = self.conv2(y, activation="gelu")[:, :, r0 - a0 : r1 - a0]
+            y = self.conv3(y, residual=tokens[:, r0:r1].permute(0, 3, 1, 2), activation="gelu")
+            out[:, r0:r1] = y.permute(0, 2, 3, 1)
+        return out.permute(0, 3, 1, 2)
 
 
 class PatchMerging(nn.Module):
@@ -96,9 +132,7 @@ class PatchMerging(nn.Module):
         self.conv3 = Conv2dBN(out_dim, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.gelu(self.conv1(x))
-        x = F.gelu(self.conv2(x))
-        return self.conv3(x)
+        return self.conv3(self.conv2(self.conv1(x, activation="gelu"), activation="gelu"))
 
 
 class Attention(nn.Module):
@@ -125,14 +159,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         # TinyViT lays q, k, v out per head: (B, N, heads, [q | k | v]), not (B, N, 3, heads, d).
-        qkv = self.qkv(self.norm(x)).view(b, n, self.num_heads, 3 * self.head_dim).transpose(1, 2)
+        qkv = linear(self.norm(x), self.qkv.weight, self.qkv.bias)
+        qkv = qkv.view(b, n, self.num_heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.chunk(3, dim=-1)  # (B, heads, N, head_dim) each
         bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)  # (heads, N, N)
-        # Explicit attention: these windows are small, and SDPA with a float mask spends more time
-        # checking the mask on the CPU than it saves.
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        x = (attn.add_(bias).softmax(-1)) @ v
-        return self.proj(x.transpose(1, 2).reshape(b, n, -1))
+        # The bias expanded over the windows (a view): SDPA then reads it as it is, where an
+        # unexpanded (heads, N, N) mask costs more than explicit attention on a CPU.
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(b, -1, -1, -1), scale=self.scale)
+        return linear(x.transpose(1, 2).reshape(b, n, -1), self.proj.weight, self.proj.bias)
 
 
 class Mlp(nn.Module):
@@ -144,8 +178,23 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.fc2 = nn.Linear(hidden_dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``fc2(gelu(fc1(norm(x))))``, plus ``residual`` (shaped as ``x``) if given."""
+        rows = x.numel() // x.shape[-1]
+        if rows <= CPU_MLP_ROWS or not onednn_products(x):
+            return self._rows(x, residual)
+        # CPU inference on many tokens: a chunk of rows at a time, so that the hidden layer stays
+        # in cache (MobileSAM's second stage: 33 MB for the whole map).
+        flat, res = x.reshape(rows, -1), None if residual is None else residual.reshape(rows, -1)
+        out = torch.empty_like(flat)
+        for s in range(0, rows, CPU_MLP_ROWS):
+            part = slice(s, s + CPU_MLP_ROWS)
+            out[part] = self._rows(flat[part], None if res is None else res[part])
+        return out.view(x.shape)
+
+    def _rows(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        hidden = linear(self.norm(x), self.fc1.weight, self.fc1.bias, activation="gelu")
+        return linear(hidden, self.fc2.weight, self.fc2.bias, residual=residual)
 
 
 class TinyViTBlock(nn.Module):
@@ -167,7 +216,7 @@ class TinyViTBlock(nn.Module):
         windows = self.attn(windows.view(-1, ws * ws, c)).view(-1, ws, ws, c)
         x = x + window_unpartition(windows, ws, pad_hw, (h, w))
         x = self.local_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return x + self.mlp(x)
+        return self.mlp(x, residual=x)
 
 
 class ConvLayer(nn.Module):
@@ -269,3 +318,10 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
+
+
+def _in_bands(x: torch.Tensor, hidden: int) -> bool:
+    """Whether an MBConv goes by :meth:`MBConv._forward_in_bands`: CPU inference (no autograd,
+    not under ``torch.compile``) on a channels-last map whose expanded activations are large."""
+    return (onednn_products(x) and x.is_contiguous(memory_format=torch.channels_last)
+            and x.shape[0] * hidden * x.shape[2] * x.shape[3] >= CPU_BANDS_MIN_ELEMENTS)
