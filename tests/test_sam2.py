@@ -202,6 +202,33 @@ def test_small_config_parity(small_pair):
     _check_prompts(pair, ours_pred, ref_pred, *shape, ALL_CASES)  # mask prompts: 64×64 logits here
 
 
+def test_cpu_inference_paths_and_cached_position_embedding(monkeypatch):
+    """Without autograd, MLPs go by chunks of tokens (a part left over here), the 1×1 convs are
+    products on channels-last data and the trunk's position embedding is reused: the reference's
+    values, also after the tables change in place; with autograd, the plain ops give the same."""
+    from segany.models import common
+
+    pair = Pair("2.1", small=True, seed=6)
+    monkeypatch.setattr(common, "CPU_MLP_ROWS", 1000)  # the first stage's 64×64 tokens: 4 chunks and 96 left
+    x = torch.randn(2, 3, 256, 256)
+
+    def check(ours_fpn):
+        with torch.no_grad():
+            ref = pair.ref.forward_image(x)["backbone_fpn"]
+        for level in range(3):
+            assert _diff(ours_fpn[level], ref[level]) <= TOL
+
+    with torch.no_grad():
+        check(pair.ours.forward_image(x)["backbone_fpn"])
+        for model in (pair.ours, pair.ref):  # as a training step or a load_state_dict would
+            model.image_encoder.trunk.pos_embed.add_(0.5)
+        check(pair.ours.forward_image(x)["backbone_fpn"])
+    grad_fpn = pair.ours.forward_image(x.requires_grad_())["backbone_fpn"]
+    check(grad_fpn)
+    grad_fpn[0].sum().backward()
+    assert pair.ours.image_encoder.trunk.pos_embed.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_small_config_mask_prompts_and_batched_images(small_pair):
     """Mask prompts straight through ``decode`` (features of one image shared by the prompts),
     and the features of a batch of images equal those of each image alone."""

@@ -71,7 +71,7 @@ def test_encoder_parity(img_size: int) -> None:
 def test_cpu_inference_paths_match_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     """The first stage by bands of rows and the MLPs by chunks of tokens (CPU inference), each with
     a part left over at the end, and the plain ops that autograd takes, all give the reference's values."""
-    from segany.models import tiny_vit
+    from segany.models import common, tiny_vit
 
     torch.manual_seed(0)
     ours = TinyViT(img_size=288, **MOBILE_SAM)  # a 72-row first stage: 4 bands of 16 and one of 8
@@ -81,7 +81,7 @@ def test_cpu_inference_paths_match_reference(monkeypatch: pytest.MonkeyPatch) ->
     with torch.no_grad():
         expected = _ref_encode(ref, x)
         monkeypatch.setattr(tiny_vit, "CPU_BANDS_MIN_ELEMENTS", 0)
-        monkeypatch.setattr(tiny_vit, "CPU_MLP_ROWS", 1000)  # 5184 tokens in the second stage
+        monkeypatch.setattr(common, "CPU_MLP_ROWS", 1000)  # 5184 tokens in the second stage
         calls = []
         bands = tiny_vit.MBConv._forward_in_bands
         monkeypatch.setattr(tiny_vit.MBConv, "_forward_in_bands", lambda self, t: calls.append(1) or bands(self, t))

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .common import linear, mlp_in_chunks
 from .windows import window_partition, window_unpartition
 
 
@@ -48,6 +49,7 @@ class Hiera(nn.Module):
         # to the feature size plus a per-window table tiled over it.
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_dim, *window_pos_embed_bkg_spatial_size))
         self.pos_embed_window = nn.Parameter(torch.zeros(1, embed_dim, window_spec[0], window_spec[0]))
+        self._pos_cache: tuple[tuple, torch.Tensor] | None = None
 
         self.blocks = nn.ModuleList()
         stage = 0
@@ -72,11 +74,18 @@ class Hiera(nn.Module):
         self.channel_list = [self.blocks[i].dim_out for i in self.stage_ends[::-1]]
 
     def _get_pos_embed(self, hw: tuple[int, int]) -> torch.Tensor:
-        """Positional embedding ``(1, h, w, C)`` for an ``h × w`` token map."""
+        """Positional embedding ``(1, h, w, C)`` for an ``h × w`` token map. Without autograd the
+        last one is reused while the size and both tables are unchanged (the bicubic resize took
+        ~30 ms of a CPU encode of Hiera-T)."""
+        tables = (self.pos_embed, self.pos_embed_window)
+        key = (tuple(hw), *((t.data_ptr(), t._version, t.dtype) for t in tables))
+        if not torch.is_grad_enabled() and self._pos_cache is not None and self._pos_cache[0] == key:
+            return self._pos_cache[1]
         pos = F.interpolate(self.pos_embed, size=hw, mode="bicubic")
         win = self.pos_embed_window
-        pos = pos + win.tile([p // w for p, w in zip(pos.shape, win.shape)])
-        return pos.permute(0, 2, 3, 1)
+        pos = (pos + win.tile([p // w for p, w in zip(pos.shape, win.shape)])).permute(0, 2, 3, 1)
+        self._pos_cache = None if torch.is_grad_enabled() else (key, pos)
+        return pos
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.patch_embed(x)  # (B, H, W, C)
@@ -129,13 +138,13 @@ class MultiScaleBlock(nn.Module):
         shortcut = x
         x = self.norm1(x)
         if self.dim != self.dim_out:
-            shortcut = _pool(self.proj(x), self.pool)
+            shortcut = _pool(linear(x, self.proj.weight, self.proj.bias), self.pool)
 
         window = self.window_size
         h, w = x.shape[1:3]
         if window > 0:
             x, pad_hw = window_partition(x, window)
-        x = self.attn(x)
+        x = self.attn.attend(x)
         if self.window_size > 0:
             if self.q_stride:
                 # Query pooling shrank every window (and the map) by the stride.
@@ -143,9 +152,10 @@ class MultiScaleBlock(nn.Module):
                 h, w = shortcut.shape[1:3]
                 pad_hw = (h + (window - h % window) % window, w + (window - w % window) % window)
             x = window_unpartition(x, window, pad_hw, (h, w))
-
-        x = shortcut + x
-        return x + self.mlp(self.norm2(x))
+        # The output projection is per token: it runs after unpartitioning (no padding tokens),
+        # and the shortcuts are added as the products are written.
+        x = linear(x, self.attn.proj.weight, self.attn.proj.bias, residual=shortcut)
+        return mlp_in_chunks(x, *self.mlp.layers, norm=self.norm2, residual=x)
 
 
 class MultiScaleAttention(nn.Module):
@@ -159,15 +169,19 @@ class MultiScaleAttention(nn.Module):
         self.proj = nn.Linear(dim_out, dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(self.attend(x), self.proj.weight, self.proj.bias)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, dim)`` → the heads' outputs ``(B, H', W', dim_out)``, before the output projection."""
         b, h, w, _ = x.shape
-        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1)
+        qkv = linear(x, self.qkv.weight, self.qkv.bias).reshape(b, h * w, 3, self.num_heads, -1)
         q, k, v = torch.unbind(qkv, 2)  # each (B, H*W, heads, C/heads)
         if self.q_pool is not None:
             q = _pool(q.reshape(b, h, w, -1), self.q_pool)
             h, w = q.shape[1:3]
             q = q.reshape(b, h * w, self.num_heads, -1)
         x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return self.proj(x.transpose(1, 2).reshape(b, h, w, -1))
+        return x.transpose(1, 2).reshape(b, h, w, -1)
 
 
 class GeluMLP(nn.Module):
@@ -176,10 +190,9 @@ class GeluMLP(nn.Module):
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
         self.layers = nn.ModuleList([nn.Linear(dim, hidden_dim), nn.Linear(hidden_dim, dim)])
-        self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers[1](self.act(self.layers[0](x)))
+        return mlp_in_chunks(x, *self.layers)
 
 
 def _pool(x: torch.Tensor, pool: nn.Module | None) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import MLP
+from .common import MLP, conv1x1
 from .sam2_decoder import DecoderOutput, Sam2MaskDecoder, Sam2PromptEncoder
 from .sam2_memory import MemoryAttention, MemoryEncoder
 from .sam2_neck import Sam2ImageEncoder
@@ -115,8 +115,8 @@ class Sam2(nn.Module):
         out = self.image_encoder(x, with_pos=with_pos)
         fpn = list(out["backbone_fpn"])
         if self.sam_mask_decoder.use_high_res_features:
-            fpn[0] = self.sam_mask_decoder.conv_s0(fpn[0])
-            fpn[1] = self.sam_mask_decoder.conv_s1(fpn[1])
+            fpn[0] = conv1x1(fpn[0], self.sam_mask_decoder.conv_s0)
+            fpn[1] = conv1x1(fpn[1], self.sam_mask_decoder.conv_s1)
         return {**out, "backbone_fpn": fpn}
 
     def encode_image(self, x: torch.Tensor) -> Features:

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .common import conv1x1
+
 
 class PositionEmbeddingSine(nn.Module):
     """DETR-style 2-D sine/cosine encoding of a feature map's grid: ``(B, C, H, W)`` → ``(B, d, H, W)``.
@@ -93,7 +95,7 @@ class FpnNeck(nn.Module):
         pos: list[torch.Tensor | None] = [None] * len(xs)
         prev = None
         for i in range(n, -1, -1):  # from the lowest resolution up
-            lateral = self.convs[n - i](xs[i])
+            lateral = conv1x1(xs[i], self.convs[n - i].conv)
             if i in self.fpn_top_down_levels and prev is not None:
                 top_down = F.interpolate(
                     prev.to(dtype=torch.float32), scale_factor=2.0, mode=self.fpn_interp_model,

@@ -14,15 +14,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import LayerNorm2d, activate, linear, onednn_products
+from .common import LayerNorm2d, activate, linear, mlp_in_chunks, onednn_products
 from .windows import window_partition, window_unpartition
 
 # Rows a band of MobileSAM's first stage at a time (MBConv._forward_in_bands), in CPU inference once
 # the expanded activations of the whole map would pass this many elements.
 CPU_BAND_ROWS = 16
 CPU_BANDS_MIN_ELEMENTS = 1 << 22
-# Tokens an MLP takes at a time in CPU inference (Mlp.forward).
-CPU_MLP_ROWS = 4096
 
 
 class Conv2dBN(nn.Module):
@@ -180,21 +178,7 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``fc2(gelu(fc1(norm(x))))``, plus ``residual`` (shaped as ``x``) if given."""
-        rows = x.numel() // x.shape[-1]
-        if rows <= CPU_MLP_ROWS or not onednn_products(x):
-            return self._rows(x, residual)
-        # CPU inference on many tokens: a chunk of rows at a time, so that the hidden layer stays
-        # in cache (MobileSAM's second stage: 33 MB for the whole map).
-        flat, res = x.reshape(rows, -1), None if residual is None else residual.reshape(rows, -1)
-        out = torch.empty_like(flat)
-        for s in range(0, rows, CPU_MLP_ROWS):
-            part = slice(s, s + CPU_MLP_ROWS)
-            out[part] = self._rows(flat[part], None if res is None else res[part])
-        return out.view(x.shape)
-
-    def _rows(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        hidden = linear(self.norm(x), self.fc1.weight, self.fc1.bias, activation="gelu")
-        return linear(hidden, self.fc2.weight, self.fc2.bias, residual=residual)
+        return mlp_in_chunks(x, self.fc1, self.fc2, self.norm, residual)
 
 
 class TinyViTBlock(nn.Module):
