@@ -2,14 +2,15 @@
 
 Measures (median of --repeat runs after a warm-up):
   encoder      set_image on a 1024-long image: ViT-B (Meta segment-anything), MobileSAM (its own code),
-               the embedded default model segany_tiny (Meta's classes with its weights)
+               SAM 2.1 Hiera-T (Meta sam2), the embedded default model segany_tiny (Meta's classes
+               with its weights)
   1 box        one box prompt → mask at the original size (Meta SamPredictor.predict)
   64 boxes     64 box prompts in one batch (Meta SamPredictor.predict_torch)
   peak RSS     of a ViT-B set_image + 1 box, and of 64 boxes on a set image, each side in its own
                fresh process
 
 Usage:
-  python benchmarks/bench_speed.py                 # full size (ViT-B, MobileSAM), several minutes on 2 CPU cores
+  python benchmarks/bench_speed.py                 # full size (ViT-B, MobileSAM, Hiera-T), minutes on 2 CPU cores
   python benchmarks/bench_speed.py --quick         # small random config, seconds (run by the tests)
   python benchmarks/bench_speed.py --half          # segany with half=True (bf16) against Meta fp32
 Weights are random: speed does not depend on them.
@@ -104,6 +105,7 @@ def run_speed(quick: bool, repeat: int, half: bool) -> list[dict]:
               max(1, repeat // 2), rows)
         if not quick:
             rows += run_mobile_sam(repeat, half, img)
+            rows += run_sam2(repeat, half, img)
             rows += run_default_model(repeat, half, img)
     return rows
 
@@ -148,6 +150,35 @@ def run_mobile_sam(repeat: int, half: bool, img: np.ndarray) -> list[dict]:
     mp = MobilePredictor(ref)
     with torch.inference_mode():
         _pair("encoder mobile_sam", lambda: op.set_image(img), lambda: mp.set_image(img[..., ::-1].copy()),
+              repeat, rows)
+    return rows
+
+
+def run_sam2(repeat: int, half: bool, img: np.ndarray) -> list[dict]:
+    """SAM 2.1 Hiera-T's encoder (set_image) against Meta's sam2 image predictor, same weights."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from sam2.build_sam import build_sam2
+            from sam2.sam2_image_predictor import SAM2ImagePredictor
+    except ImportError:
+        print("encoder sam2.1_t: skipped (Meta's sam2 package is not installed)")
+        return []
+    from conftest import randomize
+
+    from segany import Predictor
+    from segany.models import MODELS, build_model
+
+    ours = randomize(build_model("sam2.1_t"), 0, std=0.02)
+    ref = build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", ckpt_path=None, device="cpu", mode="eval")
+    ref.load_state_dict(ours.state_dict())
+    rows: list[dict] = []
+    op = Predictor(overrides=dict(half=half), model=ours, config=MODELS["sam2.1_t"])
+    mp = SAM2ImagePredictor(ref)
+    with torch.inference_mode():
+        _pair("encoder sam2.1_t", lambda: op.set_image(img), lambda: mp.set_image(img[..., ::-1].copy()),
               repeat, rows)
     return rows
 
