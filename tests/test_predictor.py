@@ -256,8 +256,9 @@ def test_bad_prompts_are_clear_errors_and_leave_the_predictor_usable(model, img_
 
 
 def test_box_partly_outside_is_clipped_with_a_warning(model, img_path):
-    with pytest.warns(UserWarning, match="clipped"):
+    with pytest.warns(UserWarning, match="clipped") as record:
         _check(model(img_path, bboxes=[-20, -20, 100, 500]), 1)
+    assert record[0].filename == __file__  # the warning points at the caller's line, not into segany
     _check(model(img_path, bboxes=[50, 50, 50, 80]), 1)  # zero width inside the image: a valid prompt
 
 

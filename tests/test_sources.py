@@ -55,6 +55,20 @@ def test_png_is_exact_and_jpg_is_close(tmp_path: Path) -> None:
     assert diff.max() <= 3  # Pillow's and OpenCV's JPEG decoders may round differently
 
 
+def test_large_files_decode_exactly_band_by_band(tmp_path: Path) -> None:
+    """Pixels leave Pillow a band of rows at a time (~4 MB each): a 2000 × 1500 image goes in
+    three bands, the last one shorter, and an EXIF-turned one is turned before."""
+    bgr = np.random.default_rng(3).integers(0, 256, (2000, 1500, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "big.png"), bgr)
+    np.testing.assert_array_equal(load_image(tmp_path / "big.png"), bgr)
+    rgba = np.dstack([bgr[..., ::-1], np.full(bgr.shape[:2], 7, np.uint8)])
+    np.testing.assert_array_equal(load_image(Image.fromarray(rgba, "RGBA")), bgr)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed turned 90° clockwise
+    Image.fromarray(np.ascontiguousarray(bgr[..., ::-1])).save(tmp_path / "turned.png", exif=exif)
+    np.testing.assert_array_equal(load_image(tmp_path / "turned.png"), np.rot90(bgr, k=-1))
+
+
 def test_16bit_png_scaled_to_8bit(tmp_path: Path) -> None:
     color = _bgr().astype(np.uint16) * 257
     cv2.imwrite(str(tmp_path / "c16.png"), color)
@@ -304,8 +318,9 @@ def test_unreadable_listed_files_are_skipped_named_ones_raise(tmp_path: Path) ->
     (tmp_path / "b.jpg").write_bytes(b"not a jpeg")
     cv2.imwrite(str(tmp_path / "c.png"), _bgr())
     for source in (tmp_path, str(tmp_path / "*.*"), [tmp_path]):
-        with pytest.warns(SkippedImageWarning, match=r"skipped, unreadable: .*b\.jpg is not a readable image"):
+        with pytest.warns(SkippedImageWarning, match=r"skipped, unreadable: .*b\.jpg is not a readable image") as rec:
             names = [n for n, _ in iter_sources(source)]
+        assert rec[0].filename == __file__  # the line that iterates, not segany's
         assert names == [str(tmp_path / "a.png"), str(tmp_path / "c.png")]
     for source in (tmp_path / "b.jpg", [tmp_path / "a.png", str(tmp_path / "b.jpg")]):
         with pytest.raises(ImageError, match=r"b\.jpg is not a readable image"):

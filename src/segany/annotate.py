@@ -33,7 +33,6 @@ import json
 import os
 import re
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -45,7 +44,7 @@ from . import __version__
 from .annotate_boxes import DEFAULT_DET_MODEL, BoxSourceError, check_classes, make_box_source
 from .engine.export import atomic_write_text, encode_rle, to_numpy, yolo_line
 from .engine.sources import VIDEO_EXTENSIONS, expand_sources, load_image
-from .errors import ConfigError, ImageError, SegAnyError
+from .errors import ConfigError, ImageError, SegAnyError, warn
 
 COCO_FILE = "annotations.json"
 # Temp files of export.atomic_write_bytes: ".<name>.<pid>.<8 hex>.tmp".
@@ -182,8 +181,8 @@ def auto_annotate(
     elif format == "yolo" and write_names:
         _write_names(out, source.names, clash="classes" in {t.stem for t in targets.values()})
     if found_boxes and not kept_boxes:
-        warnings.warn(f"classes={keep} kept none of the {found_boxes} boxes found: the label files written are "
-                      "empty (check the class ids; a rerun skips these images unless overwrite=True)", stacklevel=2)
+        warn(f"classes={keep} kept none of the {found_boxes} boxes found: the label files written are "
+                      "empty (check the class ids; a rerun skips these images unless overwrite=True)")
     summary.elapsed = time.perf_counter() - t0
     if verbose:
         print(summary)
@@ -312,8 +311,7 @@ def _write_names(out: Path, names: dict[int, str], clash: bool) -> None:
             f"nc: {n}\nnames:\n" + "".join(f"  {i}: {json.dumps(s)}\n" for i, s in enumerate(full)))
     files = {"data.yaml": yaml, "classes.txt": "".join(s + "\n" for s in full)}
     if clash:
-        warnings.warn("an image is named 'classes': classes.txt is not written (it is that image's label file)",
-                      stacklevel=3)
+        warn("an image is named 'classes': classes.txt is not written (it is that image's label file)")
         del files["classes.txt"]
     for name, text in files.items():
         f = out / name

@@ -11,7 +11,6 @@ import dataclasses
 import os
 import pickle
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from .errors import (
     StateDictMismatchError,
     UnknownArchitectureError,
     UnsafeCheckpointError,
+    warn,
 )
 from .models.registry import MODELS, SAM_DECODER, ModelConfig, build_model, find_config
 
@@ -146,10 +146,9 @@ def _sam2_config(sd: StateDict, name: str) -> ModelConfig:
     named = find_config(name) or find_config(f"{name}.pt")
     if named is not None and named is not found:
         what = found.name if found is not None else f"a custom SAM {version} size"
-        warnings.warn(
+        warn(
             f"checkpoint '{name}' is named like {named.name} ({named.description}) but its tensors are "
             f"SAM {version}: {what}; loading it as what it is",
-            stacklevel=3,
         )
     if found is not None:
         return found

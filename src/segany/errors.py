@@ -6,6 +6,21 @@ would expect (``FileNotFoundError``, ``ValueError``, ...), so both kinds of ``ex
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first caller outside segany, the user's line, whatever
+    the path through the package to here (Python 3.12's ``skip_file_prefixes``, on 3.10 too)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
 
 class SegAnyError(Exception):
     """Base class of all segany errors."""

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import warnings
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, warn
 from ..models.common import CPU_NATIVE_BF16
 
 
@@ -50,5 +49,5 @@ def cpu_has_native_bf16() -> bool:
 
 @functools.cache  # once a process: every encode and decode would repeat it
 def _warn_half_ignored() -> None:
-    warnings.warn("half=True is ignored on this CPU: it has no bf16 units (AVX512-BF16 or AMX), where bf16 "
-                  "would run several times slower than fp32; running in fp32", stacklevel=2)
+    warn("half=True is ignored on this CPU: it has no bf16 units (AVX512-BF16 or AMX), where bf16 "
+                  "would run several times slower than fp32; running in fp32")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..config import DEFAULTS, EVERYTHING_DEFAULTS, check_options
-from ..errors import ConfigError, PromptError
+from ..errors import ConfigError, PromptError, warn
 from ..models.registry import ModelConfig
 from .decoding import decode_in_chunks
 from .device import autocast, select_device
@@ -220,8 +220,7 @@ class Predictor:
             check_everything_options(opts)
         writer = RunWriter.from_options(opts)
         if opts["show"]:
-            warnings.warn("show=True opens no window in segany: use results[i].plot() (a BGR array) or save=True",
-                          stacklevel=2)
+            warn("show=True opens no window in segany: use results[i].plot() (a BGR array) or save=True")
         if source is None:
             state = self._require_image()
             gen = iter([self._run(state, prompts, has_prompt, multimask, opts, interactive=True)])
@@ -233,8 +232,8 @@ class Predictor:
         if opts["verbose"] or not stream:
             total = 1 if source is None else count_sources(source, vid_stride=int(opts["vid_stride"]))
             if not stream and total is not None and total > MANY_RESULTS:
-                warnings.warn(f"the results of {total} images are kept in memory, each with its image and masks: "
-                              "pass stream=True to get them one at a time", stacklevel=2)
+                warn(f"the results of {total} images are kept in memory, each with its image and masks: "
+                              "pass stream=True to get them one at a time")
             if opts["verbose"]:
                 gen = reported(gen, RunReport(total, self._require_model()))
         return gen if stream else list(gen)

@@ -14,13 +14,12 @@ is clipped to the image with a warning; a box entirely outside is an error.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..errors import PromptError
+from ..errors import PromptError, warn
 
 
 @dataclass
@@ -84,9 +83,9 @@ def parse_prompts(
         if len(lone):
             # Legal (SAM segments "not here"), but mostly a layout slip: [[x, y], [x, y]] is two
             # objects of one point each, [[[x, y], [x, y]]] one object of two points.
-            warnings.warn(f"object {lone[0]} of {len(out.labels)} has only negative points and nothing else to "
+            warn(f"object {lone[0]} of {len(out.labels)} has only negative points and nothing else to "
                           "segment; several points of one object go in one list: points=[[[x, y], [x, y]]], "
-                          "labels=[[1, 0]]", stacklevel=3)
+                          "labels=[[1, 0]]")
     return out
 
 
@@ -109,7 +108,7 @@ def _parse_boxes(arr: np.ndarray, h: int, w: int) -> np.ndarray:
         raise PromptError(f"bboxes[{outside[0]}] = {arr[outside[0]].tolist()} lies outside the {w}x{h} image "
                           "(boxes are x1, y1, x2, y2 in pixels of the original image)")
     if not np.array_equal(clipped, arr):
-        warnings.warn(f"bboxes extend past the {w}x{h} image; clipped to it", stacklevel=4)
+        warn(f"bboxes extend past the {w}x{h} image; clipped to it")
     return clipped
 
 

@@ -31,7 +31,6 @@ import glob
 import os
 import urllib.error
 import urllib.request
-import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from segany.errors import ConfigError, ImageError, ImageNotFoundError, SkippedImageWarning
+from segany.errors import ConfigError, ImageError, ImageNotFoundError, SkippedImageWarning, warn
 
 from .pixels import array_to_bgr, decode_bytes, pil_to_bgr, tensor_to_bgr
 
@@ -240,7 +239,7 @@ def iter_sources(source: Any, vid_stride: int = 1) -> Iterator[tuple[str, np.nda
         except ImageError as e:
             if not isinstance(item, _Listed):
                 raise
-            warnings.warn(f"skipped, unreadable: {e}", SkippedImageWarning, stacklevel=2)
+            warn(f"skipped, unreadable: {e}", SkippedImageWarning)
 
 
 def _video_frames(s: str, vid_stride: int) -> int | None:
