@@ -8,6 +8,7 @@ import gc
 import json
 import warnings
 import weakref
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -20,7 +21,7 @@ from segany import SAM, Predictor, Results
 from segany.checkpoints import load_model
 from segany.engine.transforms import binary_masks_to_logits
 from segany.models import build_model
-from segany.errors import ConfigError, ImageError, ImageNotFoundError, PromptError, SegAnyError
+from segany.errors import ConfigError, ImageError, ImageNotFoundError, PromptError, SegAnyError, SkippedImageWarning
 
 H, W = 180, 240
 
@@ -426,6 +427,14 @@ def test_verbose_prints_a_line_per_image_and_the_speed(model, img_path, capsys):
     assert lines[2].startswith("Speed: ") and lines[2].endswith("per image; 2 images, 4 masks")
     model(points=[50, 60], verbose=True)  # the current image: one of one
     assert capsys.readouterr().out.startswith(f"image 1/1 scene.png: {h}x{w} 1 mask, ")
+    folder = Path(img_path).parent / "folder"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "scene.png"), test_image(H, W))
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")  # listed, unreadable: skipped, and not counted
+    with pytest.warns(SkippedImageWarning):
+        model(folder, bboxes=[40, 40, 120, 110], verbose=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("image 1/1 scene.png: ") and lines[1].endswith("1 image, 1 mask")
 
 
 def test_compile_matches_eager():

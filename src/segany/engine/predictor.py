@@ -221,29 +221,34 @@ class Predictor:
         writer = RunWriter.from_options(opts)
         if opts["show"]:
             warn("show=True opens no window in segany: use results[i].plot() (a BGR array) or save=True")
-        if source is None:
-            state = self._require_image()
-            gen = iter([self._run(state, prompts, has_prompt, multimask, opts, interactive=True)])
-        else:
-            gen = self._run_sources(source, prompts, has_prompt, multimask, opts)
-        if writer is not None:
-            gen = _written(gen, writer)
         stream = stream or opts["stream"]
+        report = None
         if opts["verbose"] or not stream:
             total = 1 if source is None else count_sources(source, vid_stride=int(opts["vid_stride"]))
             if not stream and total is not None and total > MANY_RESULTS:
                 warn(f"the results of {total} images are kept in memory, each with its image and masks: "
-                              "pass stream=True to get them one at a time")
+                     "pass stream=True to get them one at a time")
             if opts["verbose"]:
-                gen = reported(gen, RunReport(total, self._require_model()))
+                report = RunReport(total, self._require_model())
+        if source is None:
+            state = self._require_image()
+            gen = iter([self._run(state, prompts, has_prompt, multimask, opts, interactive=True)])
+        else:
+            on_skip = None if report is None else report.skip
+            gen = self._run_sources(source, prompts, has_prompt, multimask, opts, on_skip)
+        if writer is not None:
+            gen = _written(gen, writer)
+        if report is not None:
+            gen = reported(gen, report)
         return gen if stream else list(gen)
 
-    def _run_sources(self, source, prompts, has_prompt, multimask, opts) -> Iterator[Results]:
+    def _run_sources(self, source, prompts, has_prompt, multimask, opts,
+                     on_skip: Callable[[str], None] | None = None) -> Iterator[Results]:
         batch = opts["batch"] or (8 if self.device.type == "cuda" else 1)
         pending: list[tuple[str, np.ndarray]] = []
         before = self.image
         try:
-            for item in iter_sources(source, vid_stride=int(opts["vid_stride"])):
+            for item in iter_sources(source, vid_stride=int(opts["vid_stride"]), on_skip=on_skip):
                 pending.append(item)
                 if len(pending) == batch:
                     yield from self._run_batch(pending, prompts, has_prompt, multimask, opts)

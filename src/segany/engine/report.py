@@ -24,6 +24,11 @@ class RunReport:
         self.images = self.masks = 0
         self.speed = dict.fromkeys(SPEED_KEYS, 0.0)
 
+    def skip(self, name: str) -> None:
+        """An expected image turned out unreadable: one fewer to come."""
+        if self.total is not None:
+            self.total -= 1
+
     def add(self, r: Results) -> dict[str, float]:
         """Count one result; returns its times in ms."""
         ms = {k: float(r.speed.get(k) or 0.0) for k in SPEED_KEYS}

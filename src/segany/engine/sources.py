@@ -31,7 +31,7 @@ import glob
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -222,12 +222,15 @@ def _check_stride(vid_stride: int) -> None:
         raise ConfigError(f"vid_stride must be a positive integer, got {vid_stride!r}")
 
 
-def iter_sources(source: Any, vid_stride: int = 1) -> Iterator[tuple[str, np.ndarray]]:
+def iter_sources(source: Any, vid_stride: int = 1, on_skip: Callable[[str], None] | None = None
+                 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(name, BGR image)`` for every image ``source`` stands for, lazily and in order.
 
     ``source``: anything ``load_image`` takes, a directory, a glob, a video file (frames named
     ``path:frame_N``), a batch tensor ``(B,3,H,W)`` / array ``(B,H,W,C)``, or a list of these.
     In-memory images are named ``image0``, ``image1``, ... by their position in the stream.
+    A file that a directory or glob lists but that cannot be read is skipped with a
+    :class:`SkippedImageWarning`, and passed to ``on_skip`` if given.
     """
     _check_stride(vid_stride)
     index = 0
@@ -240,6 +243,8 @@ def iter_sources(source: Any, vid_stride: int = 1) -> Iterator[tuple[str, np.nda
             if not isinstance(item, _Listed):
                 raise
             warn(f"skipped, unreadable: {e}", SkippedImageWarning)
+            if on_skip is not None:
+                on_skip(str(item))
 
 
 def _video_frames(s: str, vid_stride: int) -> int | None:
