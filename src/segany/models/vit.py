@@ -150,7 +150,7 @@ class Block(nn.Module):
             h, w = y.shape[1], y.shape[2]
             qkv = self.attn.project_qkv(y, scratch)
             windows, pad_hw = window_partition(qkv, self.window_size, pad=self.attn.qkv.bias, scratch=scratch)
-            y = window_unpartition(self.attn.attend_qkv(windows), self.window_size, pad_hw, (h, w))
+            y = window_unpartition(self.attn.attend_qkv(windows, scratch), self.window_size, pad_hw, (h, w))
         else:
             h, w = y.shape[1], y.shape[2]
             windows, pad_hw = window_partition(y, self.window_size)
@@ -191,20 +191,20 @@ class Attention(nn.Module):
 
     def attend(self, x: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
         """``(B, H, W, C)`` tokens → the heads' outputs ``(B, H, W, C)``, before the output projection."""
-        return self.attend_qkv(self.project_qkv(x, scratch))
+        return self.attend_qkv(self.project_qkv(x, scratch), scratch)
 
     def project_qkv(self, x: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
         """``(B, H, W, C)`` tokens → their queries, keys and values ``(B, H, W, 3C)``."""
         out = None if scratch is None else scratch.take_output("qkv", x, self.qkv.out_features)
         return linear(x, self.qkv.weight, self.qkv.bias, out=out)
 
-    def attend_qkv(self, qkv: torch.Tensor) -> torch.Tensor:
+    def attend_qkv(self, qkv: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
         """Queries, keys and values ``(B, H, W, 3C)`` → the heads' outputs ``(B, H, W, C)``."""
         b, h, w, _ = qkv.shape
         # (3, B, heads, H*W, head_dim)
         q, k, v = qkv.reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         if self.use_rel_pos and _by_parts(q, h, w):
-            return self._attention_in_parts(q, k, v, h, w)
+            return self._attention_in_parts(q, k, v, h, w, scratch)
         if self.use_rel_pos and _use_augmented(q, h, w):
             x = self._attention_augmented(q, k, v, h, w)
         else:
@@ -237,8 +237,8 @@ class Attention(nn.Module):
         bias = rel_h.contiguous()[..., :, None] + rel_w.contiguous()[..., None, :]  # (B, heads, H*W, H, W)
         return bias.view(b, n_heads, n, n)
 
-    def _attention_in_parts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int
-                            ) -> torch.Tensor:
+    def _attention_in_parts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int,
+                            scratch: Scratch | None = None) -> torch.Tensor:
         """Attention with the relative-position terms for ``(B, heads, H*W, d)`` q, k, v → the
         heads' outputs ``(B, H, W, heads * d)``, a few heads and a chunk of queries at a time
         (ViT-B's global blocks: one head × 512 queries; its 14×14 windows: the 12 heads of one
@@ -259,7 +259,8 @@ class Attention(nn.Module):
         chunk = min(n, CPU_QUERY_CHUNK)
         group = max(1, min(n_heads, CPU_PART_LOGITS // (chunk * n)))  # heads a part
         grad = torch.is_grad_enabled()
-        buffer = None if grad else q.new_empty(group * chunk * n)
+        size = group * chunk * n
+        buffer = None if grad else q.new_empty(size) if scratch is None else scratch.take("logits", size, q)
         for i in range(b):
             for j in range(0, n_heads, group):
                 hs = slice(j, min(n_heads, j + group))
