@@ -205,7 +205,8 @@ def test_small_config_parity(small_pair):
 def test_cpu_inference_paths_and_cached_position_embedding(monkeypatch):
     """Without autograd, MLPs go by chunks of tokens (a part left over here), the 1×1 convs are
     products on channels-last data and the trunk's position embedding is reused: the reference's
-    values, also after the tables change in place; with autograd, the plain ops give the same."""
+    values, also after the tables change in place (in a model made in inference mode too); with
+    autograd, the plain ops give the same."""
     from segany.models import common
 
     pair = Pair("2.1", small=True, seed=6)
@@ -223,6 +224,14 @@ def test_cpu_inference_paths_and_cached_position_embedding(monkeypatch):
         for model in (pair.ours, pair.ref):  # as a training step or a load_state_dict would
             model.image_encoder.trunk.pos_embed.add_(0.5)
         check(pair.ours.forward_image(x)["backbone_fpn"])
+    with torch.inference_mode():  # a model made in inference mode: its tables have no version counter
+        made_here = build_model(pair.config).eval()
+        made_here.load_state_dict(pair.ours.state_dict())
+        check(made_here.forward_image(x)["backbone_fpn"])
+        for model in (made_here, pair.ref):
+            model.image_encoder.trunk.pos_embed_window.sub_(0.25)
+        check(made_here.forward_image(x)["backbone_fpn"])
+    pair.ours.image_encoder.trunk.pos_embed_window.data.sub_(0.25)
     grad_fpn = pair.ours.forward_image(x.requires_grad_())["backbone_fpn"]
     check(grad_fpn)
     grad_fpn[0].sum().backward()

@@ -49,7 +49,7 @@ class Hiera(nn.Module):
         # to the feature size plus a per-window table tiled over it.
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_dim, *window_pos_embed_bkg_spatial_size))
         self.pos_embed_window = nn.Parameter(torch.zeros(1, embed_dim, window_spec[0], window_spec[0]))
-        self._pos_cache: tuple[tuple, torch.Tensor] | None = None
+        self._pos_cache: tuple[tuple, tuple[torch.Tensor, ...], torch.Tensor] | None = None
 
         self.blocks = nn.ModuleList()
         stage = 0
@@ -78,13 +78,16 @@ class Hiera(nn.Module):
         last one is reused while the size and both tables are unchanged (the bicubic resize took
         ~30 ms of a CPU encode of Hiera-T)."""
         tables = (self.pos_embed, self.pos_embed_window)
-        key = (tuple(hw), *((t.data_ptr(), t._version, t.dtype) for t in tables))
-        if not torch.is_grad_enabled() and self._pos_cache is not None and self._pos_cache[0] == key:
-            return self._pos_cache[1]
+        cached = self._pos_cache
+        if (not torch.is_grad_enabled() and cached is not None and cached[0] == tuple(hw)
+                and all(a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+                        for a, b in zip(cached[1], tables))):
+            return cached[2]  # the tables are compared by value (~10k numbers): no stale reuse
         pos = F.interpolate(self.pos_embed, size=hw, mode="bicubic")
         win = self.pos_embed_window
         pos = (pos + win.tile([p // w for p, w in zip(pos.shape, win.shape)])).permute(0, 2, 3, 1)
-        self._pos_cache = None if torch.is_grad_enabled() else (key, pos)
+        if not torch.is_grad_enabled():
+            self._pos_cache = (tuple(hw), tuple(t.detach().clone() for t in tables), pos)
         return pos
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
