@@ -6,8 +6,8 @@ Measures (median of --repeat runs after a warm-up):
                with its weights)
   1 box        one box prompt → mask at the original size (Meta SamPredictor.predict)
   64 boxes     64 box prompts in one batch (Meta SamPredictor.predict_torch)
-  peak RSS     of a ViT-B set_image + 1 box, and of 64 boxes on a set image, each side in its own
-               fresh process
+  peak RSS     of a ViT-B set_image + 1 box, of 64 boxes on a set image, and (full size) of a
+               MobileSAM and a Hiera-T set_image, each side in its own fresh process
 
 Usage:
   python benchmarks/bench_speed.py                 # full size (ViT-B, MobileSAM, Hiera-T), minutes on 2 CPU cores
@@ -130,7 +130,8 @@ def run_default_model(repeat: int, half: bool, img: np.ndarray) -> list[dict]:
     return rows
 
 
-def run_mobile_sam(repeat: int, half: bool, img: np.ndarray) -> list[dict]:
+def _mobile_sam_predictors(half: bool):
+    """segany's and MobileSAM's own predictor over the same random MobileSAM weights."""
     import warnings
 
     with warnings.catch_warnings():
@@ -145,17 +146,12 @@ def run_mobile_sam(repeat: int, half: bool, img: np.ndarray) -> list[dict]:
     ours = randomize(build_model("mobile_sam"), 0)
     ref = sam_model_registry["vit_t"]().eval()
     ref.load_state_dict(ours.state_dict())
-    rows: list[dict] = []
-    op = Predictor(overrides=dict(half=half), model=ours, config=MODELS["mobile_sam"])
-    mp = MobilePredictor(ref)
-    with torch.inference_mode():
-        _pair("encoder mobile_sam", lambda: op.set_image(img), lambda: mp.set_image(img[..., ::-1].copy()),
-              repeat, rows)
-    return rows
+    return Predictor(overrides=dict(half=half), model=ours, config=MODELS["mobile_sam"]), MobilePredictor(ref)
 
 
-def run_sam2(repeat: int, half: bool, img: np.ndarray) -> list[dict]:
-    """SAM 2.1 Hiera-T's encoder (set_image) against Meta's sam2 image predictor, same weights."""
+def _sam2_predictors(half: bool):
+    """segany's and Meta's sam2 image predictor over the same random SAM 2.1 Hiera-T weights, or
+    None without the sam2 package."""
     import warnings
 
     try:
@@ -164,8 +160,7 @@ def run_sam2(repeat: int, half: bool, img: np.ndarray) -> list[dict]:
             from sam2.build_sam import build_sam2
             from sam2.sam2_image_predictor import SAM2ImagePredictor
     except ImportError:
-        print("encoder sam2.1_t: skipped (Meta's sam2 package is not installed)")
-        return []
+        return None
     from conftest import randomize
 
     from segany import Predictor
@@ -174,9 +169,26 @@ def run_sam2(repeat: int, half: bool, img: np.ndarray) -> list[dict]:
     ours = randomize(build_model("sam2.1_t"), 0, std=0.02)
     ref = build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", ckpt_path=None, device="cpu", mode="eval")
     ref.load_state_dict(ours.state_dict())
+    return Predictor(overrides=dict(half=half), model=ours, config=MODELS["sam2.1_t"]), SAM2ImagePredictor(ref)
+
+
+def run_mobile_sam(repeat: int, half: bool, img: np.ndarray) -> list[dict]:
+    op, mp = _mobile_sam_predictors(half)
     rows: list[dict] = []
-    op = Predictor(overrides=dict(half=half), model=ours, config=MODELS["sam2.1_t"])
-    mp = SAM2ImagePredictor(ref)
+    with torch.inference_mode():
+        _pair("encoder mobile_sam", lambda: op.set_image(img), lambda: mp.set_image(img[..., ::-1].copy()),
+              repeat, rows)
+    return rows
+
+
+def run_sam2(repeat: int, half: bool, img: np.ndarray) -> list[dict]:
+    """SAM 2.1 Hiera-T's encoder (set_image) against Meta's sam2 image predictor, same weights."""
+    pair = _sam2_predictors(half)
+    if pair is None:
+        print("encoder sam2.1_t: skipped (Meta's sam2 package is not installed)")
+        return []
+    op, mp = pair
+    rows: list[dict] = []
     with torch.inference_mode():
         _pair("encoder sam2.1_t", lambda: op.set_image(img), lambda: mp.set_image(img[..., ::-1].copy()),
               repeat, rows)
@@ -191,6 +203,8 @@ def _vm_hwm_kb() -> int:
 
 
 PEAK_JOBS = ("set_image + 1 box", "64 boxes after set_image")
+# Full size only: the other encoders' set_image against their own reference code.
+ENCODER_PEAK_JOBS = {"MobileSAM set_image": _mobile_sam_predictors, "Hiera-T set_image": _sam2_predictors}
 
 
 def _peak_child(side: str, quick: bool, job: str) -> None:
@@ -199,9 +213,19 @@ def _peak_child(side: str, quick: bool, job: str) -> None:
 
     from segany import Predictor
 
-    cfg, ours, ref = _models(quick)
     h, w = (180, 240) if quick else (768, 1024)
     img = (np.random.default_rng(0).random((h, w, 3)) * 255).astype(np.uint8)
+    if job in ENCODER_PEAK_JOBS:
+        pair = ENCODER_PEAK_JOBS[job](False)
+        p = pair[0] if side == "segany" else pair[1]
+        del pair
+        Path("/proc/self/clear_refs").write_text("5")  # only the encode counts, not the set-up
+        base = _vm_hwm_kb()
+        with torch.inference_mode():
+            p.set_image(img if side == "segany" else img[..., ::-1].copy())
+        print(json.dumps(dict(peak_mb=_vm_hwm_kb() / 1024, before_mb=base / 1024)))
+        return
+    cfg, ours, ref = _models(quick)
     if side == "segany":
         del ref
     else:
@@ -231,7 +255,10 @@ def _peak_child(side: str, quick: bool, job: str) -> None:
 
 def run_peak(quick: bool) -> list[dict]:
     rows = []
-    for job in PEAK_JOBS:
+    jobs = PEAK_JOBS if quick else PEAK_JOBS + tuple(ENCODER_PEAK_JOBS)
+    for job in jobs:
+        if job == "Hiera-T set_image" and not _has_module("sam2"):
+            continue
         out = {}
         for side in ("reference", "segany"):
             args = [sys.executable, __file__, "--peak-child", side, "--peak-job", job] + (["--quick"] if quick else [])
@@ -243,6 +270,12 @@ def run_peak(quick: bool) -> list[dict]:
         rows.append(dict(job=f"peak RSS MB, {job}", segany_ms=round(out["segany"]), reference_ms=round(out["reference"]),
                          ratio=round(ratio, 3)))
     return rows
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
 
 
 def _cpu_name() -> str:
@@ -260,7 +293,8 @@ def main() -> None:
     ap.add_argument("--half", action="store_true", help="segany with half=True (bf16)")
     ap.add_argument("--json", type=str, default=None, help="also write the rows to this file")
     ap.add_argument("--peak-child", choices=["segany", "reference"], help=argparse.SUPPRESS)
-    ap.add_argument("--peak-job", choices=PEAK_JOBS, default=PEAK_JOBS[0], help=argparse.SUPPRESS)
+    ap.add_argument("--peak-job", choices=PEAK_JOBS + tuple(ENCODER_PEAK_JOBS), default=PEAK_JOBS[0],
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.peak_child:
         _peak_child(args.peak_child, args.quick, args.peak_job)
