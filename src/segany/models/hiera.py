@@ -78,15 +78,17 @@ class Hiera(nn.Module):
         last one is reused while the size and both tables are unchanged (the bicubic resize took
         ~30 ms of a CPU encode of Hiera-T)."""
         tables = (self.pos_embed, self.pos_embed_window)
+        # Not under autograd (the graph must reach the tables) nor torch.compile (which traces it).
+        reuse = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         cached = self._pos_cache
-        if (not torch.is_grad_enabled() and cached is not None and cached[0] == tuple(hw)
+        if (reuse and cached is not None and cached[0] == tuple(hw)
                 and all(a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
                         for a, b in zip(cached[1], tables))):
             return cached[2]  # the tables are compared by value (~10k numbers): no stale reuse
         pos = F.interpolate(self.pos_embed, size=hw, mode="bicubic")
         win = self.pos_embed_window
         pos = (pos + win.tile([p // w for p, w in zip(pos.shape, win.shape)])).permute(0, 2, 3, 1)
-        if not torch.is_grad_enabled():
+        if reuse:
             self._pos_cache = (tuple(hw), tuple(t.detach().clone() for t in tables), pos)
         return pos
 
