@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import linear, mlp_in_chunks
+from .common import Scratch, linear, mlp_in_chunks
 from .windows import window_partition, window_unpartition
 
 
@@ -96,8 +96,9 @@ class Hiera(nn.Module):
         x = self.patch_embed(x)  # (B, H, W, C)
         x = x + self._get_pos_embed(x.shape[1:3])
         outputs = []
+        scratch = Scratch.wanted(x)
         for i, blk in enumerate(self.blocks):
-            x = blk(x)
+            x = blk(x, scratch)
             if i in self.stage_ends:
                 outputs.append(x.permute(0, 3, 1, 2))
         return outputs
@@ -139,7 +140,8 @@ class MultiScaleBlock(nn.Module):
         if dim != dim_out:
             self.proj = nn.Linear(dim, dim_out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
+        """``(B, H, W, dim)`` → ``(B, H', W', dim_out)``; ``scratch``: buffers shared by the blocks of one pass."""
         shortcut = x
         x = self.norm1(x)
         if self.dim != self.dim_out:
@@ -148,8 +150,8 @@ class MultiScaleBlock(nn.Module):
         window = self.window_size
         h, w = x.shape[1:3]
         if window > 0:
-            x, pad_hw = window_partition(x, window)
-        x = self.attn.attend(x)
+            x, pad_hw = window_partition(x, window, scratch=scratch)
+        x = self.attn.attend(x, scratch)
         if self.window_size > 0:
             if self.q_stride:
                 # Query pooling shrank every window (and the map) by the stride.
@@ -176,10 +178,12 @@ class MultiScaleAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(self.attend(x), self.proj.weight, self.proj.bias)
 
-    def attend(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, H, W, dim)`` → the heads' outputs ``(B, H', W', dim_out)``, before the output projection."""
+    def attend(self, x: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
+        """``(B, H, W, dim)`` → the heads' outputs ``(B, H', W', dim_out)``, before the output projection;
+        ``scratch``: where q, k and v may be written."""
         b, h, w, _ = x.shape
-        qkv = linear(x, self.qkv.weight, self.qkv.bias).reshape(b, h * w, 3, self.num_heads, -1)
+        out = None if scratch is None else scratch.take_output("qkv", x, self.qkv.out_features)
+        qkv = linear(x, self.qkv.weight, self.qkv.bias, out=out).reshape(b, h * w, 3, self.num_heads, -1)
         q, k, v = torch.unbind(qkv, 2)  # each (B, H*W, heads, C/heads)
         if self.q_pool is not None:
             q = _pool(q.reshape(b, h, w, -1), self.q_pool)
