@@ -238,6 +238,21 @@ def test_cpu_inference_paths_and_cached_position_embedding(monkeypatch):
     assert pair.ours.image_encoder.trunk.pos_embed.grad is not None and torch.isfinite(x.grad).all()
 
 
+def test_bf16_autocast_on_the_cpu_is_close_to_fp32():
+    """Under CPU bf16 autocast (``half=True`` on a CPU with bf16 units) Hiera's stream turns bf16
+    after the first widening block; its products then take autocast's path, not the scratch's fp32 one."""
+    config = config_with(MODELS["sam2.1_t"], **SMALL)
+    torch.manual_seed(0)
+    model = randomize(build_model(config), 0).eval()
+    x = torch.randn(1, 3, 256, 256)
+    with torch.inference_mode():
+        fp32 = model.forward_image(x)["backbone_fpn"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model.forward_image(x)["backbone_fpn"]
+    for a, b in zip(fp32, half):
+        assert ((b.float() - a).norm() / a.norm()).item() <= 0.03
+
+
 def test_small_config_mask_prompts_and_batched_images(small_pair):
     """Mask prompts straight through ``decode`` (features of one image shared by the prompts),
     and the features of a batch of images equal those of each image alone."""

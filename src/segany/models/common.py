@@ -179,14 +179,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act
                 out = _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
             y = out.view(shape)
             return y if residual is None else residual + y
+    # The in-place and out= products below bypass autocast: only for operands of one dtype.
     if (residual_owned and residual is not None and not activation and not torch.is_grad_enabled()
-            and residual.dtype == x.dtype and residual.is_contiguous()
+            and residual.dtype == x.dtype == weight.dtype and residual.is_contiguous()
             and residual.shape == (*x.shape[:-1], weight.shape[0])):
         acc = residual.view(-1, weight.shape[0])
         if bias is not None:
             acc.add_(bias)
         return acc.addmm_(x.reshape(acc.shape[0], -1), weight.t()).view(residual.shape)
-    if out is not None and not torch.is_grad_enabled() and out.dtype == x.dtype:
+    if out is not None and not torch.is_grad_enabled() and out.dtype == x.dtype == weight.dtype:
         rows = x.numel() // x.shape[-1]
         flat = out.view(rows, weight.shape[0])
         x2d = x.reshape(rows, -1)
