@@ -203,14 +203,18 @@ def test_small_config_parity(small_pair):
 
 
 def test_cpu_inference_paths_and_cached_position_embedding(monkeypatch):
-    """Without autograd, MLPs go by chunks of tokens (a part left over here), the 1×1 convs are
-    products on channels-last data and the trunk's position embedding is reused: the reference's
-    values, also after the tables change in place (in a model made in inference mode too); with
-    autograd, the plain ops give the same."""
-    from segany.models import common
+    """Without autograd, windowed blocks go by bands of rows and MLPs by chunks of tokens (parts
+    left over here), the 1×1 convs are products on channels-last data and the trunk's position
+    embedding is reused: the reference's values, also after the tables change in place (in a
+    model made in inference mode too); with autograd, the plain ops give the same."""
+    from segany.models import common, hiera
 
     pair = Pair("2.1", small=True, seed=6)
     monkeypatch.setattr(common, "CPU_MLP_ROWS", 1000)  # the first stage's 64×64 tokens: 4 chunks and 96 left
+    monkeypatch.setattr(hiera, "CPU_BAND_TOKENS", 1536)  # windowed blocks on 64×64: bands of 24, 24 and 16 rows
+    bands = []
+    forward = hiera.MultiScaleBlock._forward
+    monkeypatch.setattr(hiera.MultiScaleBlock, "_forward", lambda self, t, s: bands.append(t.shape[1]) or forward(self, t, s))
     x = torch.randn(2, 3, 256, 256)
 
     def check(ours_fpn):
@@ -221,6 +225,7 @@ def test_cpu_inference_paths_and_cached_position_embedding(monkeypatch):
 
     with torch.no_grad():
         check(pair.ours.forward_image(x)["backbone_fpn"])
+        assert bands[:6] == [24, 24, 16, 24, 24, 16]  # the first stage's block and the pooling one
         for model in (pair.ours, pair.ref):  # as a training step or a load_state_dict would
             model.image_encoder.trunk.pos_embed.add_(0.5)
         check(pair.ours.forward_image(x)["backbone_fpn"])

@@ -17,6 +17,10 @@ from .common import Scratch, linear, mlp_in_chunks
 from .windows import window_partition, window_unpartition
 
 
+# Tokens a windowed block takes at a time in CPU inference (MultiScaleBlock.forward).
+CPU_BAND_TOKENS = 8192
+
+
 class Hiera(nn.Module):
     """Normalised image ``(B, 3, S, S)`` → one feature map per stage, highest resolution first:
     ``(B, C, S/4, S/4)``, ``(B, 2C, S/8, S/8)``, ``(B, 4C, S/16, S/16)``, ``(B, 8C, S/32, S/32)``.
@@ -141,7 +145,23 @@ class MultiScaleBlock(nn.Module):
             self.proj = nn.Linear(dim, dim_out)
 
     def forward(self, x: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
-        """``(B, H, W, dim)`` → ``(B, H', W', dim_out)``; ``scratch``: buffers shared by the blocks of one pass."""
+        """``(B, H, W, dim)`` → ``(B, H', W', dim_out)``; ``scratch``: buffers shared by the blocks of one pass
+        (CPU inference), which then takes a large map a band of whole windows' rows at a time."""
+        rows = _band_rows(x, self.window_size) if scratch is not None else 0
+        if not rows:
+            return self._forward(x, scratch)
+        # Every step is per token, per window, or a pooling inside a window, so a band of whole
+        # windows' rows gives exactly its rows of the whole map's output (the last band padded at
+        # the bottom as the map would be). A band's q/k/v and hidden layers stay in cache, where
+        # those of SAM 2's first stage (up to 151 MB) would be page-faulted in afresh every pass.
+        stride = self.q_stride[0] if self.q_stride else 1
+        bands = [self._forward(x[:, r : r + rows], scratch) for r in range(0, x.shape[1], rows)]
+        out = torch.empty(x.shape[0], -(-x.shape[1] // stride), bands[0].shape[2], self.dim_out,
+                          dtype=bands[0].dtype, device=x.device)
+        torch.cat(bands, dim=1, out=out)
+        return out
+
+    def _forward(self, x: torch.Tensor, scratch: Scratch | None) -> torch.Tensor:
         shortcut = x
         x = self.norm1(x)
         if self.dim != self.dim_out:
@@ -202,6 +222,15 @@ class GeluMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return mlp_in_chunks(x, *self.layers)
+
+
+def _band_rows(x: torch.Tensor, window: int) -> int:
+    """Rows a band of :data:`CPU_BAND_TOKENS` tokens holds, in whole windows, for a windowed block
+    on a map larger than that; else 0 (one pass over the whole map)."""
+    h, w = x.shape[1:3]
+    if window == 0 or h * w <= CPU_BAND_TOKENS:
+        return 0
+    return max(1, CPU_BAND_TOKENS // w // window) * window
 
 
 def _pool(x: torch.Tensor, pool: nn.Module | None) -> torch.Tensor:
