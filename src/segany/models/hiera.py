@@ -151,9 +151,10 @@ class MultiScaleBlock(nn.Module):
         if not rows:
             return self._forward(x, scratch)
         # Every step is per token, per window, or a pooling inside a window, so a band of whole
-        # windows' rows gives exactly its rows of the whole map's output (the last band padded at
-        # the bottom as the map would be). A band's q/k/v and hidden layers stay in cache, where
-        # those of SAM 2's first stage (up to 151 MB) would be page-faulted in afresh every pass.
+        # windows' rows computes its rows of the whole map's output (the last band padded at the
+        # bottom as the map would be; products of other shapes may round differently, ~1e-6).
+        # A band's q/k/v and hidden layers stay in cache, where those of SAM 2's first stage
+        # (up to 151 MB) would be page-faulted in afresh every pass.
         stride = self.q_stride[0] if self.q_stride else 1
         bands = [self._forward(x[:, r : r + rows], scratch) for r in range(0, x.shape[1], rows)]
         out = torch.empty(x.shape[0], -(-x.shape[1] // stride), bands[0].shape[2], self.dim_out,
