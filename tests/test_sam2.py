@@ -243,6 +243,23 @@ def test_cpu_inference_paths_and_cached_position_embedding(monkeypatch):
     assert pair.ours.image_encoder.trunk.pos_embed.grad is not None and torch.isfinite(x.grad).all()
 
 
+def test_mlp_by_chunks_keeps_the_dtype_of_the_whole_product(monkeypatch):
+    """The MLP gives the dtype autocast would give the whole map, chunked or not."""
+    from segany.models import common
+    from segany.models.hiera import GeluMLP
+
+    monkeypatch.setattr(common, "CPU_MLP_ROWS", 100)
+    mlp = GeluMLP(16, 64)
+    for rows in (100, 101):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert mlp(torch.randn(rows, 16)).dtype == torch.bfloat16
+        x = torch.randn(rows, 16, dtype=torch.bfloat16)
+        with torch.no_grad():  # bf16 tokens, fp32 shortcut: the sum is fp32, as PyTorch's add makes it
+            y = common.mlp_in_chunks(x, *mlp.to(torch.bfloat16).layers, residual=x.float())
+        mlp.float()
+        assert y.dtype == torch.float32
+
+
 def test_bf16_autocast_on_the_cpu_is_close_to_fp32():
     """Under CPU bf16 autocast (``half=True`` on a CPU with bf16 units) Hiera's stream turns bf16
     after the first widening block; its products then take autocast's path, not the scratch's fp32 one."""

@@ -158,6 +158,12 @@ def test_file_values_that_need_a_guess_are_refused(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- in-memory images
 
 
+def test_empty_pil_images_are_refused() -> None:
+    for size in ((0, 5), (5, 0)):
+        with pytest.raises(ImageError, match="empty image of size"):
+            load_image(Image.new("RGB", size))
+
+
 def test_pil_rgb_and_rgba() -> None:
     rgb = np.ascontiguousarray(_bgr()[..., ::-1])
     np.testing.assert_array_equal(load_image(Image.fromarray(rgb)), _bgr())

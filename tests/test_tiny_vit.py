@@ -94,6 +94,27 @@ def test_cpu_inference_paths_match_reference(monkeypatch: pytest.MonkeyPatch) ->
         assert len(calls) == 2 and x.grad is not None and torch.isfinite(x.grad).all()
 
 
+def test_training_mode_keeps_the_whole_map_for_batch_norm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model in train mode under no_grad (a frozen encoder being fine-tuned around) normalises
+    the whole map with its batch statistics and updates them once: no bands there."""
+    import copy
+
+    from segany.models import tiny_vit
+
+    monkeypatch.setattr(tiny_vit, "CPU_BANDS_MIN_ELEMENTS", 0)
+    torch.manual_seed(0)
+    block = tiny_vit.MBConv(16, 4.0).train()
+    torch.nn.init.ones_(block.conv3.bn.weight)
+    x = torch.randn(1, 16, 40, 24).contiguous(memory_format=torch.channels_last)
+    plain, no_grad = copy.deepcopy(block), copy.deepcopy(block)
+    expected = plain(x).detach()  # autograd on: the plain ops
+    with torch.no_grad():
+        out = no_grad(x)
+    assert (out - expected).abs().max().item() <= 1e-5
+    assert no_grad.conv1.bn.num_batches_tracked.item() == 1
+    assert torch.allclose(no_grad.conv1.bn.running_mean, plain.conv1.bn.running_mean)
+
+
 def test_state_dict_matches_reference() -> None:
     ours = TinyViT(**MOBILE_SAM).state_dict()
     ref = RefTinyViT(img_size=1024, **MOBILE_SAM).state_dict()

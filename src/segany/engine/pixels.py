@@ -80,6 +80,8 @@ class _PillowFailed(ImageError):
 
 def pil_to_bgr(im: Image.Image, what: str = "PIL image") -> np.ndarray:
     """Any Pillow mode → H×W×3 uint8 BGR."""
+    if im.width == 0 or im.height == 0:
+        raise ImageError(f"{what}: empty image of size {im.width}x{im.height}")
     try:
         mode = im.mode
         if mode.startswith("I;16"):

@@ -95,10 +95,13 @@ def mlp_in_chunks(x: torch.Tensor, lin1: nn.Linear, lin2: nn.Linear, norm: nn.Mo
         return linear(hidden, lin2.weight, lin2.bias, residual=residual)
     flat = x.reshape(rows, -1)
     res = None if residual is None else residual.reshape(rows, -1)
-    out = flat.new_empty(rows, lin2.out_features)
+    out = None
     for s in range(0, rows, CPU_MLP_ROWS):
         part = slice(s, s + CPU_MLP_ROWS)
-        out[part] = mlp_in_chunks(flat[part], lin1, lin2, norm, None if res is None else res[part])
+        y = mlp_in_chunks(flat[part], lin1, lin2, norm, None if res is None else res[part])
+        if out is None:  # the dtype the whole map's product would have (autocast, residual)
+            out = y.new_empty(rows, y.shape[-1])
+        out[part] = y
     return out.view(*x.shape[:-1], lin2.out_features)
 
 

@@ -97,7 +97,7 @@ class MBConv(nn.Module):
         self.conv3 = Conv2dBN(hidden, dim, bn_weight_init=0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _in_bands(x, self.conv1.c.out_channels):
+        if not self.training and _in_bands(x, self.conv1.c.out_channels):  # training: batch norm of the whole map
             return self._forward_in_bands(x)
         y = self.conv2(self.conv1(x, activation="gelu"), activation="gelu")
         return self.conv3(y, residual=x, activation="gelu")
