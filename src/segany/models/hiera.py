@@ -155,12 +155,7 @@ class MultiScaleBlock(nn.Module):
         # bottom as the map would be; products of other shapes may round differently, ~1e-6).
         # A band's q/k/v and hidden layers stay in cache, where those of SAM 2's first stage
         # (up to 151 MB) would be page-faulted in afresh every pass.
-        stride = self.q_stride[0] if self.q_stride else 1
-        bands = [self._forward(x[:, r : r + rows], scratch) for r in range(0, x.shape[1], rows)]
-        out = torch.empty(x.shape[0], -(-x.shape[1] // stride), bands[0].shape[2], self.dim_out,
-                          dtype=bands[0].dtype, device=x.device)
-        torch.cat(bands, dim=1, out=out)
-        return out
+        return torch.cat([self._forward(x[:, r : r + rows], scratch) for r in range(0, x.shape[1], rows)], dim=1)
 
     def _forward(self, x: torch.Tensor, scratch: Scratch | None) -> torch.Tensor:
         shortcut = x
