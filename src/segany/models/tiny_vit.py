@@ -97,7 +97,7 @@ class MBConv(nn.Module):
         self.conv3 = Conv2dBN(hidden, dim, bn_weight_init=0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training and _in_bands(x, self.conv1.c.out_channels):  # training: batch norm of the whole map
+        if _in_bands(self, x):
             return self._forward_in_bands(x)
         y = self.conv2(self.conv1(x, activation="gelu"), activation="gelu")
         return self.conv3(y, residual=x, activation="gelu")
@@ -304,8 +304,10 @@ def _init_weights(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def _in_bands(x: torch.Tensor, hidden: int) -> bool:
-    """Whether an MBConv goes by :meth:`MBConv._forward_in_bands`: CPU inference (no autograd,
-    not under ``torch.compile``) on a channels-last map whose expanded activations are large."""
-    return (onednn_products(x) and x.is_contiguous(memory_format=torch.channels_last)
+def _in_bands(block: MBConv, x: torch.Tensor) -> bool:
+    """Whether ``block`` takes ``x`` by :meth:`MBConv._forward_in_bands`: in eval mode (training
+    batch-normalises the whole map), CPU inference (no autograd, not under ``torch.compile``), on
+    a channels-last map whose expanded activations are large."""
+    hidden = block.conv1.c.out_channels
+    return (not block.training and onednn_products(x) and x.is_contiguous(memory_format=torch.channels_last)
             and x.shape[0] * hidden * x.shape[2] * x.shape[3] >= CPU_BANDS_MIN_ELEMENTS)
