@@ -1,19 +1,27 @@
 """GPU image encoders: segany vs Meta's ``segment_anything``, same random weights, same batch, one run.
 
-Per model (ViT-B, ViT-H by default), batch 8 of 1024×1024 inputs, medians of CUDA-event timings
+Per model (ViT-H and ViT-B by default), batch 8 of 1024×1024 inputs, medians of CUDA-event timings
 after warm-up, in ms per image:
 
-  meta autocast      Meta's encoder, fp32 weights under bf16 autocast (what its code does with AMP)
-  ours autocast      segany's encoder the same way (``half=True`` today)
-  ours bf16          segany's encoder with bf16 weights and inputs
-  ours bf16 bias-attention  the same with the relative positions as an additive SDPA bias
-                     (the path before the folded q/k one; for comparison)
-  ours bf16 compile  the same through ``torch.compile`` (``--compile``; compile time reported)
+  meta autocast          Meta's encoder, fp32 weights under bf16 autocast (its code with AMP)
+  ours autocast          segany's encoder the same way: what ``half=True`` runs
+  ours bf16 <policy>     segany's encoder with bf16 weights, one row per attention policy
+                         (``--ab``): how the relative positions reach SDPA in window and global
+                         blocks (inside q and k for the flash kernel, or an additive bias), which
+                         SDPA kernel goes first, and whether window blocks project q, k, v before
+                         partitioning
+  ... compile            through ``torch.compile`` (``--compile``; compile time in "setup s"):
+                         today's policy and the fastest eager one, under autocast
+                         (``half=True, compile=True``) and with bf16 weights; "regional" compiles
+                         each block instead of the whole encoder (one graph per kind of block)
 
 plus each variant's relative error against segany's fp32 embedding (‖a − b‖ / ‖b‖) and peak
 GPU memory. Usage (needs a CUDA GPU and ``segment_anything``):
 
-    python benchmarks/bench_gpu.py [--models sam_b sam_h] [--batch 8] [--compile]
+    python benchmarks/bench_gpu.py [--models sam_h sam_b] [--batch 8] [--compile] [--ab]
+        [--deadline SECONDS] [--json FILE] [--profile DIR]
+
+``--device cpu --models small`` checks the script itself.
 """
 
 from __future__ import annotations
@@ -27,10 +35,34 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "src"))
+
+from segany.models import vit  # noqa: E402
+
+CUDNN = SDPBackend.CUDNN_ATTENTION
+TODAY = "today: relative terms in q, k"
+# Attention policies for the A/B: (GPU_ATTENTION, GPU_PROJECT_FIRST).
+POLICIES = {
+    TODAY: (dict(vit.GPU_ATTENTION), vit.GPU_PROJECT_FIRST),
+    "augmented, cuDNN first": ({"window": ("augmented", CUDNN), "global": ("augmented", CUDNN)}, False),
+    "global augmented cuDNN": ({"window": ("augmented", None), "global": ("augmented", CUDNN)}, False),
+    "global bias cuDNN": ({"window": ("augmented", None), "global": ("bias", CUDNN)}, False),
+    "global bias (PyTorch's pick)": ({"window": ("augmented", None), "global": ("bias", None)}, False),
+    "all bias cuDNN": ({"window": ("bias", CUDNN), "global": ("bias", CUDNN)}, False),
+}
+COMPILE_S = {"sam_h": 75, "sam_l": 55, "sam_b": 35, "small": 30}  # compile-time guess for --deadline
+START = time.perf_counter()
+ROWS: list[dict] = []  # every model's rows, as they come (--json is rewritten after each)
+
+
+def set_policy(name: str, project_first: bool | None = None) -> None:
+    attention, first = POLICIES[name]
+    vit.GPU_ATTENTION.update(attention)
+    vit.GPU_PROJECT_FIRST = first if project_first is None else project_first
 
 
 def median_ms(fn, repeat: int, device: str, warmup: int = 3) -> float:
@@ -58,91 +90,180 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def bench_model(name: str, batch: int, repeat: int, compile_: bool, device: str,
-                compile_only: bool = False) -> list[dict]:
-    from conftest import SMALL_VIT, meta_twin, random_sam
+class Bench:
+    """One model's rows: each variant timed, checked against the fp32 embedding, and printed."""
 
-    from segany.models import MODELS, vit
+    def __init__(self, name: str, batch: int, repeat: int, device: str, json_path: str | None) -> None:
+        from conftest import SMALL_VIT, meta_twin, random_sam
 
-    cfg = SMALL_VIT if name == "small" else MODELS[name]
-    ours = random_sam(cfg, seed=0).eval()
-    meta = meta_twin(ours, cfg).eval()
-    enc = ours.image_encoder.to(device)
-    meta_enc = meta.image_encoder.to(device)
-    size = ours.img_size
-    del ours, meta
-    g = torch.Generator(device).manual_seed(0)
-    x = torch.randn((batch, 3, size, size), generator=g, device=device)
-    cuda = device == "cuda"
-    rows = []
-    with torch.inference_mode():
-        ref = enc(x)
+        from segany.models import MODELS
 
-        def variant(label: str, fn, setup_s: float = 0.0) -> None:
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            out = fn()
-            ms = median_ms(fn, repeat, device)
-            peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
-            rows.append(dict(model=name, variant=label, ms_per_image=ms / batch, batch=batch,
-                             rel_err_vs_fp32=rel_err(out, ref), peak_gpu_mib=peak, setup_s=round(setup_s, 1)))
-            print(json.dumps(rows[-1]), flush=True)
+        cfg = SMALL_VIT if name == "small" else MODELS[name]
+        ours = random_sam(cfg, seed=0).eval()
+        self.meta = meta_twin(ours, cfg).image_encoder.eval().to(device)
+        self.enc = ours.image_encoder.to(device)
+        self.enc_bf16 = copy.deepcopy(ours.image_encoder).to(device, torch.bfloat16)
+        g = torch.Generator(device).manual_seed(0)
+        self.x = torch.randn((batch, 3, ours.img_size, ours.img_size), generator=g, device=device)
+        self.xb = self.x.to(torch.bfloat16)
+        self.name, self.batch, self.repeat, self.device, self.json_path = name, batch, repeat, device, json_path
+        with torch.inference_mode():
+            self.ref = self.enc(self.x)
+        self.rows: list[dict] = []
 
-        def autocast(module):
-            def fn():
-                with torch.autocast(device, dtype=torch.bfloat16):
-                    return module(x)
-            return fn
+    def autocast(self, module):
+        def fn():
+            with torch.autocast(self.device, dtype=torch.bfloat16):
+                return module(self.x)
+        return fn
 
-        if not compile_only:
-            variant("meta autocast", autocast(meta_enc))
-            variant("ours fp32", lambda: enc(x))
-            variant("ours autocast", autocast(enc))
-        meta_enc.cpu()
-        enc_bf16 = copy.deepcopy(enc).to(torch.bfloat16)
-        enc.cpu()
-        xb = x.to(torch.bfloat16)
-        if not compile_only:
-            variant("ours bf16", lambda: enc_bf16(xb))
-            vit.GPU_REL_POS = "bias"  # A/B: the additive-bias attention this release replaced on GPUs
-            try:
-                variant("ours bf16 bias-attention", lambda: enc_bf16(xb))
-            finally:  # the compiled variants below run the default path
-                vit.GPU_REL_POS = "augmented"
-    if compile_:
-        compiled = torch.compile(enc_bf16)
+    def bf16(self, module):
+        return lambda: module(self.xb)
+
+    def variant(self, label: str, fn, setup_s: float = 0.0) -> dict | None:
+        cuda = self.device == "cuda"
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            with torch.inference_mode():
+                out = fn()
+                ms = median_ms(fn, self.repeat, self.device)
+        except Exception as e:  # an A/B kernel that does not take these shapes: say so, go on
+            row = dict(model=self.name, variant=label, error=f"{type(e).__name__}: {str(e)[:300]}")
+            self.add(row)
+            return None
+        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
+        row = dict(model=self.name, variant=label, ms_per_image=ms / self.batch, batch=self.batch,
+                   rel_err_vs_fp32=rel_err(out, self.ref), peak_gpu_mib=peak, setup_s=round(setup_s, 1),
+                   at_s=round(time.perf_counter() - START))
+        self.add(row)
+        return row
+
+    def add(self, row: dict) -> None:
+        print(json.dumps(row), flush=True)
+        self.rows.append(row)
+        ROWS.append(row)
+        if self.json_path:
+            Path(self.json_path).write_text(json.dumps(ROWS, indent=2))
+
+    def compiled(self, label: str, module, run, regional: bool = False):
+        """``run(compiled module)`` timed; the first call (the compile) reported as setup. Returns
+        the timed function, or None if it failed."""
+        torch._dynamo.reset()
+        module = copy.deepcopy(module)
+        if regional:
+            for blk in module.blocks:
+                blk.compile()
+            target = module
+        else:
+            target = torch.compile(module)
         t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                run(target)()
+                if self.device == "cuda":
+                    torch.cuda.synchronize()
+        except Exception as e:
+            self.add(dict(model=self.name, variant=label, error=f"{type(e).__name__}: {str(e)[:300]}"))
+            return None
+        return run(target) if self.variant(label, run(target), time.perf_counter() - t0) else None
+
+
+def bench_model(name: str, a: argparse.Namespace, first: bool) -> list[dict]:
+    """Meta's and today's rows, then (``--ab``) the eager A/B and (``--compile``) compiled runs of
+    today's and the fastest policy, under autocast and with bf16 weights; for the first model also
+    with projections before partitioning and compiled by regions."""
+    b = Bench(name, a.batch, a.repeat, a.device, a.json)
+    b.variant("meta autocast", b.autocast(b.meta))
+    b.meta.cpu()
+    set_policy(TODAY)
+    b.variant("ours autocast (half=True)", b.autocast(b.enc))
+    # Today's compiled run before the A/B, whose kernels might leave the GPU in an error state.
+    plans = [(TODAY, False, "autocast", False)] if a.compile else []
+    best = TODAY
+    if a.ab:
+        run_plans(b, plans, a, best)
+        plans = []
+        eager = {}
+        for policy in POLICIES:
+            set_policy(policy)
+            row = b.variant(f"ours bf16 {policy}", b.bf16(b.enc_bf16))
+            if row:
+                eager[policy] = row
+        set_policy(TODAY, project_first=True)
+        b.variant(f"ours bf16 {TODAY} + project first", b.bf16(b.enc_bf16))
+        limit = 1.5 * eager[TODAY]["rel_err_vs_fp32"]
+        best = min((p for p in eager if eager[p]["rel_err_vs_fp32"] <= limit), key=lambda p: eager[p]["ms_per_image"])
+        print(f"fastest eager policy: {best}", flush=True)
+    if a.compile:
+        if best != TODAY:
+            plans.append((best, False, "autocast", False))
+        if first:
+            plans += [(best, True, "autocast", False), (best, False, "autocast", True)]
+        plans.append((best, False, "bf16", False))
+    run_plans(b, plans, a, best)
+    set_policy(TODAY)
+    return b.rows
+
+
+def run_plans(b: Bench, plans: list[tuple[str, bool, str, bool]], a: argparse.Namespace, best: str) -> None:
+    """Compiled runs: (policy, project first, "autocast" or "bf16", regional), while time is left."""
+    for policy, project_first, mode, regional in plans:
+        if time.perf_counter() - START + COMPILE_S.get(b.name, 60) > a.deadline:
+            print(f"deadline: skipped compiling {policy} {mode}", flush=True)
+            continue
+        set_policy(policy, project_first)
+        label = f"ours {mode} compile{' regional' if regional else ''}: {policy}{' + project first' if project_first else ''}"
+        module, run = (b.enc, b.autocast) if mode == "autocast" else (b.enc_bf16, b.bf16)
+        fn = b.compiled(label, module, run, regional)
+        if fn and a.profile and policy == best and not regional and mode == "autocast" and not project_first:
+            profile(b, fn, Path(a.profile) / f"profile_{b.name}.txt")
+
+
+def profile(b: Bench, fn, path: Path) -> None:
+    """One call of ``fn`` under torch.profiler: the kernels by device time, to a text file."""
+    try:
+        from torch.profiler import ProfilerActivity
         with torch.inference_mode():
-            compiled(xb)
-            if cuda:
-                torch.cuda.synchronize()
-        setup = time.perf_counter() - t0
-        with torch.inference_mode():
-            variant("ours bf16 compile", lambda: compiled(xb), setup)
-    return rows
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.device == "cuda" else [])
+            with torch.profiler.profile(activities=acts) as prof:
+                fn()
+                if b.device == "cuda":
+                    torch.cuda.synchronize()
+        key = "self_cuda_time_total" if b.device == "cuda" else "self_cpu_time_total"
+        path.write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90))
+        print(f"profile: {path}", flush=True)
+    except Exception as e:
+        print(f"profile failed: {type(e).__name__}: {e}", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["sam_b", "sam_h"])
+    ap.add_argument("--models", nargs="+", default=["sam_h", "sam_b"])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--compile-only", action="store_true", help="only the compiled variants (and the fp32 reference)")
+    ap.add_argument("--ab", action="store_true", help="eager A/B of the attention policies")
+    ap.add_argument("--deadline", type=float, default=float("inf"), help="no compile started past these seconds")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--profile", help="a folder for a profile of the fastest compiled policy")
     ap.add_argument("--device", default="cuda", help="cpu: a check of the script itself (--models small)")
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference stays fp32
     name = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
     print(f"device: {name}, torch {torch.__version__}", flush=True)
     rows = []
-    for model in a.models:
-        rows += bench_model(model, a.batch, a.repeat, a.compile or a.compile_only, a.device, a.compile_only)
+    for i, model in enumerate(a.models):
+        rows += bench_model(model, a, first=i == 0)
         if a.device == "cuda":
             torch.cuda.empty_cache()
-    print(f"\n{'model':8s} {'variant':20s} {'ms/img':>8s} {'rel err':>9s} {'peak MiB':>9s} {'setup s':>8s}")
+    print(f"\n{'model':6s} {'variant':72s} {'ms/img':>7s} {'rel err':>8s} {'peak MiB':>9s} {'setup s':>8s}")
     for r in rows:
-        print(f"{r['model']:8s} {r['variant']:20s} {r['ms_per_image']:8.2f} {r['rel_err_vs_fp32']:9.1e} "
+        if "error" in r:
+            print(f"{r['model']:6s} {r['variant']:72s} {r['error'][:80]}")
+            continue
+        print(f"{r['model']:6s} {r['variant']:72s} {r['ms_per_image']:7.2f} {r['rel_err_vs_fp32']:8.1e} "
               f"{r['peak_gpu_mib']:9.0f} {r['setup_s']:8.1f}")
     print("bars (issue 10): ViT-B half=True batch 8 <= 4 ms/image, ViT-H <= 14 ms/image")
     print("reproduce: python " + " ".join([str(Path(__file__).relative_to(ROOT)), *sys.argv[1:]]))

@@ -324,8 +324,8 @@ def test_augmented_rel_pos_attention_equals_bias():
     assert out.shape == ref.shape
     assert (out - ref).abs().max() <= 1e-5
     # Taken only for half precision on a GPU, and only where flash takes the head dimension.
-    assert not vit._use_augmented(q, 12, 20)
-    assert not vit._use_augmented(q.to(torch.bfloat16), 12, 20)  # a CPU tensor
+    assert not vit._gpu_half(q) and not vit._gpu_half(q.to(torch.bfloat16))  # CPU tensors
+    assert vit._flash_takes(q, 12, 20) and not vit._flash_takes(torch.empty(1, 1, 1, 80), 64, 120)
 
 
 @pytest.mark.parametrize("kind", ["sam_b", "sam2.1_t"])

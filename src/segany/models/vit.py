@@ -8,11 +8,13 @@ cached, not rebuilt at every call.
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .common import LayerNorm2d, MLPBlock, Scratch, half_residual_stream, linear
 from .windows import window_partition, window_unpartition
@@ -29,10 +31,16 @@ CPU_PARTS_ALWAYS_TOKENS = 2048
 # 1.7 % faster than by SDPA with the bias, 2-core AVX2 EPYC); the default model's 8×8 windows are
 # faster by SDPA (41 against 46 ms an encoder), its 32×32 global blocks the same either way.
 CPU_PARTS_MIN_TOKENS = 128
-# On a GPU in half precision the relative-position terms ride inside q and k (see
-# Attention._attention_augmented), so SDPA can take its flash kernel instead of reading an
-# H*W × H*W bias per head; "bias" keeps the additive bias (an A/B switch for benchmarks).
-GPU_REL_POS = "augmented"
+# On a GPU in half precision, by kind of block ("window" or "global"): how the relative-position
+# terms reach SDPA, and the SDPA kernel tried first (None: PyTorch's own order). "augmented": inside
+# q and k (see Attention._attention_augmented), so SDPA can take its flash kernel instead of reading
+# an H*W × H*W bias per head; "bias": the additive bias. Benchmarks switch these for A/B runs.
+GPU_ATTENTION: dict[str, tuple[str, SDPBackend | None]] = {
+    "window": ("augmented", None),
+    "global": ("augmented", None),
+}
+# Whether window blocks on a GPU project q, k, v before partitioning, as CPUs do (Block.forward).
+GPU_PROJECT_FIRST = False
 # Flash kernels take head dimensions up to this.
 _FLASH_MAX_HEAD_DIM = 256
 
@@ -131,6 +139,7 @@ class Block(nn.Module):
             qkv_bias=qkv_bias,
             use_rel_pos=use_rel_pos,
             input_size=input_size if window_size == 0 else (window_size, window_size),
+            kind="global" if window_size == 0 else "window",
         )
         self.norm2 = norm(dim)
         self.mlp = MLPBlock(dim, int(dim * mlp_ratio))
@@ -171,8 +180,10 @@ class Attention(nn.Module):
         qkv_bias: bool = True,
         use_rel_pos: bool = False,
         input_size: tuple[int, int] | None = None,
+        kind: str = "global",
     ) -> None:
         super().__init__()
+        self.kind = kind  # "window" or "global": picks the GPU_ATTENTION policy
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.scale = head_dim**-0.5
@@ -205,11 +216,13 @@ class Attention(nn.Module):
         q, k, v = qkv.reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         if self.use_rel_pos and _by_parts(q, h, w):
             return self._attention_in_parts(q, k, v, h, w, scratch)
-        if self.use_rel_pos and _use_augmented(q, h, w):
-            x = self._attention_augmented(q, k, v, h, w)
-        else:
-            bias = self._rel_pos_bias(q, h, w) if self.use_rel_pos else None
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        mode, first = GPU_ATTENTION[self.kind] if _gpu_half(q) else ("bias", None)
+        with _kernels_first(first):
+            if self.use_rel_pos and mode == "augmented" and _flash_takes(q, h, w):
+                x = self._attention_augmented(q, k, v, h, w)
+            else:
+                bias = self._rel_pos_bias(q, h, w) if self.use_rel_pos else None
+                x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         return x.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
 
     def _rel_pos_terms(self, q: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -335,9 +348,22 @@ def _by_parts(q: torch.Tensor, h: int, w: int) -> bool:
 
 def _project_before_partition(x: torch.Tensor) -> bool:
     """Whether a window block projects q, k, v before partitioning (see :meth:`Block.forward`)."""
-    return x.device.type == "cpu"
+    return x.device.type == "cpu" or (GPU_PROJECT_FIRST and x.device.type == "cuda")
 
 
-def _use_augmented(q: torch.Tensor, h: int, w: int) -> bool:
-    return (GPU_REL_POS == "augmented" and q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
-            and (q.shape[-1] + h + w + 7) // 8 * 8 <= _FLASH_MAX_HEAD_DIM)
+def _gpu_half(q: torch.Tensor) -> bool:
+    return q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def _flash_takes(q: torch.Tensor, h: int, w: int) -> bool:
+    """Whether flash kernels take the head dimension of :meth:`Attention._attention_augmented`."""
+    return (q.shape[-1] + h + w + 7) // 8 * 8 <= _FLASH_MAX_HEAD_DIM
+
+
+def _kernels_first(backend: SDPBackend | None):
+    """A context in which SDPA tries ``backend`` first (then PyTorch's usual order), or a no-op."""
+    if backend is None:
+        return contextlib.nullcontext()
+    rest = [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                        SDPBackend.MATH) if b != backend]
+    return sdpa_kernel([backend, *rest], set_priority=True)
