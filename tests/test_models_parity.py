@@ -346,3 +346,20 @@ def test_opencv_masks_equal_thresholded_postprocess(kind):
         differ = got != (ref > model.mask_threshold)
         assert ref[differ].abs().max() <= 1e-4 if differ.any() else True, (h, w)
         assert differ.float().mean() <= 1e-5, (h, w)
+
+
+def test_patch_embed_and_neck_products_equal_their_convolutions():
+    """ViT's patch embedding (a product of the flattened patches) and its neck's 1×1 convolution (a
+    product over channels where ``conv1x1`` takes one) equal the convolutions they stand for; an
+    input that is not a multiple of the patch drops its remainder as the convolution does."""
+    from segany.models.common import conv1x1
+    from segany.models.vit import PatchEmbed
+
+    torch.manual_seed(0)
+    embed = PatchEmbed(16, 3, 32)
+    x = torch.randn(2, 3, 70, 90)
+    with torch.no_grad():
+        assert (embed(x) - embed.proj(x).permute(0, 2, 3, 1)).abs().max() <= 1e-5
+        conv = torch.nn.Conv2d(32, 16, kernel_size=1, bias=False)
+        maps = torch.randn(2, 5, 7, 32).permute(0, 3, 1, 2)  # channels-last, as the encoder has them
+        assert (conv1x1(maps, conv) - conv(maps)).abs().max() <= 1e-5
