@@ -370,3 +370,31 @@ def test_extension_constants() -> None:
     assert {".mp4", ".avi", ".mov", ".mkv", ".webm"} <= VIDEO_EXTENSIONS
     assert not IMAGE_EXTENSIONS & VIDEO_EXTENSIONS
     assert all(e.startswith(".") and e == e.lower() for e in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS)
+
+
+def test_a_folder_is_listed_once_per_call(tmp_path: Path, monkeypatch) -> None:
+    """A call that counts its images (a list result, verbose, the CLI's progress) and then runs them
+    lists each folder once: the count and the run see the same files. An unreadable listed file
+    is still skipped, and an ExpandedSources passes through unchanged."""
+    from test_train import TINY
+
+    from segany.engine.predictor import Predictor
+    from segany.engine.sources import ExpandedSources, expand_once
+    from segany.models import build_model
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        cv2.imwrite(str(folder / name), np.full((40, 50, 3), 90, np.uint8))
+    (folder / "c.jpg").write_bytes(b"not a jpeg")
+    listed: list[Path] = []
+    iterdir = Path.iterdir
+    monkeypatch.setattr(Path, "iterdir", lambda self: listed.append(self) or iterdir(self))
+    pred = Predictor(overrides=dict(device="cpu"), model=build_model(TINY))
+    with pytest.warns(SkippedImageWarning):
+        results = pred(source=str(folder), bboxes=[5, 5, 30, 30], verbose=True)
+    assert [Path(r.path).name for r in results] == ["a.png", "b.png"]
+    assert listed == [folder]
+    once = expand_once(str(folder))
+    assert isinstance(once, ExpandedSources) and expand_once(once) is once
+    assert count_sources(once) == 3 and len(listed) == 2

@@ -222,7 +222,7 @@ def load_mask_prompt(value: Any) -> Any:
 
 def run_predict(tokens: list[str]) -> int:
     from .config import META_ALIASES, OPTION_TYPES, check_options
-    from .engine.sources import count_sources
+    from .engine.sources import count_sources, expand_once
 
     defaults = predict_defaults()
     given = parse_options(tokens, defaults, META_ALIASES, OPTION_TYPES, "predict")
@@ -239,6 +239,7 @@ def run_predict(tokens: list[str]) -> int:
         source = str(default_image())
         print(f"source not given: using the example image {source}", file=sys.stderr)
     # Everything that can be checked cheaply is checked before the model loads.
+    source = expand_once(source)  # counted here, then iterated by the predictor: listed once
     total = count_sources(source, vid_stride=opts["vid_stride"])
     masks = load_mask_prompt(opts["masks"])
     writer = RunWriter.from_options(opts)  # its folder is made when the first result is written

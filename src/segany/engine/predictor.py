@@ -29,7 +29,7 @@ from .prompts import Prompts, parse_prompts
 from .report import RunReport, reported
 from .results import Results
 from .saving import RunWriter
-from .sources import count_sources, iter_sources, load_image
+from .sources import count_sources, expand_once, iter_sources, load_image
 from .transforms import binary_masks_to_logits, image_to_tensor, masks_from_logits, scale_coords
 
 
@@ -224,6 +224,8 @@ class Predictor:
         stream = stream or opts["stream"]
         report = None
         if opts["verbose"] or not stream:
+            if source is not None:
+                source = expand_once(source)  # counted, then iterated: directories listed once
             total = 1 if source is None else count_sources(source, vid_stride=int(opts["vid_stride"]))
             if not stream and total is not None and total > MANY_RESULTS:
                 warn(f"the results of {total} images are kept in memory, each with its image and masks: "

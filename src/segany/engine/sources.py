@@ -154,9 +154,26 @@ def _expand_path(s: str) -> Iterator[str]:
         raise ImageNotFoundError(f"image source not found: {s}")
 
 
+class ExpandedSources(list):
+    """The items a source stands for, listed once (:func:`expand_once`): counted and then iterated
+    without listing its directories and globs again."""
+
+
+def expand_once(source: Any) -> Any:
+    """``source`` with its directories, globs and lists expanded into one :class:`ExpandedSources`
+    (paths, URLs and in-memory images, undecoded), for a caller that counts the images and then
+    iterates over them; generators are returned as they are (counting would consume them).
+    Missing paths raise here, as :func:`iter_sources` would."""
+    if isinstance(source, (Iterator, ExpandedSources)):
+        return source
+    return ExpandedSources(_expand(source))
+
+
 def _expand(source: Any) -> Iterator[Any]:
     """Flatten lists/directories/globs into single items (paths, URLs or in-memory images)."""
-    if isinstance(source, (str, os.PathLike)):
+    if isinstance(source, ExpandedSources):
+        yield from source
+    elif isinstance(source, (str, os.PathLike)):
         yield from _expand_path(os.path.expanduser(os.fspath(source)))
     elif isinstance(source, (np.ndarray, torch.Tensor, Image.Image)):
         yield source
@@ -263,7 +280,7 @@ def count_sources(source: Any, vid_stride: int = 1) -> int | None:
     _check_stride(vid_stride)
     if isinstance(source, Iterator):
         return None  # a generator cannot be counted without consuming it
-    if isinstance(source, (list, tuple)) and source:
+    if isinstance(source, (list, tuple)) and source and not isinstance(source, ExpandedSources):
         counts = [count_sources(item, vid_stride) for item in source]
         return None if None in counts else sum(counts)  # type: ignore[arg-type]
     total = 0
