@@ -7,9 +7,8 @@ after warm-up, in ms per image:
   ours autocast          segany's encoder the same way: what ``half=True`` runs
   ours bf16 <policy>     segany's encoder with bf16 weights, one row per attention policy
                          (``--ab``): how the relative positions reach SDPA in window and global
-                         blocks (inside q and k for the flash kernel, or an additive bias), which
-                         SDPA kernel goes first, and whether window blocks project q, k, v before
-                         partitioning
+                         blocks (inside q and k for the flash kernel, or an additive bias) and
+                         which SDPA kernel goes first
   ... compile            through ``torch.compile`` (``--compile``; compile time in "setup s"):
                          today's policy and the fastest eager one, under autocast
                          (``half=True, compile=True``) and with bf16 weights; "regional" compiles
@@ -45,25 +44,23 @@ from segany.models import vit  # noqa: E402
 
 CUDNN = SDPBackend.CUDNN_ATTENTION
 TODAY = "today: relative terms in q, k"
-# Attention policies for the A/B: (GPU_ATTENTION, GPU_PROJECT_FIRST). On an H200 (torch 2.11) PyTorch
+# Attention policies for the A/B (vit.GPU_ATTENTION). On an H200 (torch 2.11) PyTorch
 # already picked cuDNN for the augmented q/k, and global blocks were slower with the bias; windows
 # with the bias ran faster in eager mode ("all bias cuDNN" against "global bias cuDNN").
 POLICIES = {
-    TODAY: (dict(vit.GPU_ATTENTION), vit.GPU_PROJECT_FIRST),
-    "windows bias cuDNN": ({"window": ("bias", CUDNN), "global": ("augmented", None)}, False),
-    "windows bias (PyTorch's pick)": ({"window": ("bias", None), "global": ("augmented", None)}, False),
-    "global bias cuDNN": ({"window": ("augmented", None), "global": ("bias", CUDNN)}, False),
-    "all bias cuDNN": ({"window": ("bias", CUDNN), "global": ("bias", CUDNN)}, False),
+    TODAY: dict(vit.GPU_ATTENTION),
+    "windows bias cuDNN": {"window": ("bias", CUDNN), "global": ("augmented", None)},
+    "windows bias (PyTorch's pick)": {"window": ("bias", None), "global": ("augmented", None)},
+    "global bias cuDNN": {"window": ("augmented", None), "global": ("bias", CUDNN)},
+    "all bias cuDNN": {"window": ("bias", CUDNN), "global": ("bias", CUDNN)},
 }
-COMPILE_S = {"sam_h": 75, "sam_l": 55, "sam_b": 35, "small": 30}  # compile-time guess for --deadline
+COMPILE_S = {"sam_h": 85, "sam_l": 60, "sam_b": 35, "small": 30}  # compile-time guess for --deadline
 START = time.perf_counter()
 ROWS: list[dict] = []  # every model's rows, as they come (--json is rewritten after each)
 
 
-def set_policy(name: str, project_first: bool | None = None) -> None:
-    attention, first = POLICIES[name]
-    vit.GPU_ATTENTION.update(attention)
-    vit.GPU_PROJECT_FIRST = first if project_first is None else project_first
+def set_policy(name: str) -> None:
+    vit.GPU_ATTENTION.update(POLICIES[name])
 
 
 def median_ms(fn, repeat: int, device: str, warmup: int = 3) -> float:
@@ -174,14 +171,14 @@ class Bench:
 def bench_model(name: str, a: argparse.Namespace, first: bool) -> list[dict]:
     """Meta's and today's rows, then (``--ab``) the eager A/B and (``--compile``) compiled runs of
     today's and the fastest policy, under autocast and with bf16 weights; for the first model also
-    with projections before partitioning and compiled by regions."""
+    compiled by regions."""
     b = Bench(name, a.batch, a.repeat, a.device, a.json)
     b.variant("meta autocast", b.autocast(b.meta))
     b.meta.cpu()
     set_policy(TODAY)
     b.variant("ours autocast (half=True)", b.autocast(b.enc))
     # Today's compiled run before the A/B, whose kernels might leave the GPU in an error state.
-    plans = [(TODAY, False, "autocast", False)] if a.compile else []
+    plans = [(TODAY, "autocast", False)] if a.compile else []
     best = TODAY
     if a.ab:
         run_plans(b, plans, a, best)
@@ -192,33 +189,31 @@ def bench_model(name: str, a: argparse.Namespace, first: bool) -> list[dict]:
             row = b.variant(f"ours bf16 {policy}", b.bf16(b.enc_bf16))
             if row:
                 eager[policy] = row
-        set_policy(TODAY, project_first=True)
-        b.variant(f"ours bf16 {TODAY} + project first", b.bf16(b.enc_bf16))
         limit = 1.5 * eager[TODAY]["rel_err_vs_fp32"]
         best = min((p for p in eager if eager[p]["rel_err_vs_fp32"] <= limit), key=lambda p: eager[p]["ms_per_image"])
         print(f"fastest eager policy: {best}", flush=True)
     if a.compile:
         if best != TODAY:
-            plans.append((best, False, "autocast", False))
+            plans.append((best, "autocast", False))
+        plans.append((best, "bf16", False))
         if first:
-            plans += [(best, True, "autocast", False), (best, False, "autocast", True)]
-        plans.append((best, False, "bf16", False))
+            plans.append((best, "autocast", True))
     run_plans(b, plans, a, best)
     set_policy(TODAY)
     return b.rows
 
 
-def run_plans(b: Bench, plans: list[tuple[str, bool, str, bool]], a: argparse.Namespace, best: str) -> None:
-    """Compiled runs: (policy, project first, "autocast" or "bf16", regional), while time is left."""
-    for policy, project_first, mode, regional in plans:
+def run_plans(b: Bench, plans: list[tuple[str, str, bool]], a: argparse.Namespace, best: str) -> None:
+    """Compiled runs: (policy, "autocast" or "bf16", regional), while time is left."""
+    for policy, mode, regional in plans:
         if time.perf_counter() - START + COMPILE_S.get(b.name, 60) > a.deadline:
             print(f"deadline: skipped compiling {policy} {mode}", flush=True)
             continue
-        set_policy(policy, project_first)
-        label = f"ours {mode} compile{' regional' if regional else ''}: {policy}{' + project first' if project_first else ''}"
+        set_policy(policy)
+        label = f"ours {mode} compile{' regional' if regional else ''}: {policy}"
         module, run = (b.enc, b.autocast) if mode == "autocast" else (b.enc_bf16, b.bf16)
         fn = b.compiled(label, module, run, regional)
-        if fn and a.profile and policy == best and not regional and mode == "autocast" and not project_first:
+        if fn and a.profile and policy == best and not regional and mode == "autocast":
             profile(b, fn, Path(a.profile) / f"profile_{b.name}.txt")
 
 

@@ -19,3 +19,18 @@ def test_bench_speed_quick(tmp_path):
     assert [r["job"] for r in rows][1:] == ["1 box -> original-size mask", "64 boxes -> masks",
                                             "peak RSS MB, set_image + 1 box", "peak RSS MB, 64 boxes after set_image"]
     assert all(r["segany_ms"] > 0 and r["reference_ms"] > 0 for r in rows)
+
+
+def test_bench_gpu_runs_its_attention_ab_on_the_cpu(tmp_path):
+    """bench_gpu.py's own check (``--device cpu --models small``): every attention policy of the A/B
+    runs, and each row's embedding is within bf16 rounding of the fp32 one."""
+    out = tmp_path / "rows.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--device", "cpu",
+                          "--models", "small", "--batch", "1", "--repeat", "1", "--ab", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    variants = [r["variant"] for r in rows]
+    assert variants[:2] == ["meta autocast", "ours autocast (half=True)"]
+    assert len(variants) == 2 + 5 and "ours bf16 windows bias cuDNN" in variants
+    assert all("error" not in r and r["rel_err_vs_fp32"] < 0.05 for r in rows)
