@@ -164,9 +164,17 @@ def expand_once(source: Any) -> Any:
     (paths, URLs and in-memory images, undecoded), for a caller that counts the images and then
     iterates over them; generators are returned as they are (counting would consume them).
     Missing paths raise here, as :func:`iter_sources` would."""
-    if isinstance(source, (Iterator, ExpandedSources)):
+    if isinstance(source, ExpandedSources) or _holds_generator(source):
         return source
     return ExpandedSources(_expand(source))
+
+
+def _holds_generator(source: Any) -> bool:
+    """Whether ``source`` is, or a list of it holds, a generator: expanding would drain it and keep
+    all its images at once, where iterating takes them one at a time."""
+    if isinstance(source, Iterator):
+        return True
+    return isinstance(source, (list, tuple)) and any(_holds_generator(item) for item in source)
 
 
 def _expand(source: Any) -> Iterator[Any]:

@@ -1,9 +1,10 @@
 """SAM's ViT image encoder (ViT-B/L/H): windowed attention with decomposed relative positions.
 
 Attention runs through ``scaled_dot_product_attention`` with the decomposed relative
-position terms as an additive bias, except for large global blocks on a CPU, which go a chunk of
-queries at a time; the index tables that gather those terms are computed once per input size and
-cached, not rebuilt at every call.
+position terms as an additive bias, except on a CPU, where large grids go a chunk of queries at a
+time, and on a GPU in half precision, where the terms ride inside q and k (``GPU_ATTENTION``). The
+index tables that gather those terms are computed once per input size and cached, not rebuilt at
+every call.
 """
 
 from __future__ import annotations
