@@ -22,8 +22,9 @@ def test_bench_speed_quick(tmp_path):
 
 
 def test_bench_gpu_runs_its_attention_ab_on_the_cpu(tmp_path):
-    """bench_gpu.py's own check (``--device cpu --models small``): every attention policy of the A/B
-    runs, and each row's embedding is within bf16 rounding of the fp32 one."""
+    """bench_gpu.py's own check (``--device cpu --models small``): its A/B loop makes a row for every
+    attention policy, each embedding within bf16 rounding of the fp32 one. (On a CPU every policy
+    takes the same bias path: this checks the script, not the GPU policies.)"""
     out = tmp_path / "rows.json"
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--device", "cpu",
                           "--models", "small", "--batch", "1", "--repeat", "1", "--ab", "--json", str(out)],

@@ -348,18 +348,18 @@ def test_opencv_masks_equal_thresholded_postprocess(kind):
         assert differ.float().mean() <= 1e-5, (h, w)
 
 
-def test_patch_embed_and_neck_products_equal_their_convolutions():
-    """ViT's patch embedding (a product of the flattened patches) and its neck's 1×1 convolution (a
-    product over channels where ``conv1x1`` takes one) equal the convolutions they stand for; an
-    input that is not a multiple of the patch drops its remainder as the convolution does."""
-    from segany.models.common import conv1x1
-    from segany.models.vit import PatchEmbed
 
-    torch.manual_seed(0)
-    embed = PatchEmbed(16, 3, 32)
-    x = torch.randn(2, 3, 70, 90)
-    with torch.no_grad():
-        assert (embed(x) - embed.proj(x).permute(0, 2, 3, 1)).abs().max() <= 1e-5
-        conv = torch.nn.Conv2d(32, 16, kernel_size=1, bias=False)
-        maps = torch.randn(2, 5, 7, 32).permute(0, 3, 1, 2)  # channels-last, as the encoder has them
-        assert (conv1x1(maps, conv) - conv(maps)).abs().max() <= 1e-5
+def test_training_after_an_inference_mode_call():
+    """A model that predicted under ``torch.inference_mode`` (a Predictor's call) can then be trained:
+    ViT's cached index tables are made outside inference mode, so autograd may save them. Before,
+    the backward pass raised "Inference tensors cannot be saved for backward"."""
+    model = random_sam(SMALL_VIT)
+    x = torch.randn(1, 3, 256, 256)
+    with torch.inference_mode():
+        before = model.encode_image(x)
+    model.train()
+    out = model.encode_image(x)
+    out.square().mean().backward()
+    grad = model.image_encoder.blocks[0].attn.rel_pos_h.grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert (out.detach() - before).abs().max() <= 1e-4

@@ -401,13 +401,20 @@ def test_a_folder_is_listed_once_per_call(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_expand_once_leaves_generators_to_be_iterated_lazily() -> None:
-    """A generator, alone or in a list, is not drained by expand_once (counting would keep all its
-    images at once); lists of paths and arrays are expanded."""
+    """A generator or another iterable, alone or in a list, is not drained by expand_once
+    (expanding would hold all its images at once); lists of paths and arrays are expanded."""
     from segany.engine.sources import ExpandedSources, expand_once
 
     frames = (np.zeros((8, 8, 3), np.uint8) for _ in range(3))
     assert expand_once(frames) is frames and next(frames).shape == (8, 8, 3)
     nested = [np.zeros((8, 8, 3), np.uint8), frames]
     assert expand_once(nested) is nested and len(list(frames)) == 2
+
+    class Reader:  # an iterable that is not an iterator, e.g. a video or dataset reader
+        def __iter__(self):
+            return (np.zeros((8, 8, 3), np.uint8) for _ in range(2))
+
+    reader = Reader()
+    assert expand_once(reader) is reader and expand_once([reader]) == [reader]
     arrays = [np.zeros((8, 8, 3), np.uint8)] * 2
     assert isinstance(expand_once(arrays), ExpandedSources) and len(expand_once(arrays)) == 2

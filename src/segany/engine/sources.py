@@ -162,19 +162,19 @@ class ExpandedSources(list):
 def expand_once(source: Any) -> Any:
     """``source`` with its directories, globs and lists expanded into one :class:`ExpandedSources`
     (paths, URLs and in-memory images, undecoded), for a caller that counts the images and then
-    iterates over them; generators are returned as they are (counting would consume them).
-    Missing paths raise here, as :func:`iter_sources` would."""
-    if isinstance(source, ExpandedSources) or _holds_generator(source):
+    iterates over them. Any other iterable (a generator, a frame reader, a dataset) is returned as
+    it is: expanding it would drain it and hold all its images at once, where iterating takes them
+    one at a time. Missing paths raise here, as :func:`iter_sources` would."""
+    if isinstance(source, ExpandedSources) or not _expandable(source):
         return source
     return ExpandedSources(_expand(source))
 
 
-def _holds_generator(source: Any) -> bool:
-    """Whether ``source`` is, or a list of it holds, a generator: expanding would drain it and keep
-    all its images at once, where iterating takes them one at a time."""
-    if isinstance(source, Iterator):
-        return True
-    return isinstance(source, (list, tuple)) and any(_holds_generator(item) for item in source)
+def _expandable(source: Any) -> bool:
+    """Whether ``source`` is a path, an in-memory image, or a list or tuple of only these."""
+    if isinstance(source, (list, tuple)):
+        return all(_expandable(item) for item in source)
+    return isinstance(source, (str, os.PathLike, np.ndarray, torch.Tensor, Image.Image))
 
 
 def _expand(source: Any) -> Iterator[Any]:

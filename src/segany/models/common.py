@@ -107,12 +107,10 @@ def mlp_in_chunks(x: torch.Tensor, lin1: nn.Linear, lin2: nn.Linear, norm: nn.Mo
 
 def conv1x1(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """``conv(x)`` for a 1×1, stride-1 ``conv`` of ``(B, C, H, W)`` maps. On channels-last data in CPU
-    inference and on GPUs it is one matrix product over the channels, returned channels-last
-    (PyTorch's CPU convolution took 3-4× as long for SAM 2's 256×256 maps; on an H200 cuDNN took
-    generic kernels for some of ViT-H's, see :class:`vit.PatchEmbed`)."""
+    inference it is one matrix product over the channels, returned channels-last (PyTorch's CPU
+    convolution took 3-4× as long for SAM 2's 256×256 maps)."""
     plain = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
-    if (plain and (onednn_products(x) or x.device.type == "cuda")
-            and x.is_contiguous(memory_format=torch.channels_last)):
+    if plain and onednn_products(x) and x.is_contiguous(memory_format=torch.channels_last):
         y = linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias)
         return y.permute(0, 3, 1, 2)
     return conv(x)

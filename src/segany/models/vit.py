@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .common import LayerNorm2d, MLPBlock, Scratch, conv1x1, half_residual_stream, linear
+from .common import LayerNorm2d, MLPBlock, Scratch, half_residual_stream, linear
 from .windows import window_partition, window_unpartition
 
 
@@ -102,30 +102,18 @@ class ImageEncoderViT(nn.Module):
         scratch = Scratch.wanted(x)
         for blk in self.blocks:
             x = blk(x, scratch)
-        x = conv1x1(x.permute(0, 3, 1, 2), self.neck[0])
-        return self.neck[1:](x)
+        return self.neck(x.permute(0, 3, 1, 2))
 
 
 class PatchEmbed(nn.Module):
-    """``(B, C, H, W)`` → ``(B, H/p, W/p, embed_dim)``: a ``p × p``, stride-``p`` convolution,
-    computed as one product of the patches (flattened as the kernel is) with the kernel.
-
-    The same sums as the convolution, in another order. Profiled on an H200 under torch.compile,
-    ViT-H's three convolutions took 2.3–4.5 ms a batch of 8 (one through a generic implicit-GEMM
-    kernel), where their arithmetic is ~0.2 ms at its bf16 rate; this path is not yet measured
-    there. On a 2-core CPU both ways take 28 ms for ViT-B's 1024×1024 input."""
+    """``(B, C, H, W)`` → ``(B, H/p, W/p, embed_dim)``."""
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
         super().__init__()
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.proj.kernel_size[0]
-        b, c, h, w = x.shape
-        h, w = h // p * p, w // p * p  # the convolution drops any remainder
-        patches = x[:, :, :h, :w].reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
-        patches = patches.reshape(b, h // p, w // p, c * p * p)  # (B, H/p, W/p, C·p·p), as the kernel flattens
-        return linear(patches, self.proj.weight.flatten(1), self.proj.bias)
+        return self.proj(x).permute(0, 2, 3, 1)
 
 
 class Block(nn.Module):
@@ -194,7 +182,7 @@ class Attention(nn.Module):
         kind: str = "global",
     ) -> None:
         super().__init__()
-        self.kind = kind  # "window" or "global": picks the GPU_ATTENTION policy
+        self.kind = kind  # "window" or "global": picks the GPU_ATTENTION policy (see attend_qkv)
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.scale = head_dim**-0.5
@@ -227,7 +215,8 @@ class Attention(nn.Module):
         q, k, v = qkv.reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         if self.use_rel_pos and _by_parts(q, h, w):
             return self._attention_in_parts(q, k, v, h, w, scratch)
-        mode, first = GPU_ATTENTION[self.kind] if _gpu_half(q) else ("bias", None)
+        # (getattr: an Attention pickled whole before ``kind`` existed takes the global policy)
+        mode, first = GPU_ATTENTION[getattr(self, "kind", "global")] if _gpu_half(q) else ("bias", None)
         with _kernels_first(first):
             if self.use_rel_pos and mode == "augmented" and _flash_takes(q, h, w):
                 x = self._attention_augmented(q, k, v, h, w)
@@ -321,15 +310,15 @@ class Attention(nn.Module):
 
     def _key_onehot(self, h: int, w: int, extra: int, like: torch.Tensor) -> torch.Tensor:
         """``(H*W, H + W + extra)``: each key's row and column as one-hot vectors (cached)."""
-        key = (h, w, extra, str(like.device), like.dtype)
-        onehot = self._index_cache.get(key)
-        if onehot is None:
+
+        def build() -> torch.Tensor:
             n = torch.arange(h * w, device=like.device)
             onehot = torch.zeros(h * w, h + w + extra, dtype=like.dtype, device=like.device)
             onehot[n, n // w] = 1
             onehot[n, h + n % w] = 1
-            self._index_cache[key] = onehot
-        return onehot
+            return onehot
+
+        return self._cached((h, w, extra, str(like.device), like.dtype), build)
 
     def _rel_table(self, rel_pos: torch.Tensor, size: int) -> torch.Tensor:
         """Gather the ``(size, size, head_dim)`` table of relative embeddings."""
@@ -338,13 +327,26 @@ class Attention(nn.Module):
             rel_pos = F.interpolate(
                 rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=max_rel_dist, mode="linear"
             ).reshape(-1, max_rel_dist).permute(1, 0)
-        key = (size, str(rel_pos.device))
-        idx = self._index_cache.get(key)
-        if idx is None:
+
+        def build() -> torch.Tensor:
             coords = torch.arange(size, device=rel_pos.device)
-            idx = coords[:, None] - coords[None, :] + (size - 1)
-            self._index_cache[key] = idx
-        return rel_pos[idx]
+            return coords[:, None] - coords[None, :] + (size - 1)
+
+        return rel_pos[self._cached((size, str(rel_pos.device)), build)]
+
+    def _cached(self, key: tuple, build) -> torch.Tensor:
+        """The index table ``build()`` makes, made once per key. It is made outside inference mode:
+        a table made during an inference-mode call would be an inference tensor, and a later
+        training pass through the same model could not save it for backward. Under torch.compile
+        a missing table is built in the graph instead (the compiler keeps no Python state)."""
+        table = self._index_cache.get(key)
+        if table is None:
+            if torch.compiler.is_compiling():
+                return build()
+            with torch.inference_mode(False):
+                table = build()
+            self._index_cache[key] = table
+        return table
 
 
 def _by_parts(q: torch.Tensor, h: int, w: int) -> bool:
@@ -372,7 +374,8 @@ def _flash_takes(q: torch.Tensor, h: int, w: int) -> bool:
 
 
 def _kernels_first(backend: SDPBackend | None):
-    """A context in which SDPA tries ``backend`` first (then PyTorch's usual order), or a no-op."""
+    """A context in which SDPA tries ``backend`` first, then the other kernels, or a no-op for None
+    (the default: PyTorch's own choice). For benchmark A/B runs; ``set_priority`` needs torch ≥ 2.6."""
     if backend is None:
         return contextlib.nullcontext()
     rest = [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
