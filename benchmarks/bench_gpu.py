@@ -54,6 +54,9 @@ POLICIES = {
     "windows bias (PyTorch's pick)": {"window": ("bias", None), "global": ("augmented", None)},
     "global bias cuDNN": {"window": ("augmented", None), "global": ("bias", CUDNN)},
     "all bias cuDNN": {"window": ("bias", CUDNN), "global": ("bias", CUDNN)},
+    # relative terms added inside a Triton flash kernel (models/relpos_attention.py), not yet measured
+    "global fused (Triton)": {"window": ("augmented", None), "global": ("fused", None)},
+    "all fused (Triton)": {"window": ("fused", None), "global": ("fused", None)},
 }
 COMPILE_S = {"sam_h": 85, "sam_l": 60, "sam_b": 35, "small": 30}  # compile-time guess for --deadline
 START = time.perf_counter()

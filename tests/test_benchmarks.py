@@ -33,5 +33,5 @@ def test_bench_gpu_runs_its_attention_ab_on_the_cpu(tmp_path):
     rows = json.loads(out.read_text())
     variants = [r["variant"] for r in rows]
     assert variants[:2] == ["meta autocast", "ours autocast (half=True)"]
-    assert len(variants) == 2 + 5 and "ours bf16 windows bias cuDNN" in variants
+    assert len(variants) == 2 + 7 and "ours bf16 windows bias cuDNN" in variants
     assert all("error" not in r and r["rel_err_vs_fp32"] < 0.05 for r in rows)

@@ -33,9 +33,10 @@ CPU_PARTS_ALWAYS_TOKENS = 2048
 # faster by SDPA (41 against 46 ms an encoder), its 32×32 global blocks the same either way.
 CPU_PARTS_MIN_TOKENS = 128
 # On a GPU in half precision, by kind of block ("window" or "global"): how the relative-position
-# terms reach SDPA, and the SDPA kernel tried first (None: PyTorch's own order). "augmented": inside
-# q and k (see Attention._attention_augmented), so SDPA can take its flash kernel instead of reading
-# an H*W × H*W bias per head; "bias": the additive bias. Benchmarks switch these for A/B runs.
+# terms reach the attention, and the SDPA kernel tried first (None: PyTorch's own order).
+# "augmented": inside q and k (see Attention._attention_augmented), so SDPA can take its flash
+# kernel instead of reading an H*W × H*W bias per head; "bias": the additive bias; "fused": added
+# inside a Triton kernel (relpos_attention; not measured on a GPU yet). Benchmarks switch these.
 GPU_ATTENTION: dict[str, tuple[str, SDPBackend | None]] = {
     "window": ("augmented", None),
     "global": ("augmented", None),
@@ -217,6 +218,11 @@ class Attention(nn.Module):
             return self._attention_in_parts(q, k, v, h, w, scratch)
         # (getattr: an Attention pickled whole before ``kind`` existed takes the global policy)
         mode, first = GPU_ATTENTION[getattr(self, "kind", "global")] if _gpu_half(q) else ("bias", None)
+        if self.use_rel_pos and mode == "fused" and not torch.is_grad_enabled():
+            from .relpos_attention import relpos_attention  # imports Triton: only for this policy
+
+            rel_h, rel_w = self._rel_pos_terms(q, h, w)
+            return relpos_attention(q, k, v, rel_h, rel_w, self.scale).view(b, h, w, -1)
         with _kernels_first(first):
             if self.use_rel_pos and mode == "augmented" and _flash_takes(q, h, w):
                 x = self._attention_augmented(q, k, v, h, w)
