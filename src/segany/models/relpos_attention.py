@@ -26,27 +26,38 @@ BLOCK_N = 64
 
 
 def relpos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor,
-                     rel_w: torch.Tensor, scale: float, block_m: int = BLOCK_M, block_n: int = BLOCK_N
+                     rel_w: torch.Tensor, scale: float, block_m: int | None = None, block_n: int | None = None
                      ) -> torch.Tensor:
     """``(B, heads, N, d)`` q, k, v (any strides) with terms ``(B, heads, N, H)`` and ``(B, heads, N, W)``,
     ``N = H * W``, key ``j`` at row ``j // W``, column ``j % W`` → the heads' outputs written
-    token-major, ``(B, N, heads, d)``, in q's dtype."""
+    token-major, ``(B, N, heads, d)``, in q's dtype. On a GPU, fp16 or bf16 only."""
     b, n_heads, n, d = q.shape
-    grid_w = rel_w.shape[-1]
-    if rel_h.shape[-1] * grid_w != n:
-        raise ValueError(f"relative terms for a {rel_h.shape[-1]}×{grid_w} grid, but {n} tokens")
+    grid_h, grid_w = rel_h.shape[-1], rel_w.shape[-1]
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must have one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if rel_h.shape != (b, n_heads, n, grid_h) or rel_w.shape != (b, n_heads, n, grid_w) or grid_h * grid_w != n:
+        raise ValueError(f"relative terms {tuple(rel_h.shape)} and {tuple(rel_w.shape)} do not fit {n} tokens "
+                         f"of {tuple(q.shape)}")
+    if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
+        # fp32 products would take TF32 and more shared memory than a Hopper SM has at these blocks.
+        raise ValueError(f"the fused attention takes fp16 or bf16 on a GPU, got {q.dtype}")
+    block_m, block_n = block_m or BLOCK_M, block_n or BLOCK_N
     out = q.new_empty(b, n, n_heads, d)
-    block_d = max(16, triton.next_power_of_2(d))
-    grid = (triton.cdiv(n, block_m), b * n_heads)
+    # Heads on the first grid axis (2^31 - 1 programs), query blocks on the second (65535).
+    grid = (b * n_heads, triton.cdiv(n, block_m))
     _relpos_attention_kernel[grid](
         q, k, v, rel_h, rel_w, out,
         *q.stride(), *k.stride(), *v.stride(), *rel_h.stride(), *rel_w.stride(),
         out.stride(0), out.stride(2), out.stride(1), out.stride(3),
-        n_heads, n, d, grid_w, scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        n_heads, n, d, grid_w, scale * _LOG2E, _LOG2E,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        ROW_TILES=grid_w % block_n == 0,
         num_warps=8 if block_m >= 128 else 4, num_stages=3,
     )
     return out
+
+
+_LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -54,22 +65,24 @@ def _relpos_attention_kernel(
     Q, K, V, RH, RW, O,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     srb, srh, srn, srk, swb, swh, swn, swk, sob, soh, son, sod,
-    H, N, D, GW, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    NH, N, D, GW, qk_scale, log2e,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ROW_TILES: tl.constexpr,
 ):
     """One program: ``BLOCK_M`` queries of one (image, head), over all keys ``BLOCK_N`` at a
-    time, with the online softmax in base 2 and fp32 (running max ``m``, sum ``l``)."""
-    pid_m = tl.program_id(0)
-    pid_z = tl.program_id(1)
-    b = pid_z // H
-    h = pid_z % H
+    time, with the online softmax in base 2 and fp32 (running max ``m``, sum ``l``). ``ROW_TILES``:
+    each key tile lies in one key row (``GW`` a multiple of ``BLOCK_N``, as in 64×64 global grids),
+    so its row term is one value per query and its column terms a contiguous run; otherwise
+    both are gathered key by key."""
+    pid_z = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = (pid_z // NH).to(tl.int64)  # 64-bit: image offsets pass 2^31 elements at large batches
+    h = (pid_z % NH).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < N
     d_ok = offs_d < D
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    log2e = 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -81,9 +94,14 @@ def _relpos_attention_kernel(
         kt = tl.load(K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
         both = m_ok[:, None] & n_ok[None, :]
-        rel = tl.load(rh_rows + (offs_n // GW)[None, :] * srk, mask=both, other=0.0).to(tl.float32)
-        rel += tl.load(rw_rows + (offs_n % GW)[None, :] * swk, mask=both, other=0.0).to(tl.float32)
-        s = (tl.dot(q, kt) * scale + rel) * log2e
+        if ROW_TILES:
+            cols = start % GW + tl.arange(0, BLOCK_N)
+            rel = tl.load(rh_rows + (start // GW) * srk, mask=m_ok[:, None], other=0.0).to(tl.float32)
+            rel += tl.load(rw_rows + cols[None, :] * swk, mask=both, other=0.0).to(tl.float32)
+        else:
+            rel = tl.load(rh_rows + (offs_n // GW)[None, :] * srk, mask=both, other=0.0).to(tl.float32)
+            rel += tl.load(rw_rows + (offs_n % GW)[None, :] * swk, mask=both, other=0.0).to(tl.float32)
+        s = tl.dot(q, kt) * qk_scale + rel * log2e
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)

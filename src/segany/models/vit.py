@@ -218,7 +218,9 @@ class Attention(nn.Module):
             return self._attention_in_parts(q, k, v, h, w, scratch)
         # (getattr: an Attention pickled whole before ``kind`` existed takes the global policy)
         mode, first = GPU_ATTENTION[getattr(self, "kind", "global")] if _gpu_half(q) else ("bias", None)
-        if self.use_rel_pos and mode == "fused" and not torch.is_grad_enabled():
+        if mode == "fused" and torch.is_grad_enabled():
+            mode = "augmented"  # the fused kernel is forward only
+        if self.use_rel_pos and mode == "fused":
             from .relpos_attention import relpos_attention  # imports Triton: only for this policy
 
             rel_h, rel_w = self._rel_pos_terms(q, h, w)
