@@ -182,7 +182,7 @@ def auto_annotate(
         _write_names(out, source.names, clash="classes" in {t.stem for t in targets.values()})
     if found_boxes and not kept_boxes:
         warn(f"classes={keep} kept none of the {found_boxes} boxes found: the label files written are "
-                      "empty (check the class ids; a rerun skips these images unless overwrite=True)")
+             "empty (check the class ids; a rerun skips these images unless overwrite=True)")
     summary.elapsed = time.perf_counter() - t0
     if verbose:
         print(summary)

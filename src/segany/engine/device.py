@@ -50,4 +50,4 @@ def cpu_has_native_bf16() -> bool:
 @functools.cache  # once a process: every encode and decode would repeat it
 def _warn_half_ignored() -> None:
     warn("half=True is ignored on this CPU: it has no bf16 units (AVX512-BF16 or AMX), where bf16 "
-                  "would run several times slower than fp32; running in fp32")
+         "would run several times slower than fp32; running in fp32")

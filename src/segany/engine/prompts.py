@@ -84,8 +84,8 @@ def parse_prompts(
             # Legal (SAM segments "not here"), but mostly a layout slip: [[x, y], [x, y]] is two
             # objects of one point each, [[[x, y], [x, y]]] one object of two points.
             warn(f"object {lone[0]} of {len(out.labels)} has only negative points and nothing else to "
-                          "segment; several points of one object go in one list: points=[[[x, y], [x, y]]], "
-                          "labels=[[1, 0]]")
+                 "segment; several points of one object go in one list: points=[[[x, y], [x, y]]], "
+                 "labels=[[1, 0]]")
     return out
 
 

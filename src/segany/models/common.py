@@ -209,7 +209,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act
 def activate(x: torch.Tensor, activation: str) -> torch.Tensor:
     """``activation`` (``"gelu"``, exact, or ``"relu"``) of a tensor the caller made: in place
     without autograd (no fresh output to allocate and touch), else out of place, as it is under
-    ``torch.compile`` too (which fuses it into the product's epilogue itself)."""
+    ``torch.compile`` too (which fuses it with the ops around it itself)."""
     out_of_place, in_place = _ACTIVATIONS[activation]
     # An if, not a bool index into the pair: torch 2.11's compiler broke the graph at every MLP on
     # that index, and 12-32 blocks then ran eagerly past its recompile limit.
