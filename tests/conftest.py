@@ -127,3 +127,49 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+class OutputRecorder:
+    """Forward hooks that keep every output of the named modules of a model (all by default) as it
+    is, without a copy, so that a later in-place write into an output shows; ``copy``: as it was
+    when made (for a reference that writes into outputs itself, as MobileSAM's ``x += shortcut``).
+    A context manager: the hooks go with it."""
+
+    def __init__(self, model: torch.nn.Module, names: set[str] | None = None, copy: bool = False) -> None:
+        self.outputs: dict[str, list] = {}
+        self._handles = []
+
+        def keep(name, out):
+            if copy:
+                out = tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
+            self.outputs[name].append(out)
+
+        for name, module in model.named_modules():
+            if names is None or name in names:
+                self.outputs[name] = []
+                self._handles.append(module.register_forward_hook(lambda _m, _a, out, name=name: keep(name, out)))
+
+    def __enter__(self) -> OutputRecorder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def assert_same_outputs(ours: OutputRecorder, ref: OutputRecorder, tol: float = 1e-4) -> int:
+    """Every module both recorded ran as many times in each, and each of its outputs (a tensor, or
+    the tensors of a tuple) equals the reference's where the layouts agree (the same last axis and
+    size); returns how many tensors were compared."""
+    compared = 0
+    for name in ours.outputs.keys() & ref.outputs.keys():
+        a, b = ours.outputs[name], ref.outputs[name]
+        assert len(a) == len(b), f"{name}: called {len(a)} times, the reference {len(b)}"
+        for x, y in zip(a, b):
+            for t, r in zip(*(o if isinstance(o, tuple) else (o,) for o in (x, y))):
+                if (isinstance(t, torch.Tensor) and isinstance(r, torch.Tensor) and t.numel() == r.numel()
+                        and t.shape[-1:] == r.shape[-1:]):  # (B, H, W, C) tokens against (B, H*W, C)
+                    t = t.reshape(r.shape)
+                    assert (t - r).abs().max().item() <= tol, f"{name}: output differs by {(t - r).abs().max()}"
+                    compared += 1
+    return compared

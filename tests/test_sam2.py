@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import randomize, test_image
+from conftest import OutputRecorder, assert_same_outputs, randomize, test_image
 from segany import SAM, Predictor
 from segany.checkpoints import config_with, infer_config, load_model
 from segany.errors import StateDictMismatchError
@@ -241,6 +241,38 @@ def test_cpu_inference_paths_and_cached_position_embedding(monkeypatch):
     check(grad_fpn)
     grad_fpn[0].sum().backward()
     assert pair.ours.image_encoder.trunk.pos_embed.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("hooked", ["all", "few"])
+def test_hooks_see_the_reference_outputs(monkeypatch, hooked):
+    """Hooks on every module of the trunk and neck, or on a few while the rest goes by bands and
+    chunks: each sees what it sees in sam2, and no later block writes into what it kept."""
+    from segany.models import common, hiera
+
+    pair = Pair("2.1", small=True, seed=7)
+    monkeypatch.setattr(common, "CPU_MLP_ROWS", 1000)
+    monkeypatch.setattr(hiera, "CPU_BAND_TOKENS", 1536)
+    names = None if hooked == "all" else {"trunk.blocks.0", "trunk.blocks.1.mlp.layers.0", "trunk.blocks.2.attn",
+                                          "neck.convs.3.conv"}
+    x = torch.randn(1, 3, 256, 256)
+    ours, ref = pair.ours.image_encoder, pair.ref.image_encoder
+    with torch.no_grad(), OutputRecorder(ours, names) as got, OutputRecorder(ref, names) as want:
+        out, expected = ours(x), ref(x)
+    for level in range(3):
+        assert _diff(out["backbone_fpn"][level], expected["backbone_fpn"][level]) <= TOL
+    compared = assert_same_outputs(got, want, TOL)
+    assert compared >= (50 if hooked == "all" else len(names))
+    if hooked == "all":  # and the decoder's, through both predictors
+        ours_pred, ref_pred, _ = pair.predictors(test_image(180, 240, seed=2))
+        box = np.array([[40.0, 30, 150, 160]])
+        with OutputRecorder(pair.ours.sam_mask_decoder) as got, OutputRecorder(pair.ref.sam_mask_decoder) as want:
+            ours_pred(bboxes=box, multimask_output=False)
+            with torch.no_grad():
+                _, points, labels, boxes = ref_pred._prep_prompts(None, None, box, None, True)
+                ref_pred._predict(points, labels, boxes, None, False)
+        # every module both have (sam2's MLPs also have parameter-free ReLU modules) but the
+        # decoder itself, whose outputs differ in form
+        assert assert_same_outputs(got, want, TOL) >= sum(len(want.outputs[k]) for k in got.outputs if k)
 
 
 def test_mlp_by_chunks_keeps_the_dtype_of_the_whole_product(monkeypatch):

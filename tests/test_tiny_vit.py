@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+from conftest import OutputRecorder, assert_same_outputs
 from segany.models import build_model
 from segany.models.tiny_vit import TinyViT
 
@@ -150,3 +151,27 @@ def test_mobile_sam_parity() -> None:
     assert masks.shape == ref_masks.shape == (2, 3, 256, 256)
     assert (masks - ref_masks).abs().max().item() <= TOL
     assert (iou - ref_iou).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("hooked", ["all", "few"])
+def test_hooks_see_the_reference_outputs(monkeypatch: pytest.MonkeyPatch, hooked: str) -> None:
+    """Hooks on every module, or on a few while the rest goes by bands and chunks: each sees what
+    MobileSAM's hooks would see (where the layouts agree: its patch merging gives tokens, ours
+    maps), before MobileSAM's own in-place adds write into the outputs."""
+    from segany.models import common, tiny_vit
+
+    monkeypatch.setattr(tiny_vit, "CPU_BANDS_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(common, "CPU_MLP_ROWS", 100)
+    torch.manual_seed(0)
+    ours = TinyViT(img_size=256, **MOBILE_SAM)
+    ref = RefTinyViT(img_size=256, drop_path_rate=0.0, **MOBILE_SAM)
+    _same_weights(ours, ref)
+    names = {n for n, _ in ours.named_modules() if n} if hooked == "all" else {
+        "patch_embed.seq.0", "layers.0.blocks.0", "layers.0.blocks.1.conv2", "layers.1.blocks.0.mlp.fc1",
+        "layers.1.blocks.1.mlp", "layers.1.downsample.conv1.bn"}
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), OutputRecorder(ours, names) as got, OutputRecorder(ref, names, copy=True) as want:
+        out, expected = ours(x), _ref_encode(ref, x)
+    assert (out - expected).abs().max().item() <= TOL
+    compared = assert_same_outputs(got, want, TOL)
+    assert compared >= (120 if hooked == "all" else len(names))

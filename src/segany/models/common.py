@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.modules import module as _module
 
 
 class LayerNorm2d(nn.Module):
@@ -38,13 +40,13 @@ class MLPBlock(nn.Module):
                 ) -> torch.Tensor:
         """``lin2(act(lin1(x)))``, plus ``residual`` (added as the last product is written) if given.
         ``scratch``: where the hidden layer may be written (see :class:`Scratch`)."""
-        act = _FUSABLE.get((type(self.act), getattr(self.act, "approximate", None)))
+        act = None if hooked(self.act) else _FUSABLE.get((type(self.act), getattr(self.act, "approximate", None)))
         if act:  # applied as the product is written
-            hidden = linear(x, self.lin1.weight, self.lin1.bias, activation=act,
-                            out=None if scratch is None else scratch.take_output("mlp_hidden", x, self.lin1.out_features))
+            out = None if scratch is None else scratch.take_output("mlp_hidden", x, self.lin1.out_features)
+            hidden = linear_layer(x, self.lin1, activation=act, out=out)
         else:
             hidden = self.act(self.lin1(x))
-        return linear(hidden, self.lin2.weight, self.lin2.bias, residual=residual, residual_owned=scratch is not None)
+        return linear_layer(hidden, self.lin2, residual=residual, residual_owned=scratch is not None)
 
 
 # Activation modules that :func:`linear` can apply inside its product: exact GELU and ReLU.
@@ -89,10 +91,12 @@ def mlp_in_chunks(x: torch.Tensor, lin1: nn.Linear, lin2: nn.Linear, norm: nn.Mo
     so that a chunk's hidden layer stays in cache, where that of a large map would be written to
     fresh memory and read back (MobileSAM's second stage: 33 MB; SAM 2's first stage: 100 MB)."""
     rows = x.numel() // x.shape[-1]
-    if rows <= CPU_MLP_ROWS or not onednn_products(x):
+    # A hook on one of the layers sees the whole map, as in the reference, not chunks of it.
+    whole = not (is_plain(lin1, nn.Linear) and is_plain(lin2, nn.Linear) and (norm is None or not hooked(norm)))
+    if rows <= CPU_MLP_ROWS or whole or not onednn_products(x):
         y = x if norm is None else norm(x)
-        hidden = linear(y, lin1.weight, lin1.bias, activation="gelu")
-        return linear(hidden, lin2.weight, lin2.bias, residual=residual)
+        hidden = linear_layer(y, lin1, activation="gelu")
+        return linear_layer(hidden, lin2, residual=residual)
     flat = x.reshape(rows, -1)
     res = None if residual is None else residual.reshape(rows, -1)
     out = None
@@ -109,7 +113,8 @@ def conv1x1(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """``conv(x)`` for a 1×1, stride-1 ``conv`` of ``(B, C, H, W)`` maps. On channels-last data in CPU
     inference it is one matrix product over the channels, returned channels-last (PyTorch's CPU
     convolution took 3-4× as long for SAM 2's 256×256 maps)."""
-    plain = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
+    plain = (is_plain(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+             and conv.padding == (0, 0) and conv.groups == 1)
     if plain and onednn_products(x) and x.is_contiguous(memory_format=torch.channels_last):
         y = linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias)
         return y.permute(0, 3, 1, 2)
@@ -130,10 +135,11 @@ class Scratch:
         self._buffers: dict[str, torch.Tensor] = {}
 
     @staticmethod
-    def wanted(x: torch.Tensor) -> Scratch | None:
-        """A new scratch for a pass over ``x`` where reuse is safe and pays (CPU, no autograd, not
-        under ``torch.compile``), else None."""
-        return Scratch() if onednn_products(x) else None
+    def wanted(x: torch.Tensor, encoder: nn.Module) -> Scratch | None:
+        """A new scratch for ``encoder``'s pass over ``x`` where reuse is safe and pays (CPU, no
+        autograd, not under ``torch.compile``, and no hook or stand-in module anywhere in the
+        encoder: a hook may keep an output that a later block would overwrite), else None."""
+        return Scratch() if onednn_products(x) and plain_inside(encoder) else None
 
     def take(self, role: str, numel: int, like: torch.Tensor) -> torch.Tensor:
         """A flat buffer of ``numel`` elements (``like``'s dtype and device) for ``role``; what the
@@ -204,6 +210,70 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act
         return y
     in_place = not torch.is_grad_enabled() and residual.dtype == y.dtype and residual.shape == y.shape
     return y.add_(residual) if in_place else residual + y
+
+
+def linear_layer(x: torch.Tensor, layer: nn.Module, activation: str | None = None,
+                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                 residual_owned: bool = False) -> torch.Tensor:
+    """:func:`linear` with an ``nn.Linear``'s weight and bias, or, where ``layer`` is not a plain
+    ``nn.Linear`` (a hook on it, a LoRA wrapper, a quantised stand-in: :func:`is_plain`), ``layer(x)``
+    itself, then ``activation`` and ``residual`` as separate ops."""
+    if is_plain(layer, nn.Linear):
+        return linear(x, layer.weight, layer.bias, activation, residual, out, residual_owned)
+    y = layer(x)
+    if activation:
+        y = _ACTIVATIONS[activation][0](y)
+    return y if residual is None else residual + y
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether a hook would run when ``module`` is called: its own, or one set on all modules."""
+    return _own_hooks(module) or _global_hooks()
+
+
+def is_plain(module: nn.Module, cls: type[nn.Module]) -> bool:
+    """Whether calling ``module`` would only run ``cls.forward``: it is exactly a ``cls`` (not a
+    subclass or a stand-in such as a LoRA wrapper or a dynamically quantised Linear, whose weight
+    is a method) and not :func:`hooked`. Only then may a fast path read its parameters instead of
+    calling it."""
+    return type(module) is cls and not hooked(module)
+
+
+def plain_tree(module: nn.Module) -> bool:
+    """Whether no module in ``module``'s tree has a hook and each is of a class from segany or
+    ``torch.nn``. Only then may its fused paths (outputs written into shared buffers, residuals
+    added in place, maps taken in bands) stand in for module-by-module calls: nobody can observe
+    the difference. Otherwise callers compose the modules as the reference does."""
+    return not _global_hooks() and _plain_walk([module])
+
+
+def plain_inside(module: nn.Module) -> bool:
+    """:func:`plain_tree` of ``module``'s submodules: its own hooks see its output, which its
+    fused path computes as well."""
+    return not _global_hooks() and _plain_walk([c for c in module._modules.values() if c is not None])
+
+
+def _plain_walk(stack: list[nn.Module]) -> bool:
+    while stack:  # (not module.modules(): this walk is faster, ~1 µs a module)
+        m = stack.pop()
+        if _own_hooks(m) or not _plain_class(type(m)):
+            return False
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return True
+
+
+@functools.cache
+def _plain_class(cls: type) -> bool:
+    return cls.__module__.startswith(("segany.", "torch.nn.modules."))
+
+
+def _own_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
 
 
 def activate(x: torch.Tensor, activation: str) -> torch.Tensor:

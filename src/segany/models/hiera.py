@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import Scratch, linear, mlp_in_chunks
+from .common import Scratch, linear_layer, mlp_in_chunks, plain_inside
 from .windows import window_partition, window_unpartition
 
 
@@ -100,7 +100,7 @@ class Hiera(nn.Module):
         x = self.patch_embed(x)  # (B, H, W, C)
         x = x + self._get_pos_embed(x.shape[1:3])
         outputs = []
-        scratch = Scratch.wanted(x)
+        scratch = Scratch.wanted(x, self)
         for i, blk in enumerate(self.blocks):
             x = blk(x, scratch)
             if i in self.stage_ends:
@@ -158,16 +158,18 @@ class MultiScaleBlock(nn.Module):
         return torch.cat([self._forward(x[:, r : r + rows], scratch) for r in range(0, x.shape[1], rows)], dim=1)
 
     def _forward(self, x: torch.Tensor, scratch: Scratch | None) -> torch.Tensor:
+        # With hooks or stand-ins in the block, each module is called, as in the reference.
+        fused = plain_inside(self)
         shortcut = x
         x = self.norm1(x)
         if self.dim != self.dim_out:
-            shortcut = _pool(linear(x, self.proj.weight, self.proj.bias), self.pool)
+            shortcut = _pool(linear_layer(x, self.proj), self.pool)
 
         window = self.window_size
         h, w = x.shape[1:3]
         if window > 0:
             x, pad_hw = window_partition(x, window, scratch=scratch)
-        x = self.attn.attend(x, scratch)
+        x = self.attn.attend(x, scratch) if fused else self.attn(x)
         if self.window_size > 0:
             if self.q_stride:
                 # Query pooling shrank every window (and the map) by the stride.
@@ -175,9 +177,12 @@ class MultiScaleBlock(nn.Module):
                 h, w = shortcut.shape[1:3]
                 pad_hw = (h + (window - h % window) % window, w + (window - w % window) % window)
             x = window_unpartition(x, window, pad_hw, (h, w))
+        if not fused:
+            x = shortcut + x
+            return x + self.mlp(self.norm2(x))
         # The output projection is per token: it runs after unpartitioning (no padding tokens),
         # and the shortcuts are added as the products are written.
-        x = linear(x, self.attn.proj.weight, self.attn.proj.bias, residual=shortcut)
+        x = linear_layer(x, self.attn.proj, residual=shortcut)
         return mlp_in_chunks(x, *self.mlp.layers, norm=self.norm2, residual=x)
 
 
@@ -192,14 +197,14 @@ class MultiScaleAttention(nn.Module):
         self.proj = nn.Linear(dim_out, dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self.attend(x), self.proj.weight, self.proj.bias)
+        return linear_layer(self.attend(x), self.proj)
 
     def attend(self, x: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
         """``(B, H, W, dim)`` → the heads' outputs ``(B, H', W', dim_out)``, before the output projection;
         ``scratch``: where q, k and v may be written."""
         b, h, w, _ = x.shape
         out = None if scratch is None else scratch.take_output("qkv", x, self.qkv.out_features)
-        qkv = linear(x, self.qkv.weight, self.qkv.bias, out=out).reshape(b, h * w, 3, self.num_heads, -1)
+        qkv = linear_layer(x, self.qkv, out=out).reshape(b, h * w, 3, self.num_heads, -1)
         q, k, v = torch.unbind(qkv, 2)  # each (B, H*W, heads, C/heads)
         if self.q_pool is not None:
             q = _pool(q.reshape(b, h, w, -1), self.q_pool)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import MLP, LayerNorm2d, activate, linear
+from .common import MLP, LayerNorm2d, activate, hooked, linear, plain_tree
 from .transformer import ProjectedImage
 
 
@@ -76,14 +76,16 @@ class MaskDecoder(nn.Module):
         """Masks of the ``mask_slice`` mask tokens ``(B, T', 4h, 4w)`` (all by default; see
         :meth:`forward` for ``extent``) and IoU predictions of all ``num_mask_tokens`` ``(B, T)``."""
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        wanted = list(range(self.num_mask_tokens))[mask_slice]
+        every = not plain_tree(self.output_hypernetworks_mlps)  # its hooks see every mask token, as in the reference
+        wanted = list(range(self.num_mask_tokens))[slice(None) if every else mask_slice]
         # Only the IoU token and the wanted mask tokens are read: the others skip the final attention.
         hs, src = self._attend(output_tokens, image_embeddings, image_pe, sparse_prompt_embeddings,
                                dense_prompt_embeddings, out_tokens=[0] + [1 + i for i in wanted])
         hyper_in = self._hyper_in(hs[:, 1:, :], wanted)
         if extent is not None:  # the image tokens whose 4×4 blocks of mask cells cover the extent
             src = src[:, :, : -(-extent[0] // 4), : -(-extent[1] // 4)]
-        return self._upscaled_masks(src, hyper_in), self.iou_prediction_head(hs[:, 0, :])
+        masks = self._upscaled_masks(src, hyper_in)
+        return masks[:, mask_slice] if every else masks, self.iou_prediction_head(hs[:, 0, :])
 
     def _attend(
         self,
@@ -108,7 +110,11 @@ class MaskDecoder(nn.Module):
             if image.shape[0] == 1 and (dense.shape[0] == 1 or dense.stride(0) == 0):
                 dense = dense[:1]
             image = image + dense
-        hs, keys = self.transformer(image, image_pe, tokens, out_tokens)
+        if out_tokens is not None and hooked(self.transformer):  # its hooks see every token, as in the reference
+            hs, keys = self.transformer(image, image_pe, tokens)
+            hs = hs[:, out_tokens]
+        else:
+            hs, keys = self.transformer(image, image_pe, tokens, out_tokens)
         h, w = image_pe.shape[-2:]
         return hs, keys.view(n_prompts, h, w, -1).permute(0, 3, 1, 2)
 
@@ -136,6 +142,8 @@ class MaskDecoder(nn.Module):
         it runs on the (pixel, sub-pixel, channel) layout, and only the masks are put in image
         order at the end. Same values as the convolution path (within float rounding).
         """
+        if not plain_tree(self.output_upscaling):  # hooks or stand-ins: the modules called, as in the reference
+            return self._masks_times(hyper_in, self.output_upscaling(src))
         dc1, ln1, _, dc2, _ = self.output_upscaling  # GELUs, applied to the products' own outputs
         b, c, h, w = src.shape
         x = src.permute(0, 2, 3, 1).reshape(b * h * w, c)  # a view unless src was cut to fewer columns
@@ -152,6 +160,10 @@ class MaskDecoder(nn.Module):
 
     def _masks_from_tokens(self, mask_tokens_out: torch.Tensor, upscaled: torch.Tensor) -> torch.Tensor:
         """Mask tokens ``(B, T, C)`` × upscaled features ``(B, C', H, W)`` → mask logits ``(B, T, H, W)``."""
-        hyper_in = self._hyper_in(mask_tokens_out)
+        return self._masks_times(self._hyper_in(mask_tokens_out), upscaled)
+
+    @staticmethod
+    def _masks_times(hyper_in: torch.Tensor, upscaled: torch.Tensor) -> torch.Tensor:
+        """Token weights ``(B, T, C')`` × upscaled features ``(B, C', H, W)`` → mask logits ``(B, T, H, W)``."""
         b, c, h, w = upscaled.shape
         return (hyper_in @ upscaled.reshape(b, c, h * w)).view(b, -1, h, w)

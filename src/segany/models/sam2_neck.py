@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import conv1x1
+from .common import conv1x1, hooked
 
 
 class PositionEmbeddingSine(nn.Module):
@@ -95,7 +95,8 @@ class FpnNeck(nn.Module):
         pos: list[torch.Tensor | None] = [None] * len(xs)
         prev = None
         for i in range(n, -1, -1):  # from the lowest resolution up
-            lateral = conv1x1(xs[i], self.convs[n - i].conv)
+            lateral_conv = self.convs[n - i]  # (its hooks see its output, as in the reference)
+            lateral = lateral_conv(xs[i]) if hooked(lateral_conv) else conv1x1(xs[i], lateral_conv.conv)
             if i in self.fpn_top_down_levels and prev is not None:
                 top_down = F.interpolate(
                     prev.to(dtype=torch.float32), scale_factor=2.0, mode=self.fpn_interp_model,

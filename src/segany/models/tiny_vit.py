@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import LayerNorm2d, activate, linear, mlp_in_chunks, onednn_products
+from .common import (LayerNorm2d, activate, is_plain, linear, linear_layer, mlp_in_chunks, onednn_products,
+                     plain_inside)
 from .windows import window_partition, window_unpartition
 
 # Rows a band of MobileSAM's first stage at a time (MBConv._forward_in_bands), in CPU inference once
@@ -44,7 +45,7 @@ class Conv2dBN(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, activation: str | None = None
                 ) -> torch.Tensor:
         """conv → batch norm → ``+ residual`` if given → ``activation`` (``"gelu"``) if given."""
-        if self.training:
+        if self.training or not (is_plain(self.c, nn.Conv2d) and is_plain(self.bn, nn.BatchNorm2d)):
             y = self.bn(self.c(x))
             y = y if residual is None else y + residual
             return y if activation is None else activate(y, activation)
@@ -82,6 +83,8 @@ class PatchEmbed(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not plain_inside(self):  # hooks or stand-ins: each module called, as in the reference
+            return self.seq(x)
         return self.seq[2](self.seq[0](x, activation="gelu"))  # seq[1], the GELU, applied by seq[0]
 
 
@@ -97,6 +100,8 @@ class MBConv(nn.Module):
         self.conv3 = Conv2dBN(hidden, dim, bn_weight_init=0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not plain_inside(self):  # hooks or stand-ins: each module called, as in the reference
+            return F.gelu(self.conv3(F.gelu(self.conv2(F.gelu(self.conv1(x))))) + x)
         if _in_bands(self, x):
             return self._forward_in_bands(x)
         y = self.conv2(self.conv1(x, activation="gelu"), activation="gelu")
@@ -130,6 +135,8 @@ class PatchMerging(nn.Module):
         self.conv3 = Conv2dBN(out_dim, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not plain_inside(self):  # hooks or stand-ins: each module called, as in the reference
+            return self.conv3(F.gelu(self.conv2(F.gelu(self.conv1(x)))))
         return self.conv3(self.conv2(self.conv1(x, activation="gelu"), activation="gelu"))
 
 
@@ -157,14 +164,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         # TinyViT lays q, k, v out per head: (B, N, heads, [q | k | v]), not (B, N, 3, heads, d).
-        qkv = linear(self.norm(x), self.qkv.weight, self.qkv.bias)
+        qkv = linear_layer(self.norm(x), self.qkv)
         qkv = qkv.view(b, n, self.num_heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.chunk(3, dim=-1)  # (B, heads, N, head_dim) each
         bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)  # (heads, N, N)
         # The bias expanded over the windows (a view): SDPA then reads it as it is, where an
         # unexpanded (heads, N, N) mask costs more than explicit attention on a CPU.
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(b, -1, -1, -1), scale=self.scale)
-        return linear(x.transpose(1, 2).reshape(b, n, -1), self.proj.weight, self.proj.bias)
+        return linear_layer(x.transpose(1, 2).reshape(b, n, -1), self.proj)
 
 
 class Mlp(nn.Module):
@@ -200,6 +207,8 @@ class TinyViTBlock(nn.Module):
         windows = self.attn(windows.view(-1, ws * ws, c)).view(-1, ws, ws, c)
         x = x + window_unpartition(windows, ws, pad_hw, (h, w))
         x = self.local_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        if not is_plain(self.mlp, Mlp):  # a hook on the MLP sees its own output, as in the reference
+            return x + self.mlp(x)
         return self.mlp(x, residual=x)
 
 

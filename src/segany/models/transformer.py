@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import CPU_AVX512, MLPBlock, linear, onednn_products
+from .common import CPU_AVX512, MLPBlock, linear, onednn_products, plain_inside
 
 
 class TwoWayTransformer(nn.Module):
@@ -51,14 +51,18 @@ class TwoWayTransformer(nn.Module):
         decoded to one mask reads 2 of its 7 tokens, a third of that attention's work.
         """
         if isinstance(image_embedding, ProjectedImage):
-            keys, key_pe, first = image_embedding.keys, image_embedding.key_pe, image_embedding
+            keys, key_pe = image_embedding.keys, image_embedding.key_pe
+            first = image_embedding if image_embedding.k is not None else None
         else:
             keys, key_pe, first = _tokens(image_embedding), _tokens(image_pe[:1]), None
+        if not plain_inside(self):
+            return self._forward_modules(keys, key_pe, point_embedding, out_tokens)
         queries = point_embedding
         for i, layer in enumerate(self.layers):
             # keys made by a previous block are ours to update in place; the first block's are the caller's
-            queries, keys = layer(queries, keys, point_embedding, key_pe, projected=first if i == 0 else None,
-                                  keys_owned=i > 0)
+            # (the tree is plain: each layer's fused path, without checking each layer again)
+            queries, keys = layer.forward_fused(queries, keys, point_embedding, key_pe,
+                                                projected=first if i == 0 else None, keys_owned=i > 0)
         if out_tokens is not None:
             pick = _as_index(out_tokens)
             queries, point_embedding = queries[:, pick], point_embedding[:, pick]
@@ -68,11 +72,25 @@ class TwoWayTransformer(nn.Module):
             keys = keys.expand(queries.shape[0], -1, -1)
         return queries, keys
 
+    def _forward_modules(self, keys: torch.Tensor, key_pe: torch.Tensor, point_embedding: torch.Tensor,
+                         out_tokens: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` on image tokens ``(1 or B, Ni, C)`` composed as the reference does, each module
+        called on every prompt's own copy of the image: for trees with hooks or stand-in modules, which
+        then see what they would see in the reference, and whose outputs nothing overwrites later."""
+        b = point_embedding.shape[0]
+        keys, key_pe = keys.expand(b, -1, -1), key_pe.expand(b, -1, -1)
+        queries = point_embedding
+        for layer in self.layers:
+            queries, keys = layer(queries, keys, point_embedding, key_pe)
+        q = queries + point_embedding
+        queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q=q, k=keys + key_pe, v=keys))
+        return (queries if out_tokens is None else queries[:, _as_index(out_tokens)]), keys.contiguous()
+
     def project(self, image_embedding: torch.Tensor, image_pe: torch.Tensor) -> ProjectedImage:
         """One image ``(1, C, h, w)`` and its PE, prepared for :meth:`forward` once for any number
         of later prompts (the first block's image projections do not depend on the prompts)."""
         keys, key_pe = _tokens(image_embedding), _tokens(image_pe[:1])
-        if not self.layers:
+        if not self.layers or not plain_inside(self):  # (hooked projections run per prompt, as in the reference)
             return ProjectedImage(keys, key_pe, keys + key_pe, None, None, None)
         return self.layers[0].project(keys, key_pe)
 
@@ -125,13 +143,20 @@ class TwoWayAttentionBlock(nn.Module):
         self.cross_attn_image_to_token = Attention(embedding_dim, num_heads, attention_downsample_rate)
         self.skip_first_layer_pe = skip_first_layer_pe
 
-    def forward(
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens ``(B, Nt, C)``, image tokens ``(1 or B, Ni, C)``, PEs alike but ``key_pe`` is
+        ``(1, Ni, C)`` → tokens and image tokens ``(B, Ni, C)``."""
+        if not plain_inside(self):  # hooks or stand-ins: each module called, as in the reference
+            return self._forward_modules(queries, keys.expand(queries.shape[0], -1, -1), query_pe, key_pe)
+        return self.forward_fused(queries, keys, query_pe, key_pe)
+
+    def forward_fused(
         self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor,
         projected: ProjectedImage | None = None, keys_owned: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens ``(B, Nt, C)``, image tokens ``(1 or B, Ni, C)``, PEs alike but ``key_pe`` is
-        ``(1, Ni, C)`` → tokens and image tokens ``(B, Ni, C)``. ``projected``: the shared image
-        already projected by :meth:`project`. ``keys_owned``: ``keys`` may be overwritten."""
+        """:meth:`forward` for a block without hooks or stand-ins inside (:func:`plain_inside`). ``projected``:
+        the shared image already projected by :meth:`project`. ``keys_owned``: ``keys`` may be overwritten."""
         if self.skip_first_layer_pe:
             queries = self.self_attn(q=queries, k=queries, v=queries)
         else:
@@ -154,6 +179,21 @@ class TwoWayAttentionBlock(nn.Module):
         keys = self.norm4(self.cross_attn_image_to_token.many_to_few(
             keys_pe, q, queries, residual=keys, in_place=in_place,
             projected_q=None if projected is None else projected.q))
+        return queries, keys
+
+    def _forward_modules(self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor,
+                         key_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` composed as the reference does, on image tokens ``(B, Ni, C)``."""
+        if self.skip_first_layer_pe:
+            queries = self.self_attn(q=queries, k=queries, v=queries)
+        else:
+            q = queries + query_pe
+            queries = queries + self.self_attn(q=q, k=q, v=queries)
+        queries = self.norm1(queries)
+        keys_pe = keys + key_pe
+        queries = self.norm2(queries + self.cross_attn_token_to_image(q=queries + query_pe, k=keys_pe, v=keys))
+        queries = self.norm3(queries + self.mlp(queries))
+        keys = self.norm4(keys + self.cross_attn_image_to_token(q=keys_pe, k=queries + query_pe, v=queries))
         return queries, keys
 
     def project(self, keys: torch.Tensor, key_pe: torch.Tensor) -> ProjectedImage:

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .common import LayerNorm2d, MLPBlock, Scratch, half_residual_stream, linear
+from .common import LayerNorm2d, MLPBlock, Scratch, half_residual_stream, linear_layer, plain_inside
 from .windows import window_partition, window_unpartition
 
 
@@ -100,7 +100,7 @@ class ImageEncoderViT(nn.Module):
                                     align_corners=False).permute(0, 2, 3, 1)
             x = x + pos
         x = half_residual_stream(x)
-        scratch = Scratch.wanted(x)
+        scratch = Scratch.wanted(x, self)
         for blk in self.blocks:
             x = blk(x, scratch)
         return self.neck(x.permute(0, 3, 1, 2))
@@ -147,6 +147,15 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
         """``(B, H, W, C)`` → ``(B, H, W, C)``; ``scratch``: buffers shared by the blocks of one pass."""
+        if not plain_inside(self):  # hooks or stand-ins: each module called, as in the reference
+            y = self.norm1(x)
+            if self.window_size == 0:
+                y = self.attn(y)
+            else:
+                windows, pad_hw = window_partition(y, self.window_size)
+                y = window_unpartition(self.attn(windows), self.window_size, pad_hw, y.shape[1:3])
+            x = x + y
+            return x + self.mlp(self.norm2(x))
         y = self.norm1(x)
         if self.window_size == 0:
             y = self.attn.attend(y, scratch)
@@ -166,7 +175,7 @@ class Block(nn.Module):
             y = window_unpartition(self.attn.attend(windows), self.window_size, pad_hw, (h, w))
         # The output projection is per token: it runs after unpartitioning (no padding tokens), and
         # the shortcuts are added as the products are written.
-        x = linear(y, self.attn.proj.weight, self.attn.proj.bias, residual=x, residual_owned=scratch is not None)
+        x = linear_layer(y, self.attn.proj, residual=x, residual_owned=scratch is not None)
         return self.mlp(self.norm2(x), residual=x, scratch=scratch)
 
 
@@ -198,7 +207,7 @@ class Attention(nn.Module):
         self._index_cache: dict[tuple, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self.attend(x), self.proj.weight, self.proj.bias)
+        return linear_layer(self.attend(x), self.proj)
 
     def attend(self, x: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
         """``(B, H, W, C)`` tokens → the heads' outputs ``(B, H, W, C)``, before the output projection."""
@@ -207,7 +216,7 @@ class Attention(nn.Module):
     def project_qkv(self, x: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
         """``(B, H, W, C)`` tokens → their queries, keys and values ``(B, H, W, 3C)``."""
         out = None if scratch is None else scratch.take_output("qkv", x, self.qkv.out_features)
-        return linear(x, self.qkv.weight, self.qkv.bias, out=out)
+        return linear_layer(x, self.qkv, out=out)
 
     def attend_qkv(self, qkv: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
         """Queries, keys and values ``(B, H, W, 3C)`` → the heads' outputs ``(B, H, W, C)``."""

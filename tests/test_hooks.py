@@ -1,0 +1,110 @@
+"""Forward hooks and stand-in modules (a LoRA wrapper, say) see and do what they would in the
+reference implementations: the fused CPU paths (products on module weights, residuals added in
+place, shared output buffers, maps by bands and chunks) give way to module-by-module calls."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import OutputRecorder, assert_same_outputs, config_with, meta_twin, random_sam, test_image
+from segany.engine.predictor import Predictor
+from segany.models import MODELS
+
+# 32×32 tokens: the encoder's products have more rows than go through oneDNN on an AVX2 CPU, so the
+# residuals are added in place (common.ONEDNN_FP32_MAX_ROWS), as at full size.
+VIT = config_with(MODELS["sam_b"], img_size=512, embed_dim=64, depth=4, num_heads=4, global_attn_indexes=(1, 3),
+                  window_size=7)
+
+
+class LoRA(nn.Module):
+    """A low-rank adapter around a linear layer, as PEFT's: it has no ``weight`` of its own."""
+
+    def __init__(self, base: nn.Linear, rank: int = 2, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.base = base
+        self.down = nn.Parameter(torch.randn(rank, base.in_features, generator=g) * 0.3)
+        self.up = nn.Parameter(torch.randn(base.out_features, rank, generator=g) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + x @ self.down.t() @ self.up.t()
+
+
+@pytest.fixture(scope="module")
+def vit_pair():
+    ours = random_sam(VIT, seed=2).eval()
+    return ours, meta_twin(ours, VIT)
+
+
+def _encode(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.image_encoder(x)
+
+
+def test_vit_hooks_on_every_module_see_the_reference_outputs(vit_pair):
+    ours, ref = vit_pair
+    x = torch.randn(1, 3, 512, 512, generator=torch.Generator().manual_seed(0))
+    with OutputRecorder(ours.image_encoder) as got, OutputRecorder(ref.image_encoder) as want:
+        out, expected = _encode(ours, x), _encode(ref, x)
+    assert (out - expected).abs().max() <= 1e-4
+    assert got.outputs.keys() == want.outputs.keys()
+    # every module's output: the blocks, attentions, q/k/v and MLP products, norms, the neck
+    assert assert_same_outputs(got, want) == sum(len(v) for v in want.outputs.values())
+
+
+@pytest.mark.parametrize("names", [{"blocks.0"}, {"blocks.1.attn.qkv", "blocks.2.mlp.lin1"}, {"blocks.2.mlp"}])
+def test_vit_few_hooks_keep_their_outputs_while_the_rest_runs_fused(vit_pair, names):
+    """A hook keeps a block's output while the next blocks run: nothing may write into it later
+    (before, the next block added its residual into it in place)."""
+    ours, ref = vit_pair
+    x = torch.randn(1, 3, 512, 512, generator=torch.Generator().manual_seed(1))
+    with OutputRecorder(ours.image_encoder, names) as got, OutputRecorder(ref.image_encoder, names) as want:
+        out, expected = _encode(ours, x), _encode(ref, x)
+    assert (out - expected).abs().max() <= 1e-4
+    assert assert_same_outputs(got, want) == len(names)
+
+
+def test_vit_stand_in_layers_are_called(vit_pair):
+    ours, ref = vit_pair
+    x = torch.randn(1, 3, 512, 512, generator=torch.Generator().manual_seed(2))
+    plain = _encode(ours, x)
+    originals = {}
+    try:
+        for model in (ours, ref):
+            enc = model.image_encoder
+            for i, (blk, attr) in enumerate([(enc.blocks[0].attn, "qkv"), (enc.blocks[1].attn, "proj"),
+                                             (enc.blocks[2].mlp, "lin1"), (enc.blocks[3].mlp, "lin2")]):
+                originals[(id(model), i)] = (blk, attr, getattr(blk, attr))
+                setattr(blk, attr, LoRA(getattr(blk, attr), seed=i))
+        out, expected = _encode(ours, x), _encode(ref, x)
+    finally:
+        for blk, attr, layer in originals.values():
+            setattr(blk, attr, layer)
+    assert (out - expected).abs().max() <= 1e-4
+    assert (out - plain).abs().max() > 1e-2  # the adapters took part
+
+
+def test_decoder_hooks_see_the_reference_outputs(vit_pair):
+    """Hooks on every module of the mask decoder, through a Predictor box prompt (prepared image,
+    shared image, fewer output tokens: all given way) against Meta's SamPredictor."""
+    from segment_anything import SamPredictor
+
+    ours, ref = vit_pair
+    img = test_image(200, 260)
+    box = [40, 50, 180, 170]
+    ref_pred = SamPredictor(ref)
+    ref_pred.set_image(img[..., ::-1].copy())
+    pred = Predictor(model=ours, config=VIT)
+    pred.set_image(img)
+    for multimask in (False, True):
+        with OutputRecorder(ours.mask_decoder) as got, OutputRecorder(ref.mask_decoder) as want:
+            result = pred(bboxes=box, multimask_output=multimask)[0]
+            _, ref_scores, _ = ref_pred.predict(box=np.array(box), multimask_output=multimask)
+        assert got.outputs.keys() == want.outputs.keys()
+        # all but the upscaling's, which runs on the part of the image the masks cover
+        compared = assert_same_outputs(got, want)
+        assert compared >= sum(len(v) for k, v in want.outputs.items() if not k.startswith("output_upscaling"))
+        assert np.allclose(np.sort(result.boxes.conf.numpy())[::-1], np.sort(ref_scores)[::-1], atol=1e-4)
