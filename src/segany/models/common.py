@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import sys
 
 import torch
@@ -256,15 +255,10 @@ def plain_inside(module: nn.Module) -> bool:
 def _plain_walk(stack: list[nn.Module]) -> bool:
     while stack:  # (not module.modules(): this walk is faster, ~1 µs a module)
         m = stack.pop()
-        if _own_hooks(m) or not _plain_class(type(m)):
+        if _own_hooks(m) or not type(m).__module__.startswith(("segany.", "torch.nn.modules.")):
             return False
         stack.extend(c for c in m._modules.values() if c is not None)
     return True
-
-
-@functools.cache
-def _plain_class(cls: type) -> bool:
-    return cls.__module__.startswith(("segany.", "torch.nn.modules."))
 
 
 def _own_hooks(m: nn.Module) -> bool:
