@@ -82,9 +82,12 @@ class MaskDecoder(nn.Module):
         hs, src = self._attend(output_tokens, image_embeddings, image_pe, sparse_prompt_embeddings,
                                dense_prompt_embeddings, out_tokens=[0] + [1 + i for i in wanted])
         hyper_in = self._hyper_in(hs[:, 1:, :], wanted)
-        if extent is not None:  # the image tokens whose 4×4 blocks of mask cells cover the extent
-            src = src[:, :, : -(-extent[0] // 4), : -(-extent[1] // 4)]
-        masks = self._upscaled_masks(src, hyper_in)
+        if not plain_tree(self.output_upscaling):  # hooks or stand-ins: the modules called, as in the reference
+            masks = self._masks_times(hyper_in, self.output_upscaling(src))
+        else:
+            if extent is not None:  # the image tokens whose 4×4 blocks of mask cells cover the extent
+                src = src[:, :, : -(-extent[0] // 4), : -(-extent[1] // 4)]
+            masks = self._upscaled_masks(src, hyper_in)
         return masks[:, mask_slice] if every else masks, self.iou_prediction_head(hs[:, 0, :])
 
     def _attend(
@@ -142,8 +145,6 @@ class MaskDecoder(nn.Module):
         it runs on the (pixel, sub-pixel, channel) layout, and only the masks are put in image
         order at the end. Same values as the convolution path (within float rounding).
         """
-        if not plain_tree(self.output_upscaling):  # hooks or stand-ins: the modules called, as in the reference
-            return self._masks_times(hyper_in, self.output_upscaling(src))
         dc1, ln1, _, dc2, _ = self.output_upscaling  # GELUs, applied to the products' own outputs
         b, c, h, w = src.shape
         x = src.permute(0, 2, 3, 1).reshape(b * h * w, c)  # a view unless src was cut to fewer columns
