@@ -157,12 +157,7 @@ class TwoWayAttentionBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward` for a block without hooks or stand-ins inside (:func:`plain_inside`). ``projected``:
         the shared image already projected by :meth:`project`. ``keys_owned``: ``keys`` may be overwritten."""
-        if self.skip_first_layer_pe:
-            queries = self.self_attn(q=queries, k=queries, v=queries)
-        else:
-            q = queries + query_pe
-            queries = queries + self.self_attn(q=q, k=q, v=queries)
-        queries = self.norm1(queries)
+        queries = self._self_attention(queries, query_pe)
 
         b, nt, c = queries.shape
         if projected is None and keys.shape[0] == 1 and self.cross_attn_token_to_image.cheaper_projected(b * nt, c):
@@ -181,15 +176,17 @@ class TwoWayAttentionBlock(nn.Module):
             projected_q=None if projected is None else projected.q))
         return queries, keys
 
+    def _self_attention(self, queries: torch.Tensor, query_pe: torch.Tensor) -> torch.Tensor:
+        """The tokens' self-attention, its residual and norm (module calls on the few tokens, in both paths)."""
+        if self.skip_first_layer_pe:
+            return self.norm1(self.self_attn(q=queries, k=queries, v=queries))
+        q = queries + query_pe
+        return self.norm1(queries + self.self_attn(q=q, k=q, v=queries))
+
     def _forward_modules(self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor,
                          key_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward` composed as the reference does, on image tokens ``(B, Ni, C)``."""
-        if self.skip_first_layer_pe:
-            queries = self.self_attn(q=queries, k=queries, v=queries)
-        else:
-            q = queries + query_pe
-            queries = queries + self.self_attn(q=q, k=q, v=queries)
-        queries = self.norm1(queries)
+        queries = self._self_attention(queries, query_pe)
         keys_pe = keys + key_pe
         queries = self.norm2(queries + self.cross_attn_token_to_image(q=queries + query_pe, k=keys_pe, v=keys))
         queries = self.norm3(queries + self.mlp(queries))
