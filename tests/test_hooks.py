@@ -113,3 +113,44 @@ def test_decoder_hooks_see_the_reference_outputs(vit_pair):
         assert got.outputs.keys() == want.outputs.keys()
         assert assert_same_outputs(got, want) == _tensors(want)
         assert np.allclose(np.sort(result.boxes.conf.numpy())[::-1], np.sort(ref_scores)[::-1], atol=1e-4)
+
+
+
+@pytest.mark.parametrize("name, attn, mlp", [
+    ("sam", "blocks.0.attn", ("blocks.0.mlp", "lin1", "lin2")),
+    ("mobile_sam", "layers.1.blocks.0.attn", ("layers.1.blocks.0.mlp", "fc1", "fc2")),
+    ("sam2", "trunk.blocks.0.attn", ("trunk.blocks.0.mlp.layers", "0", "1")),
+])
+def test_adapters_train_in_every_encoder(name, attn, mlp):
+    """LoRA adapters on an encoder's q/k/v and MLP layers take part and get gradients (before,
+    the fused products read the wrapped layers' weights and passed the adapters by)."""
+    from conftest import SMALL_VIT
+
+    from segany.models import build_model
+
+    config = {"sam": SMALL_VIT, "mobile_sam": config_with(MODELS["mobile_sam"], img_size=256),
+              "sam2": config_with(MODELS["sam2.1_t"], img_size=256, embed_dim=32, num_heads=2, stages=(1, 1, 2, 1),
+                                  global_att_blocks=(3,))}[name]
+    torch.manual_seed(0)
+    model = build_model(config)
+    encoder = model.image_encoder
+    x = torch.randn(1, 3, 256, 256)
+
+    def embedding() -> torch.Tensor:
+        out = model.encode_image(x)
+        return out if isinstance(out, torch.Tensor) else out["image_embed"]
+
+    with torch.no_grad():
+        plain = embedding()
+    attention = encoder.get_submodule(attn)
+    attention.qkv = LoRA(attention.qkv)
+    block_mlp = encoder.get_submodule(mlp[0])
+    adapters = [attention.qkv]
+    for i, layer in enumerate(mlp[1:]):
+        setattr(block_mlp, layer, LoRA(getattr(block_mlp, layer), seed=i + 1))
+        adapters.append(getattr(block_mlp, layer))
+    with torch.no_grad():
+        assert (embedding() - plain).abs().max() > 1e-3  # the adapters took part in inference
+    embedding().pow(2).mean().backward()
+    for adapter in adapters:
+        assert adapter.down.grad is not None and adapter.down.grad.abs().sum() > 0
