@@ -72,8 +72,34 @@ assert (out - ref).abs().max() <= 1e-4, (out - ref).abs().max()
 print("ok")
 """
 
+COMPILE_CHECK = r"""
+import sys
+import torch
+sys.path.insert(0, "tests")
+from conftest import SMALL_VIT, random_sam
+from segany.models import vit, relpos_attention
 
-@pytest.mark.parametrize("script", [KERNEL_CHECK, ENCODER_CHECK], ids=["kernel", "vit-encoder"])
+relpos_attention.BLOCK_M, relpos_attention.BLOCK_N = 32, 16
+encoder = random_sam(SMALL_VIT).image_encoder.eval()
+x = torch.randn(1, 3, 256, 256)
+with torch.no_grad():
+    ref = encoder(x)
+    vit._gpu_half = lambda q: True
+    vit._by_parts = lambda q, h, w: False
+    vit.GPU_ATTENTION.update({"window": ("fused", None), "global": ("fused", None)})
+    # The kernel is one opaque op in one graph: the compiler does not trace into Triton.
+    explained = torch._dynamo.explain(encoder)(x)
+    assert explained.graph_count == 1 and not explained.break_reasons, explained.break_reasons
+    ops = [n for g in explained.graphs for n in g.graph.nodes if "segany.relpos_attention" in str(n.target)]
+    assert len(ops) == len(encoder.blocks), ops
+    torch._dynamo.reset()
+    out = torch.compile(encoder, backend="aot_eager")(x)
+assert (out - ref).abs().max() <= 1e-4, (out - ref).abs().max()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("script", [KERNEL_CHECK, ENCODER_CHECK, COMPILE_CHECK], ids=["kernel", "vit-encoder", "compiled"])
 def test_fused_relpos_attention_equals_the_explicit_one(script):
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src")}
     res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,

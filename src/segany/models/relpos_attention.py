@@ -41,7 +41,16 @@ def relpos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: t
     if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
         # fp32 products would take TF32 and more shared memory than a Hopper SM has at these blocks.
         raise ValueError(f"the fused attention takes fp16 or bf16 on a GPU, got {q.dtype}")
-    block_m, block_n = block_m or BLOCK_M, block_n or BLOCK_N
+    return _relpos_attention_op(q, k, v, rel_h, rel_w, scale, block_m or BLOCK_M, block_n or BLOCK_N)
+
+
+# A custom op, so that torch.compile keeps the kernel as one opaque call in its graph (the shapes
+# from the fake below) instead of tracing into Triton.
+@torch.library.custom_op("segany::relpos_attention", mutates_args=())
+def _relpos_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor,
+                         rel_w: torch.Tensor, scale: float, block_m: int, block_n: int) -> torch.Tensor:
+    b, n_heads, n, d = q.shape
+    grid_w = rel_w.shape[-1]
     out = q.new_empty(b, n, n_heads, d)
     # Heads on the first grid axis (2^31 - 1 programs), query blocks on the second (65535).
     grid = (b * n_heads, triton.cdiv(n, block_m))
@@ -55,6 +64,13 @@ def relpos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: t
         num_warps=8 if block_m >= 128 else 4, num_stages=3,
     )
     return out
+
+
+@_relpos_attention_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, scale: float,
+      block_m: int, block_n: int) -> torch.Tensor:
+    b, n_heads, n, d = q.shape
+    return q.new_empty(b, n, n_heads, d)
 
 
 _LOG2E = 1.4426950408889634
