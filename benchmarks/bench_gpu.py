@@ -54,17 +54,27 @@ POLICIES = {
     "windows bias (PyTorch's pick)": {"window": ("bias", None), "global": ("augmented", None)},
     "global bias cuDNN": {"window": ("augmented", None), "global": ("bias", CUDNN)},
     "all bias cuDNN": {"window": ("bias", CUDNN), "global": ("bias", CUDNN)},
-    # relative terms added inside a Triton flash kernel (models/relpos_attention.py), not yet measured
+    # relative terms added inside a Triton flash kernel (models/relpos_attention.py), not yet
+    # measured; "blocks": its (queries, keys) a program at a time, untuned (default 128×64)
     "global fused (Triton)": {"window": ("augmented", None), "global": ("fused", None)},
     "all fused (Triton)": {"window": ("fused", None), "global": ("fused", None)},
+    "all fused (Triton), 64×64 blocks": {"window": ("fused", None), "global": ("fused", None), "blocks": (64, 64)},
+    "all fused (Triton), 128×32 blocks": {"window": ("fused", None), "global": ("fused", None), "blocks": (128, 32)},
 }
+DEFAULT_BLOCKS = (128, 64)  # relpos_attention.BLOCK_M, BLOCK_N as the module has them
 COMPILE_S = {"sam_h": 85, "sam_l": 60, "sam_b": 35, "small": 30}  # compile-time guess for --deadline
 START = time.perf_counter()
 ROWS: list[dict] = []  # every model's rows, as they come (--json is rewritten after each)
 
 
 def set_policy(name: str) -> None:
-    vit.GPU_ATTENTION.update(POLICIES[name])
+    policy = dict(POLICIES[name])
+    blocks = policy.pop("blocks", None)
+    vit.GPU_ATTENTION.update(policy)
+    if "fused" in {mode for mode, _ in policy.values()}:
+        from segany.models import relpos_attention  # (imports Triton)
+
+        relpos_attention.BLOCK_M, relpos_attention.BLOCK_N = blocks or DEFAULT_BLOCKS
 
 
 def median_ms(fn, repeat: int, device: str, warmup: int = 3) -> float:
