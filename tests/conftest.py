@@ -136,18 +136,22 @@ class OutputRecorder:
     A context manager: the hooks go with it."""
 
     def __init__(self, model: torch.nn.Module, names: set[str] | None = None, copy: bool = False) -> None:
-        self.outputs: dict[str, list] = {}
+        self.outputs: dict[str, list[list[torch.Tensor]]] = {}  # name → the tensors of each call's output
         self._handles = []
 
         def keep(name, out):
-            if copy:
-                out = tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
-            self.outputs[name].append(out)
+            tensors = output_tensors(out)
+            self.outputs[name].append([t.clone() for t in tensors] if copy else tensors)
 
         for name, module in model.named_modules():
             if names is None or name in names:
                 self.outputs[name] = []
                 self._handles.append(module.register_forward_hook(lambda _m, _a, out, name=name: keep(name, out)))
+
+    def tensors(self, names=None) -> int:
+        """How many output tensors were kept (of the modules ``names`` only, if given)."""
+        return sum(len(call) for name, calls in self.outputs.items() if names is None or name in names
+                   for call in calls)
 
     def __enter__(self) -> OutputRecorder:
         return self
@@ -157,19 +161,35 @@ class OutputRecorder:
             handle.remove()
 
 
+def output_tensors(out) -> list[torch.Tensor]:
+    """The tensors of a module's output: itself, or those in its tuples, lists and dicts, in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in output_tensors(o)]
+    return []
+
+
 def assert_same_outputs(ours: OutputRecorder, ref: OutputRecorder, tol: float = 1e-4) -> int:
-    """Every module both recorded ran as many times in each, and each of its outputs (a tensor, or
-    the tensors of a tuple) equals the reference's where the layouts agree (the same last axis and
-    size); returns how many tensors were compared."""
+    """Every module both recorded ran as many times in each, with outputs of as many tensors, each
+    equal to the reference's: as it is, as ``(B, H, W, C)`` tokens against ``(B, H*W, C)``, or as a
+    ``(B, C, H, W)`` map against ``(B, H*W, C)`` tokens (MobileSAM's layouts). Returns how many
+    tensors were compared; a pair of no known layout fails."""
     compared = 0
     for name in ours.outputs.keys() & ref.outputs.keys():
         a, b = ours.outputs[name], ref.outputs[name]
         assert len(a) == len(b), f"{name}: called {len(a)} times, the reference {len(b)}"
         for x, y in zip(a, b):
-            for t, r in zip(*(o if isinstance(o, tuple) else (o,) for o in (x, y))):
-                if (isinstance(t, torch.Tensor) and isinstance(r, torch.Tensor) and t.numel() == r.numel()
-                        and t.shape[-1:] == r.shape[-1:]):  # (B, H, W, C) tokens against (B, H*W, C)
-                    t = t.reshape(r.shape)
-                    assert (t - r).abs().max().item() <= tol, f"{name}: output differs by {(t - r).abs().max()}"
-                    compared += 1
+            assert len(x) == len(y), f"{name}: {len(x)} output tensors, the reference {len(y)}"
+            for t, r in zip(x, y):
+                if t.shape != r.shape and t.numel() == r.numel():
+                    if t.shape[-1:] == r.shape[-1:]:
+                        t = t.reshape(r.shape)
+                    elif t.ndim == 4 and r.ndim == 3:
+                        t = t.flatten(2).transpose(1, 2)
+                assert t.shape == r.shape, f"{name}: output shaped {tuple(t.shape)}, the reference {tuple(r.shape)}"
+                assert (t - r).abs().max().item() <= tol, f"{name}: output differs by {(t - r).abs().max()}"
+                compared += 1
     return compared

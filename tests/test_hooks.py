@@ -39,11 +39,6 @@ def vit_pair():
     return ours, meta_twin(ours, VIT)
 
 
-def _tensors(recorder: OutputRecorder) -> int:
-    """How many output tensors ``recorder`` kept (a tuple output counts each of its tensors)."""
-    return sum(len(o) if isinstance(o, tuple) else 1 for outs in recorder.outputs.values() for o in outs)
-
-
 def _encode(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         return model.image_encoder(x)
@@ -57,7 +52,7 @@ def test_vit_hooks_on_every_module_see_the_reference_outputs(vit_pair):
     assert (out - expected).abs().max() <= 1e-4
     assert got.outputs.keys() == want.outputs.keys()
     # every module's output: the blocks, attentions, q/k/v and MLP products, norms, the neck
-    assert assert_same_outputs(got, want) == _tensors(want)
+    assert assert_same_outputs(got, want) == want.tensors()
 
 
 @pytest.mark.parametrize("names", [{"blocks.0"}, {"blocks.1.attn.qkv", "blocks.2.mlp.lin1"}, {"blocks.2.mlp"}])
@@ -69,7 +64,7 @@ def test_vit_few_hooks_keep_their_outputs_while_the_rest_runs_fused(vit_pair, na
     with OutputRecorder(ours.image_encoder, names) as got, OutputRecorder(ref.image_encoder, names) as want:
         out, expected = _encode(ours, x), _encode(ref, x)
     assert (out - expected).abs().max() <= 1e-4
-    assert assert_same_outputs(got, want) == len(names)
+    assert assert_same_outputs(got, want) == want.tensors() == len(names)
 
 
 def test_vit_stand_in_layers_are_called(vit_pair):
@@ -111,7 +106,7 @@ def test_decoder_hooks_see_the_reference_outputs(vit_pair):
             result = pred(bboxes=box, multimask_output=multimask)[0]
             _, ref_scores, _ = ref_pred.predict(box=np.array(box), multimask_output=multimask)
         assert got.outputs.keys() == want.outputs.keys()
-        assert assert_same_outputs(got, want) == _tensors(want)
+        assert assert_same_outputs(got, want) == want.tensors()
         assert np.allclose(np.sort(result.boxes.conf.numpy())[::-1], np.sort(ref_scores)[::-1], atol=1e-4)
 
 
@@ -154,3 +149,90 @@ def test_adapters_train_in_every_encoder(name, attn, mlp):
     embedding().pow(2).mean().backward()
     for adapter in adapters:
         assert adapter.down.grad is not None and adapter.down.grad.abs().sum() > 0
+
+
+def _scale_output(factor: float):
+    return lambda _m, _args, out: out * factor
+
+
+def _scale_first_input(factor: float):
+    return lambda _m, args: (args[0] * factor, *args[1:])
+
+
+def _scale_queries(_m, _args, kwargs, out):  # a with_kwargs hook on a two-way block: (queries, keys) out
+    assert set(kwargs) == {"queries", "keys", "query_pe", "key_pe"}  # called with keywords, as the reference
+    return out[0] * 0.8, out[1]
+
+
+def _unpack_one_input(_m, args):
+    (x,) = args  # the usual idiom: a block takes one tensor, as in the reference
+    return (x * 1.1,)
+
+
+def _wrap_forward(module: nn.Module, factor: float) -> None:
+    forward = module.forward
+    module.forward = lambda *a, **kw: forward(*a, **kw) * factor  # as accelerate's hooks replace forward
+
+
+INTERVENTIONS = {
+    "a forward hook that changes a block's output": lambda m: m.image_encoder.blocks[1].register_forward_hook(
+        _scale_output(1.3)),
+    "a pre-hook that changes an MLP's input": lambda m: m.image_encoder.blocks[2].mlp.register_forward_pre_hook(
+        _scale_first_input(0.7)),
+    "a pre-hook that unpacks a block's one input": lambda m: m.image_encoder.blocks[3].register_forward_pre_hook(
+        _unpack_one_input),
+    "a kwargs hook on a two-way block": lambda m: m.mask_decoder.transformer.layers[0].register_forward_hook(
+        _scale_queries, with_kwargs=True),
+    "a pre-hook on the two-way transformer's image": lambda m: m.mask_decoder.transformer.register_forward_pre_hook(
+        _scale_first_input(1.2)),
+    "a hook on the prompt encoder's positional encoding": lambda m: m.prompt_encoder.pe_layer.register_forward_hook(
+        _scale_output(0.5)),
+    "a hook on the mask decoder's output": lambda m: m.mask_decoder.register_forward_hook(
+        lambda _m, _a, out: (out[0] - 1.0, out[1])),
+    "forward replaced on q/k/v": lambda m: _wrap_forward(m.image_encoder.blocks[0].attn.qkv, 0.9),
+    "forward replaced on the upscaling": lambda m: _wrap_forward(m.mask_decoder.output_upscaling, 1.5),
+    "a GELU of the upscaling replaced": lambda m: m.mask_decoder.output_upscaling.__setitem__(2, nn.Identity()),
+    "a GELU of an MLP replaced": lambda m: setattr(m.image_encoder.blocks[3].mlp, "act", nn.Tanh()),
+}
+
+
+@pytest.mark.parametrize("name", list(INTERVENTIONS))
+def test_interventions_act_as_in_the_reference(name):
+    """A hook that changes what a module takes or gives, a forward replaced on the instance, or a
+    module replaced by another: ours and Meta's model, each changed the same way, give the same
+    IoU and low-res logits for a box (which differ from the unchanged model's)."""
+    ours = random_sam(VIT, seed=2).eval()
+    ref = meta_twin(ours, VIT)
+    _, low0, *_ = _one_box(ours, ref)
+    for model in (ours, ref):
+        INTERVENTIONS[name](model)
+    iou, low, ref_iou, ref_low = _one_box(ours, ref)
+    assert (low - ref_low).abs().max() <= 1e-4 and (iou - ref_iou).abs().max() <= 1e-4
+    assert (low - low0).abs().max() > 1e-2  # the change took effect
+
+
+def _one_box(ours: nn.Module, ref: nn.Module) -> tuple[torch.Tensor, ...]:
+    """IoU and low-res logits of one box through our Predictor, then through Meta's SamPredictor."""
+    from segment_anything import SamPredictor
+
+    img, box = test_image(200, 260), np.array([40, 50, 180, 170])
+    pred = Predictor(model=ours, config=VIT)
+    pred.set_image(img)
+    result = pred(bboxes=box, multimask_output=False)[0]
+    ref_pred = SamPredictor(ref)
+    ref_pred.set_image(img[..., ::-1].copy())
+    _, ref_iou, ref_low = ref_pred.predict(box=box, multimask_output=False, return_logits=True)
+    return result.boxes.conf, result.low_res_logits[0], torch.as_tensor(ref_iou), torch.as_tensor(ref_low[0])
+
+
+def test_a_hook_on_all_modules_acts_as_in_the_reference():
+    """A global forward hook (on every module of every model) that changes every linear layer's output."""
+    ours = random_sam(VIT, seed=3).eval()
+    ref = meta_twin(ours, VIT)
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, _a, out: out * 1.05 if isinstance(m, nn.Linear) else None)
+    try:
+        iou, low, ref_iou, ref_low = _one_box(ours, ref)
+    finally:
+        handle.remove()
+    assert (low - ref_low).abs().max() <= 1e-4 and (iou - ref_iou).abs().max() <= 1e-4

@@ -39,7 +39,7 @@ class MLPBlock(nn.Module):
                 ) -> torch.Tensor:
         """``lin2(act(lin1(x)))``, plus ``residual`` (added as the last product is written) if given.
         ``scratch``: where the hidden layer may be written (see :class:`Scratch`)."""
-        act = None if hooked(self.act) else _FUSABLE.get((type(self.act), getattr(self.act, "approximate", None)))
+        act = None if intercepted(self.act) else _FUSABLE.get((type(self.act), getattr(self.act, "approximate", None)))
         if act:  # applied as the product is written
             out = None if scratch is None else scratch.take_output("mlp_hidden", x, self.lin1.out_features)
             hidden = linear_layer(x, self.lin1, activation=act, out=out)
@@ -91,7 +91,8 @@ def mlp_in_chunks(x: torch.Tensor, lin1: nn.Linear, lin2: nn.Linear, norm: nn.Mo
     fresh memory and read back (MobileSAM's second stage: 33 MB; SAM 2's first stage: 100 MB)."""
     rows = x.numel() // x.shape[-1]
     # A hook on one of the layers sees the whole map, as in the reference, not chunks of it.
-    whole = not (is_plain(lin1, nn.Linear) and is_plain(lin2, nn.Linear) and (norm is None or not hooked(norm)))
+    whole = not (is_plain(lin1, nn.Linear) and is_plain(lin2, nn.Linear)
+                 and (norm is None or is_plain(norm, nn.LayerNorm)))
     if rows <= CPU_MLP_ROWS or whole or not onednn_products(x):
         y = x if norm is None else norm(x)
         hidden = linear_layer(y, lin1, activation="gelu")
@@ -134,11 +135,11 @@ class Scratch:
         self._buffers: dict[str, torch.Tensor] = {}
 
     @staticmethod
-    def wanted(x: torch.Tensor, encoder: nn.Module) -> Scratch | None:
-        """A new scratch for ``encoder``'s pass over ``x`` where reuse is safe and pays (CPU, no
-        autograd, not under ``torch.compile``, and no hook or stand-in module anywhere in the
-        encoder: a hook may keep an output that a later block would overwrite), else None."""
-        return Scratch() if onednn_products(x) and plain_inside(encoder) else None
+    def wanted(x: torch.Tensor) -> Scratch | None:
+        """A new scratch for a pass over ``x`` where reuse is safe and pays (CPU, no autograd, not
+        under ``torch.compile``), else None. Not for an encoder with hooks or stand-ins inside
+        (:func:`plain_inside`): a hook may keep an output that a later block would overwrite."""
+        return Scratch() if onednn_products(x) else None
 
     def take(self, role: str, numel: int, like: torch.Tensor) -> torch.Tensor:
         """A flat buffer of ``numel`` elements (``like``'s dtype and device) for ``role``; what the
@@ -225,31 +226,34 @@ def linear_layer(x: torch.Tensor, layer: nn.Module, activation: str | None = Non
     return y if residual is None else residual + y
 
 
-def hooked(module: nn.Module) -> bool:
-    """Whether a hook would run when ``module`` is called: its own, or one set on all modules."""
+def intercepted(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run more than its class's ``forward``: a hook of its own or
+    one set on all modules, or a ``forward`` replaced on the instance (as accelerate's hooks do)."""
     return _own_hooks(module) or _global_hooks()
 
 
 def is_plain(module: nn.Module, cls: type[nn.Module]) -> bool:
     """Whether calling ``module`` would only run ``cls.forward``: it is exactly a ``cls`` (not a
     subclass or a stand-in such as a LoRA wrapper or a dynamically quantised Linear, whose weight
-    is a method) and not :func:`hooked`. Only then may a fast path read its parameters instead of
-    calling it."""
-    return type(module) is cls and not hooked(module)
+    is a method) and not :func:`intercepted`. Only then may a fast path read its parameters or
+    call its other methods instead of calling it."""
+    return type(module) is cls and not intercepted(module)
 
 
 def plain_tree(module: nn.Module) -> bool:
-    """Whether no module in ``module``'s tree has a hook and each is of a class from segany or
-    ``torch.nn``. Only then may its fused paths (outputs written into shared buffers, residuals
-    added in place, maps taken in bands) stand in for module-by-module calls: nobody can observe
-    the difference. Otherwise callers compose the modules as the reference does."""
+    """Whether no module in ``module``'s tree is :func:`intercepted` and each is of a class from segany
+    or ``torch.nn``. Then its fused paths (outputs written into shared buffers, residuals added in
+    place, maps taken in bands) compute what module-by-module calls would, and no hook can see the
+    difference; otherwise callers compose the modules as the reference does. (A path that relies
+    on a part being of one class checks that too: :func:`plain_inside`'s ``parts``.)"""
     return not _global_hooks() and _plain_walk([module])
 
 
-def plain_inside(module: nn.Module) -> bool:
-    """:func:`plain_tree` of ``module``'s submodules: its own hooks see its output, which its
-    fused path computes as well."""
-    return not _global_hooks() and _plain_walk([c for c in module._modules.values() if c is not None])
+def plain_inside(module: nn.Module, **parts: type[nn.Module]) -> bool:
+    """:func:`plain_tree` of ``module``'s submodules (its own hooks see its output, which its fused
+    path computes as well), each of ``parts`` (attribute name → class) exactly of its class."""
+    return (all(type(getattr(module, name, None)) is cls for name, cls in parts.items())
+            and not _global_hooks() and _plain_walk([c for c in module._modules.values() if c is not None]))
 
 
 def _plain_walk(stack: list[nn.Module]) -> bool:
@@ -262,7 +266,8 @@ def _plain_walk(stack: list[nn.Module]) -> bool:
 
 
 def _own_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or "forward" in m.__dict__)
 
 
 def _global_hooks() -> bool:

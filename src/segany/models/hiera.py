@@ -100,9 +100,9 @@ class Hiera(nn.Module):
         x = self.patch_embed(x)  # (B, H, W, C)
         x = x + self._get_pos_embed(x.shape[1:3])
         outputs = []
-        scratch = Scratch.wanted(x, self)
+        scratch = Scratch.wanted(x) if plain_inside(self) else None  # (see vit.ImageEncoderViT.forward)
         for i, blk in enumerate(self.blocks):
-            x = blk(x, scratch)
+            x = blk(x) if scratch is None else blk(x, scratch)
             if i in self.stage_ends:
                 outputs.append(x.permute(0, 3, 1, 2))
         return outputs
@@ -159,7 +159,7 @@ class MultiScaleBlock(nn.Module):
 
     def _forward(self, x: torch.Tensor, scratch: Scratch | None) -> torch.Tensor:
         # With hooks or stand-ins in the block, each module is called, as in the reference.
-        fused = plain_inside(self)
+        fused = plain_inside(self, attn=MultiScaleAttention, mlp=GeluMLP)
         shortcut = x
         x = self.norm1(x)
         if self.dim != self.dim_out:

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import MLP, LayerNorm2d, activate, hooked, linear, plain_tree
-from .transformer import ProjectedImage
+from .common import MLP, LayerNorm2d, activate, is_plain, linear, plain_tree
+from .transformer import ProjectedImage, TwoWayTransformer
 
 
 class MaskDecoder(nn.Module):
@@ -81,14 +81,27 @@ class MaskDecoder(nn.Module):
         # Only the IoU token and the wanted mask tokens are read: the others skip the final attention.
         hs, src = self._attend(output_tokens, image_embeddings, image_pe, sparse_prompt_embeddings,
                                dense_prompt_embeddings, out_tokens=[0] + [1 + i for i in wanted])
+        fused = self._upscaling_fusable()
+        if not fused:  # hooks or stand-ins: the modules called on the whole image, in the reference's order
+            upscaled = self.output_upscaling(src)
         hyper_in = self._hyper_in(hs[:, 1:, :], wanted)
-        if not plain_tree(self.output_upscaling):  # hooks or stand-ins: the modules called, as in the reference
-            masks = self._masks_times(hyper_in, self.output_upscaling(src))
-        else:
+        if fused:
             if extent is not None:  # the image tokens whose 4×4 blocks of mask cells cover the extent
                 src = src[:, :, : -(-extent[0] // 4), : -(-extent[1] // 4)]
             masks = self._upscaled_masks(src, hyper_in)
+        else:
+            masks = self._masks_times(hyper_in, upscaled)
         return masks[:, mask_slice] if every else masks, self.iou_prediction_head(hs[:, 0, :])
+
+    def _upscaling_fusable(self) -> bool:
+        """Whether ``output_upscaling`` is what :meth:`_upscaled_masks` computes: SAM's two 2×2,
+        stride-2 transposed convolutions with a LayerNorm2d and exact GELUs, without hooks or stand-ins."""
+        seq = self.output_upscaling
+        return (type(seq) is nn.Sequential and plain_tree(seq)
+                and [type(m) for m in seq] == [nn.ConvTranspose2d, LayerNorm2d, nn.GELU, nn.ConvTranspose2d, nn.GELU]
+                and seq[2].approximate == seq[4].approximate == "none"
+                and all(seq[i].kernel_size == seq[i].stride == (2, 2) and seq[i].padding == seq[i].output_padding
+                        == (0, 0) and seq[i].dilation == (1, 1) and seq[i].groups == 1 for i in (0, 3)))
 
     def _attend(
         self,
@@ -113,20 +126,26 @@ class MaskDecoder(nn.Module):
             if image.shape[0] == 1 and (dense.shape[0] == 1 or dense.stride(0) == 0):
                 dense = dense[:1]
             image = image + dense
-        if out_tokens is not None and hooked(self.transformer):  # its hooks see every token, as in the reference
-            hs, keys = self.transformer(image, image_pe, tokens)
-            hs = hs[:, out_tokens]
-        else:
-            hs, keys = self.transformer(image, image_pe, tokens, out_tokens)
         h, w = image_pe.shape[-2:]
-        return hs, keys.view(n_prompts, h, w, -1).permute(0, 3, 1, 2)
+        if is_plain(self.transformer, TwoWayTransformer):
+            hs, keys = self.transformer(image, image_pe, tokens, out_tokens)
+        else:  # hooks or a stand-in: the reference's arguments, an image and its PE per prompt, and every token
+            if isinstance(image, ProjectedImage):
+                image = image.keys.transpose(1, 2).reshape(1, -1, h, w)  # (with the dense embedding in it)
+            hs, keys = self.transformer(image.expand(n_prompts, -1, -1, -1), image_pe.expand(n_prompts, -1, -1, -1),
+                                        tokens)
+            hs = hs if out_tokens is None else hs[:, out_tokens]
+        return hs, keys.reshape(n_prompts, h, w, -1).permute(0, 3, 1, 2)
 
     def prepare_image(self, image_embedding: torch.Tensor, image_pe: torch.Tensor,
                       dense_prompt_embedding: torch.Tensor) -> ProjectedImage:
         """One image embedding ``(1, C, h, w)`` with the dense embedding every prompt without a
         mask input gets, prepared once for any number of prompts: pass it as
         ``image_embeddings`` (with no dense embedding of its own) instead of the embedding."""
-        return self.transformer.project(image_embedding + dense_prompt_embedding, image_pe)
+        image = image_embedding + dense_prompt_embedding
+        if not is_plain(self.transformer, TwoWayTransformer):  # its hooks see the reference's inputs (_attend)
+            return ProjectedImage.unprojected(image, image_pe)
+        return self.transformer.project(image, image_pe)
 
     def _hyper_in(self, mask_tokens_out: torch.Tensor, mask_indices: list[int] | None = None) -> torch.Tensor:
         """Mask tokens ``(B, T', C)``, those of ``mask_indices`` (all by default) → per-token weights

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .common import LayerNorm2d
+from .common import LayerNorm2d, plain_tree
 
 
 class PositionEmbeddingRandom(nn.Module):
@@ -84,6 +84,8 @@ class PromptEncoder(nn.Module):
         try:
             key = (matrix._version, matrix.data_ptr(), matrix.dtype, torch.is_inference_mode_enabled())
         except RuntimeError:  # an inference-mode tensor keeps no version: no caching
+            key = None
+        if key is None or not plain_tree(self.pe_layer):  # (hooks or a stand-in: called each time, as in the reference)
             return self.pe_layer(self.image_embedding_size).unsqueeze(0)
         if self._dense_pe is None or self._dense_pe[0] != key:
             # channels-last memory: the decoder reads it as (h*w, C) tokens without a copy

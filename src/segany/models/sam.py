@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .common import intercepted
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
 from .transformer import ProjectedImage
@@ -89,8 +90,10 @@ class Sam(nn.Module):
         cover at least those (the top-left ``(B, K, ≥rows, ≥cols)``), at less cost.
         """
         image = image_embeddings
+        # A hooked decoder gets the reference's arguments: the embedding, and no extent.
+        plain = not intercepted(self.mask_decoder)
         if isinstance(image, PreparedImage):
-            image = image.embedding if mask_inputs is not None else image.projected
+            image = image.projected if mask_inputs is None and plain else image.embedding
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_inputs)
         return self.mask_decoder(
             image_embeddings=image,
@@ -98,7 +101,7 @@ class Sam(nn.Module):
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
-            extent=extent,
+            **({"extent": extent} if plain and extent is not None else {}),
         )
 
     def low_res_extent(self, input_size: tuple[int, int]) -> tuple[int, int]:

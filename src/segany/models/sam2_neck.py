@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import conv1x1, hooked
+from .common import conv1x1, is_plain
 
 
 class PositionEmbeddingSine(nn.Module):
@@ -95,8 +95,9 @@ class FpnNeck(nn.Module):
         pos: list[torch.Tensor | None] = [None] * len(xs)
         prev = None
         for i in range(n, -1, -1):  # from the lowest resolution up
-            lateral_conv = self.convs[n - i]  # (its hooks see its output, as in the reference)
-            lateral = lateral_conv(xs[i]) if hooked(lateral_conv) else conv1x1(xs[i], lateral_conv.conv)
+            lateral = self.convs[n - i]  # a Sequential holding the conv: called if it holds more, or is hooked
+            plain = is_plain(lateral, nn.Sequential) and list(lateral._modules) == ["conv"]
+            lateral = conv1x1(xs[i], lateral.conv) if plain else lateral(xs[i])
             if i in self.fpn_top_down_levels and prev is not None:
                 top_down = F.interpolate(
                     prev.to(dtype=torch.float32), scale_factor=2.0, mode=self.fpn_interp_model,

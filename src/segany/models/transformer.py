@@ -81,7 +81,7 @@ class TwoWayTransformer(nn.Module):
         keys, key_pe = keys.expand(b, -1, -1), key_pe.expand(b, -1, -1)
         queries = point_embedding
         for layer in self.layers:
-            queries, keys = layer(queries, keys, point_embedding, key_pe)
+            queries, keys = layer(queries=queries, keys=keys, query_pe=point_embedding, key_pe=key_pe)
         q = queries + point_embedding
         queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q=q, k=keys + key_pe, v=keys))
         return (queries if out_tokens is None else queries[:, _as_index(out_tokens)]), keys.contiguous()
@@ -89,10 +89,9 @@ class TwoWayTransformer(nn.Module):
     def project(self, image_embedding: torch.Tensor, image_pe: torch.Tensor) -> ProjectedImage:
         """One image ``(1, C, h, w)`` and its PE, prepared for :meth:`forward` once for any number
         of later prompts (the first block's image projections do not depend on the prompts)."""
-        keys, key_pe = _tokens(image_embedding), _tokens(image_pe[:1])
         if not self.layers or not plain_inside(self):  # (hooked projections run per prompt, as in the reference)
-            return ProjectedImage(keys, key_pe, keys + key_pe, None, None, None)
-        return self.layers[0].project(keys, key_pe)
+            return ProjectedImage.unprojected(image_embedding, image_pe)
+        return self.layers[0].project(_tokens(image_embedding), _tokens(image_pe[:1]))
 
 
 class ProjectedImage(NamedTuple):
@@ -108,6 +107,12 @@ class ProjectedImage(NamedTuple):
     k: torch.Tensor | None
     v: torch.Tensor | None
     q: torch.Tensor | None
+
+    @classmethod
+    def unprojected(cls, image_embedding: torch.Tensor, image_pe: torch.Tensor) -> ProjectedImage:
+        """An image ``(1, C, h, w)`` and its PE as tokens, with nothing projected (``k``, ``v``, ``q`` None)."""
+        keys, key_pe = _tokens(image_embedding), _tokens(image_pe[:1])
+        return cls(keys, key_pe, keys + key_pe, None, None, None)
 
 
 def _as_index(indices: list[int]) -> slice | list[int]:

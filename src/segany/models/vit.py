@@ -37,12 +37,8 @@ CPU_PARTS_MIN_TOKENS = 128
 # "augmented": inside q and k (see Attention._attention_augmented), so SDPA can take its flash
 # kernel instead of reading an H*W × H*W bias per head; "bias": the additive bias; "fused": added
 # inside a Triton kernel (relpos_attention; not measured on a GPU yet). Benchmarks switch these.
-GPU_ATTENTION: dict[str, tuple[str, SDPBackend | None]] = {
-    "window": ("augmented", None),
-    "global": ("augmented", None),
-}
-# Flash kernels take head dimensions up to this.
-_FLASH_MAX_HEAD_DIM = 256
+GPU_ATTENTION: dict[str, tuple[str, SDPBackend | None]] = {"window": ("augmented", None), "global": ("augmented", None)}
+_FLASH_MAX_HEAD_DIM = 256  # flash kernels take head dimensions up to this
 
 
 class ImageEncoderViT(nn.Module):
@@ -99,10 +95,13 @@ class ImageEncoderViT(nn.Module):
                 pos = F.interpolate(pos.permute(0, 3, 1, 2), size=x.shape[1:3], mode="bicubic",
                                     align_corners=False).permute(0, 2, 3, 1)
             x = x + pos
-        x = half_residual_stream(x)
-        scratch = Scratch.wanted(x, self)
+        # With hooks or stand-ins inside, the blocks see the reference's fp32 stream and make fresh outputs.
+        scratch = None
+        if plain_inside(self):
+            x = half_residual_stream(x)
+            scratch = Scratch.wanted(x)
         for blk in self.blocks:
-            x = blk(x, scratch)
+            x = blk(x) if scratch is None else blk(x, scratch)  # (a hook sees the reference's arguments)
         return self.neck(x.permute(0, 3, 1, 2))
 
 
@@ -147,7 +146,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
         """``(B, H, W, C)`` → ``(B, H, W, C)``; ``scratch``: buffers shared by the blocks of one pass."""
-        if not plain_inside(self):  # hooks or stand-ins: each module called, as in the reference
+        if not plain_inside(self, attn=Attention, mlp=MLPBlock):  # hooks or stand-ins: modules called one by one
             y = self.norm1(x)
             if self.window_size == 0:
                 y = self.attn(y)
