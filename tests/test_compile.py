@@ -37,3 +37,17 @@ def test_other_encoders_trace_as_one_graph(name):
     model = build_model(config).eval()
     size = 256 if name.startswith("sam2") else 1024
     assert graph_breaks(model.image_encoder, torch.randn(1, 3, size, size)) == 0
+
+
+def test_compiled_decode_of_a_prepared_image_equals_eager():
+    """The decoder's fused path under torch.compile (aot_eager: the graph as the compiler makes it,
+    run by eager kernels), with a prepared image: the same logits as eager. (An ``out=`` division
+    kept the input's strides when compiled, and the view after it failed.)"""
+    model = random_sam(SMALL_VIT).eval()
+    torch._dynamo.reset()
+    boxes = torch.tensor([[10.0, 20, 150, 200], [60, 40, 230, 120]])
+    with torch.inference_mode():
+        prepared = model.prepare_image(torch.randn(1, 256, 16, 16))
+        low, iou = model.decode(prepared, boxes=boxes)
+        low_c, iou_c = torch.compile(model.decode, backend="aot_eager")(prepared, boxes=boxes)
+    assert (low_c - low).abs().max() <= 1e-4 and (iou_c - iou).abs().max() <= 1e-4

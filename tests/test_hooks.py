@@ -174,7 +174,47 @@ def _wrap_forward(module: nn.Module, factor: float) -> None:
     module.forward = lambda *a, **kw: forward(*a, **kw) * factor  # as accelerate's hooks replace forward
 
 
+def _decoder_kwargs(_m, args, kwargs):  # a pre-hook on the mask decoder: the reference's arguments
+    assert not args and set(kwargs) == {"image_embeddings", "image_pe", "sparse_prompt_embeddings",
+                                        "dense_prompt_embeddings", "multimask_output"}
+    assert isinstance(kwargs["image_embeddings"], torch.Tensor)
+    return args, {**kwargs, "image_pe": kwargs["image_pe"] * 1.5}
+
+
+def _edit_in_place(_m, args):  # a pre-hook on the two-way transformer: the reference's per-prompt copies
+    image, pe, tokens = args
+    assert image.shape[0] == pe.shape[0] == tokens.shape[0]
+    image.mul_(0.5)
+    pe.mul_(2.0)
+
+
+def _without_bias(layer: nn.Module) -> nn.Module:
+    """The same layer as a new torch.nn module without a bias (the bias dropped)."""
+    if isinstance(layer, nn.Linear):
+        new = nn.Linear(layer.in_features, layer.out_features, bias=False)
+    else:
+        new = nn.ConvTranspose2d(layer.in_channels, layer.out_channels, 2, stride=2, bias=False)
+    new.weight.data.copy_(layer.weight.data)
+    return new
+
+
+def _replace(parent: nn.Module, name: str, make) -> None:
+    setattr(parent, name, make(getattr(parent, name)))
+
+
 INTERVENTIONS = {
+    "a hook on the prompt encoder's dense embedding": lambda m: m.prompt_encoder.register_forward_hook(
+        lambda _m, _a, out: (out[0], out[1] + 0.5)),
+    "a kwargs pre-hook on the mask decoder": lambda m: m.mask_decoder.register_forward_pre_hook(
+        _decoder_kwargs, with_kwargs=True),
+    "a pre-hook editing the two-way transformer's inputs in place": lambda m: (
+        m.mask_decoder.transformer.register_forward_pre_hook(_edit_in_place)),
+    "a projection without a bias": lambda m: _replace(m.mask_decoder.transformer.layers[1].cross_attn_image_to_token,
+                                                      "q_proj", _without_bias),
+    "an upscaling conv without a bias": lambda m: m.mask_decoder.output_upscaling.__setitem__(
+        0, _without_bias(m.mask_decoder.output_upscaling[0])),
+    "a block's MLP replaced by an identity": lambda m: setattr(m.image_encoder.blocks[1], "mlp", nn.Identity()),
+    "a block's attention replaced by an identity": lambda m: setattr(m.image_encoder.blocks[2], "attn", nn.Identity()),
     "a forward hook that changes a block's output": lambda m: m.image_encoder.blocks[1].register_forward_hook(
         _scale_output(1.3)),
     "a pre-hook that changes an MLP's input": lambda m: m.image_encoder.blocks[2].mlp.register_forward_pre_hook(
@@ -203,26 +243,27 @@ def test_interventions_act_as_in_the_reference(name):
     IoU and low-res logits for a box (which differ from the unchanged model's)."""
     ours = random_sam(VIT, seed=2).eval()
     ref = meta_twin(ours, VIT)
-    _, low0, *_ = _one_box(ours, ref)
+    _, low0, *_ = _two_boxes(ours, ref)
     for model in (ours, ref):
         INTERVENTIONS[name](model)
-    iou, low, ref_iou, ref_low = _one_box(ours, ref)
+    iou, low, ref_iou, ref_low = _two_boxes(ours, ref)
     assert (low - ref_low).abs().max() <= 1e-4 and (iou - ref_iou).abs().max() <= 1e-4
     assert (low - low0).abs().max() > 1e-2  # the change took effect
 
 
-def _one_box(ours: nn.Module, ref: nn.Module) -> tuple[torch.Tensor, ...]:
-    """IoU and low-res logits of one box through our Predictor, then through Meta's SamPredictor."""
+def _two_boxes(ours: nn.Module, ref: nn.Module) -> tuple[torch.Tensor, ...]:
+    """IoU and low-res logits of two boxes through our Predictor, then through Meta's SamPredictor."""
     from segment_anything import SamPredictor
 
-    img, box = test_image(200, 260), np.array([40, 50, 180, 170])
+    img, boxes = test_image(200, 260), np.array([[40, 50, 180, 170], [10, 20, 120, 90]])
     pred = Predictor(model=ours, config=VIT)
     pred.set_image(img)
-    result = pred(bboxes=box, multimask_output=False)[0]
+    result = pred(bboxes=boxes, multimask_output=False)[0]
     ref_pred = SamPredictor(ref)
     ref_pred.set_image(img[..., ::-1].copy())
-    _, ref_iou, ref_low = ref_pred.predict(box=box, multimask_output=False, return_logits=True)
-    return result.boxes.conf, result.low_res_logits[0], torch.as_tensor(ref_iou), torch.as_tensor(ref_low[0])
+    ref_boxes = ref_pred.transform.apply_boxes_torch(torch.as_tensor(boxes, dtype=torch.float), img.shape[:2])
+    _, ref_iou, ref_low = ref_pred.predict_torch(None, None, ref_boxes, multimask_output=False, return_logits=True)
+    return result.boxes.conf, result.low_res_logits, ref_iou[:, 0], ref_low[:, 0]
 
 
 def test_a_hook_on_all_modules_acts_as_in_the_reference():
@@ -232,7 +273,7 @@ def test_a_hook_on_all_modules_acts_as_in_the_reference():
     handle = torch.nn.modules.module.register_module_forward_hook(
         lambda m, _a, out: out * 1.05 if isinstance(m, nn.Linear) else None)
     try:
-        iou, low, ref_iou, ref_low = _one_box(ours, ref)
+        iou, low, ref_iou, ref_low = _two_boxes(ours, ref)
     finally:
         handle.remove()
     assert (low - ref_low).abs().max() <= 1e-4 and (iou - ref_iou).abs().max() <= 1e-4

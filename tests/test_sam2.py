@@ -276,10 +276,10 @@ def test_hooks_see_the_reference_outputs(monkeypatch, hooked):
         assert assert_same_outputs(got, want, TOL) == want.tensors(got.outputs)
 
 
-@pytest.mark.parametrize("change", ["an MLP replaced", "a lateral conv extended"])
+@pytest.mark.parametrize("change", ["an MLP replaced", "a lateral conv extended", "a block's one input unpacked"])
 def test_replaced_modules_act_as_in_the_reference(change):
-    """A block's MLP replaced by an identity, a ReLU appended to a neck lateral: both models
-    changed alike give the same features."""
+    """A block's MLP replaced by an identity, a ReLU appended to a neck lateral, a pre-hook that
+    takes a block's one input: both models changed alike give the same features."""
     pair = Pair("2.1", small=True, seed=8)
     x = torch.randn(1, 3, 256, 256)
     with torch.no_grad():
@@ -288,8 +288,11 @@ def test_replaced_modules_act_as_in_the_reference(change):
             encoder = model.image_encoder
             if change == "an MLP replaced":
                 encoder.trunk.blocks[0].mlp = torch.nn.Identity()
-            else:
+            elif change == "a lateral conv extended":
                 encoder.neck.convs[0].add_module("relu", torch.nn.ReLU())
+            else:  # (x,) = args, the usual idiom: a block takes one tensor, as in sam2
+                encoder.trunk.blocks[3].register_forward_pre_hook(lambda _m, args: (args[0] * 1.5,) if len(args) == 1
+                                                                  else pytest.fail(f"{len(args)} inputs"))
         ours, ref = pair.ours.forward_image(x)["backbone_fpn"], pair.ref.forward_image(x)["backbone_fpn"]
     for level in range(3):
         assert _diff(ours[level], ref[level]) <= TOL

@@ -168,7 +168,7 @@ def test_hooks_see_the_reference_outputs(monkeypatch: pytest.MonkeyPatch, hooked
     _same_weights(ours, ref)
     names = {n for n, _ in ours.named_modules() if n} if hooked == "all" else {
         "patch_embed.seq.0", "layers.0.blocks.0", "layers.0.blocks.1.conv2", "layers.1.blocks.0.mlp.fc1",
-        "layers.1.blocks.1.mlp", "layers.1.downsample.conv1.bn"}
+        "layers.1.blocks.1.mlp", "layers.1.blocks.1.mlp.norm", "layers.1.downsample.conv1.bn"}
     x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), OutputRecorder(ours, names) as got, OutputRecorder(ref, names, copy=True) as want:
         out, expected = ours(x), _ref_encode(ref, x)
@@ -178,10 +178,11 @@ def test_hooks_see_the_reference_outputs(monkeypatch: pytest.MonkeyPatch, hooked
     assert hooked == "all" or want.tensors() == len(names)
 
 
-@pytest.mark.parametrize("change", ["patch_embed.seq.1", "layers.0.blocks.0.conv2", "layers.1.downsample.conv1"])
+@pytest.mark.parametrize("change", ["patch_embed.seq.1", "layers.0.blocks.0.conv2", "layers.1.downsample.conv1",
+                                    "layers.0.blocks.1.conv2 replaced", "layers.1.downsample.conv1.c replaced"])
 def test_replaced_modules_act_as_in_the_reference(change: str) -> None:
-    """A module replaced in both models (a GELU by an identity, a conv-and-norm by one with a hook):
-    the same embedding as MobileSAM's, where the fused paths would have skipped the replacement."""
+    """A module changed alike in both models (a GELU or a block's conv replaced by an identity, a
+    conv by one with a bias, a hook on a conv-and-norm): the same embedding as MobileSAM's."""
     torch.manual_seed(0)
     ours = TinyViT(img_size=256, **MOBILE_SAM)
     ref = RefTinyViT(img_size=256, drop_path_rate=0.0, **MOBILE_SAM)
@@ -192,6 +193,14 @@ def test_replaced_modules_act_as_in_the_reference(change: str) -> None:
         for model in (ours, ref):
             if change.endswith("seq.1"):
                 model.patch_embed.seq[1] = torch.nn.Identity()
+            elif change == "layers.0.blocks.1.conv2 replaced":
+                model.layers[0].blocks[1].conv2 = torch.nn.Identity()
+            elif change == "layers.1.downsample.conv1.c replaced":  # by a conv with a bias
+                conv = model.layers[1].downsample.conv1.c
+                biased = torch.nn.Conv2d(conv.in_channels, conv.out_channels, 1)
+                biased.weight.data.copy_(conv.weight.data)
+                biased.bias.data.fill_(0.3)
+                model.layers[1].downsample.conv1.c = biased
             else:
                 model.get_submodule(change).register_forward_hook(lambda _m, _a, out: out * 0.5)
         out = ours(x)

@@ -229,7 +229,7 @@ def linear_layer(x: torch.Tensor, layer: nn.Module, activation: str | None = Non
 def intercepted(module: nn.Module) -> bool:
     """Whether calling ``module`` would run more than its class's ``forward``: a hook of its own or
     one set on all modules, or a ``forward`` replaced on the instance (as accelerate's hooks do)."""
-    return _own_hooks(module) or _global_hooks()
+    return _intercepted_here(module) or _global_hooks()
 
 
 def is_plain(module: nn.Module, cls: type[nn.Module]) -> bool:
@@ -242,10 +242,10 @@ def is_plain(module: nn.Module, cls: type[nn.Module]) -> bool:
 
 def plain_tree(module: nn.Module) -> bool:
     """Whether no module in ``module``'s tree is :func:`intercepted` and each is of a class from segany
-    or ``torch.nn``. Then its fused paths (outputs written into shared buffers, residuals added in
-    place, maps taken in bands) compute what module-by-module calls would, and no hook can see the
-    difference; otherwise callers compose the modules as the reference does. (A path that relies
-    on a part being of one class checks that too: :func:`plain_inside`'s ``parts``.)"""
+    or ``torch.nn``: a condition for its fused paths (outputs written into shared buffers, residuals
+    added in place, maps taken in bands), whose callers otherwise compose the modules as the
+    reference does. A fused path that relies on a part being of one class, or on a layer having
+    a bias, checks that too (:func:`plain_inside`'s ``parts``, ``transformer._fusable_attention``)."""
     return not _global_hooks() and _plain_walk([module])
 
 
@@ -259,13 +259,13 @@ def plain_inside(module: nn.Module, **parts: type[nn.Module]) -> bool:
 def _plain_walk(stack: list[nn.Module]) -> bool:
     while stack:  # (not module.modules(): this walk is faster, ~1 µs a module)
         m = stack.pop()
-        if _own_hooks(m) or not type(m).__module__.startswith(("segany.", "torch.nn.modules.")):
+        if _intercepted_here(m) or not type(m).__module__.startswith(("segany.", "torch.nn.modules.")):
             return False
         stack.extend(c for c in m._modules.values() if c is not None)
     return True
 
 
-def _own_hooks(m: nn.Module) -> bool:
+def _intercepted_here(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                 or "forward" in m.__dict__)
 
@@ -299,7 +299,8 @@ def half_residual_stream(x: torch.Tensor) -> torch.Tensor:
     adds fuse into the products (:func:`linear`'s ``residual``). ViT-B encoder on a 2-core AVX512-BF16
     CPU: ~8 % faster, embedding error against fp32 1.0 % → 1.3 % (random weights; the reference's
     encoder with its weights cast to bf16 gives 1.1 % on a GPU). GPUs, autograd and CPUs without
-    bf16 units keep fp32.
+    bf16 units keep fp32, and so do encoders with hooks or stand-ins inside (their callers skip
+    this: a hook sees the reference's fp32 stream).
     """
     if (CPU_NATIVE_BF16 and onednn_products(x) and torch.is_autocast_enabled("cpu")
             and torch.get_autocast_dtype("cpu") == torch.bfloat16):

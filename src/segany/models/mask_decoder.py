@@ -101,7 +101,8 @@ class MaskDecoder(nn.Module):
                 and [type(m) for m in seq] == [nn.ConvTranspose2d, LayerNorm2d, nn.GELU, nn.ConvTranspose2d, nn.GELU]
                 and seq[2].approximate == seq[4].approximate == "none"
                 and all(seq[i].kernel_size == seq[i].stride == (2, 2) and seq[i].padding == seq[i].output_padding
-                        == (0, 0) and seq[i].dilation == (1, 1) and seq[i].groups == 1 for i in (0, 3)))
+                        == (0, 0) and seq[i].dilation == (1, 1) and seq[i].groups == 1 and seq[i].bias is not None
+                        for i in (0, 3)))
 
     def _attend(
         self,
@@ -117,7 +118,8 @@ class MaskDecoder(nn.Module):
         of the transformer's image tokens).
 
         A batch-1 image embedding with the same dense embedding for every prompt (no mask inputs)
-        is passed on as one shared image, not copied per prompt."""
+        is passed on as one shared image, not copied per prompt (unless the transformer has hooks
+        or is a stand-in: then it gets the reference's per-prompt copies)."""
         n_prompts = sparse_prompt_embeddings.shape[0]
         tokens = torch.cat((output_tokens.unsqueeze(0).expand(n_prompts, -1, -1), sparse_prompt_embeddings), dim=1)
         image = image_embeddings  # a ProjectedImage from prepare_image has the dense embedding in it
@@ -129,11 +131,12 @@ class MaskDecoder(nn.Module):
         h, w = image_pe.shape[-2:]
         if is_plain(self.transformer, TwoWayTransformer):
             hs, keys = self.transformer(image, image_pe, tokens, out_tokens)
-        else:  # hooks or a stand-in: the reference's arguments, an image and its PE per prompt, and every token
+        else:  # hooks or a stand-in: the reference's arguments (each prompt's own copy of the image and
+            # its PE, which a pre-hook may edit in place) and every token
             if isinstance(image, ProjectedImage):
                 image = image.keys.transpose(1, 2).reshape(1, -1, h, w)  # (with the dense embedding in it)
-            hs, keys = self.transformer(image.expand(n_prompts, -1, -1, -1), image_pe.expand(n_prompts, -1, -1, -1),
-                                        tokens)
+            copies = (n_prompts // image.shape[0], 1, 1, 1)
+            hs, keys = self.transformer(image.repeat(copies), image_pe.repeat(n_prompts, 1, 1, 1), tokens)
             hs = hs if out_tokens is None else hs[:, out_tokens]
         return hs, keys.reshape(n_prompts, h, w, -1).permute(0, 3, 1, 2)
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import intercepted
+from .common import is_plain, plain_tree
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
 from .transformer import ProjectedImage
@@ -24,7 +24,8 @@ class PreparedImage(NamedTuple):
     """An image embedding and its decoder-side projections (:meth:`Sam.prepare_image`)."""
 
     embedding: torch.Tensor  # (1, C, h, w)
-    projected: ProjectedImage  # the embedding plus the no-mask dense embedding, for the first decoder block
+    projected: ProjectedImage | None  # the embedding plus the no-mask dense embedding, for the first decoder
+    # block (None for a stand-in decoder)
 
 
 class Sam(nn.Module):
@@ -68,6 +69,8 @@ class Sam(nn.Module):
         """An image embedding ``(1, C, h, w)`` with what the decoder computes from it for every
         prompt, computed once: pass the result to :meth:`decode` in place of the embedding.
         Prompts with mask inputs use the plain embedding it keeps."""
+        if not is_plain(self.mask_decoder, MaskDecoder):  # a stand-in decoder gets the embedding (see decode)
+            return PreparedImage(image_embeddings, None)
         no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
         projected = self.mask_decoder.prepare_image(image_embeddings, self.prompt_encoder.get_dense_pe(), no_mask)
         return PreparedImage(image_embeddings, projected)
@@ -90,10 +93,12 @@ class Sam(nn.Module):
         cover at least those (the top-left ``(B, K, ≥rows, ≥cols)``), at less cost.
         """
         image = image_embeddings
-        # A hooked decoder gets the reference's arguments: the embedding, and no extent.
-        plain = not intercepted(self.mask_decoder)
+        # A hooked or stand-in decoder gets the reference's arguments: the embedding, and no extent.
+        plain = is_plain(self.mask_decoder, MaskDecoder)
         if isinstance(image, PreparedImage):
-            image = image.projected if mask_inputs is None and plain else image.embedding
+            # The projection holds what the prompt encoder gave then: not if it has hooks or stand-ins now.
+            reuse = mask_inputs is None and plain and image.projected is not None and plain_tree(self.prompt_encoder)
+            image = image.projected if reuse else image.embedding
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_inputs)
         return self.mask_decoder(
             image_embeddings=image,

@@ -45,13 +45,14 @@ class Conv2dBN(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, activation: str | None = None
                 ) -> torch.Tensor:
         """conv → batch norm → ``+ residual`` if given → ``activation`` (``"gelu"``) if given."""
-        if self.training or not (is_plain(self.c, nn.Conv2d) and is_plain(self.bn, nn.BatchNorm2d)):
+        bn, c = self.bn, self.c
+        if self.training or not (is_plain(c, nn.Conv2d) and c.bias is None and is_plain(bn, nn.BatchNorm2d)
+                                 and bn.affine and bn.track_running_stats):  # (else the modules, as built or not)
             y = self.bn(self.c(x))
             y = y if residual is None else y + residual
             return y if activation is None else activate(y, activation)
         # In eval the batch norm is an affine map per channel: fold it into the conv (one pass
         # over the activations instead of two; the weights are small).
-        bn, c = self.bn, self.c
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         weight = c.weight * scale.view(-1, 1, 1, 1)
         bias = bn.bias - bn.running_mean * scale

@@ -41,8 +41,8 @@ class TwoWayTransformer(nn.Module):
         out_tokens: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Image ``(1 or B, C, h, w)`` (or a :class:`ProjectedImage` from :meth:`project`), its PE
-        ``(1, C, h, w)``, tokens ``(B, N, C)`` → tokens ``(B, N, C)`` and image tokens
-        ``(B, h*w, C)`` (contiguous).
+        ``(1, C, h, w)`` (or ``(B, C, h, w)``: one per prompt where they differ), tokens ``(B, N, C)``
+        → tokens ``(B, N, C)`` and image tokens ``(B, h*w, C)`` (contiguous).
 
         An image of batch 1 is shared by the B prompts: the first block reads it once for all of
         them instead of from B copies. ``out_tokens``: the indices of the tokens the caller reads
@@ -54,8 +54,10 @@ class TwoWayTransformer(nn.Module):
             keys, key_pe = image_embedding.keys, image_embedding.key_pe
             first = image_embedding if image_embedding.k is not None else None
         else:
-            keys, key_pe, first = _tokens(image_embedding), _tokens(image_pe[:1]), None
-        if not plain_inside(self):
+            # one PE for all prompts, unless the caller (a hook, say) gave each prompt its own
+            shared_pe = image_pe.shape[0] == 1 or image_pe.stride(0) == 0
+            keys, key_pe, first = _tokens(image_embedding), _tokens(image_pe[:1] if shared_pe else image_pe), None
+        if not self._fusable() or key_pe.shape[0] != 1:
             return self._forward_modules(keys, key_pe, point_embedding, out_tokens)
         queries = point_embedding
         for i, layer in enumerate(self.layers):
@@ -71,6 +73,12 @@ class TwoWayTransformer(nn.Module):
         if keys.shape[0] != queries.shape[0]:  # depth 0: the image was never made per prompt
             keys = keys.expand(queries.shape[0], -1, -1)
         return queries, keys
+
+    def _fusable(self) -> bool:
+        """Whether the fused path may stand in for the modules: no hooks or stand-ins inside, and
+        each part it takes apart as built (two-way blocks, attentions with biased linear projections)."""
+        return plain_inside(self) and all(_fusable_block(layer) for layer in self.layers) and _fusable_attention(
+            self.final_attn_token_to_image)
 
     def _forward_modules(self, keys: torch.Tensor, key_pe: torch.Tensor, point_embedding: torch.Tensor,
                          out_tokens: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +97,7 @@ class TwoWayTransformer(nn.Module):
     def project(self, image_embedding: torch.Tensor, image_pe: torch.Tensor) -> ProjectedImage:
         """One image ``(1, C, h, w)`` and its PE, prepared for :meth:`forward` once for any number
         of later prompts (the first block's image projections do not depend on the prompts)."""
-        if not self.layers or not plain_inside(self):  # (hooked projections run per prompt, as in the reference)
+        if not self.layers or not self._fusable():  # (hooked projections run per prompt, as in the reference)
             return ProjectedImage.unprojected(image_embedding, image_pe)
         return self.layers[0].project(_tokens(image_embedding), _tokens(image_pe[:1]))
 
@@ -152,7 +160,7 @@ class TwoWayAttentionBlock(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens ``(B, Nt, C)``, image tokens ``(1 or B, Ni, C)``, PEs alike but ``key_pe`` is
         ``(1, Ni, C)`` → tokens and image tokens ``(B, Ni, C)``."""
-        if not plain_inside(self):  # hooks or stand-ins: each module called, as in the reference
+        if not (plain_inside(self) and _fusable_block(self)):  # hooks or stand-ins: modules called one by one
             return self._forward_modules(queries, keys.expand(queries.shape[0], -1, -1), query_pe, key_pe)
         return self.forward_fused(queries, keys, query_pe, key_pe)
 
@@ -165,7 +173,8 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self._self_attention(queries, query_pe)
 
         b, nt, c = queries.shape
-        if projected is None and keys.shape[0] == 1 and self.cross_attn_token_to_image.cheaper_projected(b * nt, c):
+        if (projected is None and keys.shape[0] == key_pe.shape[0] == 1
+                and self.cross_attn_token_to_image.cheaper_projected(b * nt, c)):
             projected = self.project(keys, key_pe)
         keys_pe = keys + key_pe if projected is None else projected.keys_pe  # keys of token→image, queries of image→token
         kv = None if projected is None else (projected.k, projected.v)
@@ -204,6 +213,20 @@ class TwoWayAttentionBlock(nn.Module):
         keys_pe = keys + key_pe
         k, v = self.cross_attn_token_to_image.project_keys(keys_pe, keys)
         return ProjectedImage(keys, key_pe, keys_pe, k, v, self.cross_attn_image_to_token.project_queries(keys_pe))
+
+
+def _fusable_block(block: nn.Module) -> bool:
+    """Whether a two-way block is as built: the parts its fused path takes apart (see ``_fusable_attention``)."""
+    attentions = (block.self_attn, block.cross_attn_token_to_image, block.cross_attn_image_to_token)
+    return (type(block) is TwoWayAttentionBlock and type(block.mlp) is MLPBlock
+            and all(map(_fusable_attention, attentions)))
+
+
+def _fusable_attention(attention: nn.Module) -> bool:
+    """Whether an attention is as built: its fused products read the projections' weights and biases."""
+    return type(attention) is Attention and all(
+        type(p) is nn.Linear and p.bias is not None
+        for p in (attention.q_proj, attention.k_proj, attention.v_proj, attention.out_proj))
 
 
 class Attention(nn.Module):
@@ -300,7 +323,7 @@ class Attention(nn.Module):
             const = kh @ self.q_proj.bias.view(heads, -1, 1)  # (B, h, Nt, 1)
             logits = _rows_times_image(wk, q.transpose(1, 2)).view(b, heads, nt, ni) + const
         e = (logits - logits.amax(2, keepdim=True)).exp_()
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # (compiled, out= kept e's strides)
             attn = (e / e.sum(2, keepdim=True)).reshape(b, heads * nt, ni)
         else:  # the division also brings a head-major e into (B, h, ...) order, in one pass
             attn = torch.empty((b, heads, nt, ni), dtype=e.dtype, device=e.device)
