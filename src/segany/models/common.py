@@ -221,7 +221,7 @@ def linear_layer(x: torch.Tensor, layer: nn.Module, activation: str | None = Non
     if is_plain(layer, nn.Linear):
         return linear(x, layer.weight, layer.bias, activation, residual, out, residual_owned)
     y = layer(x)
-    if activation:
+    if activation:  # out of place, not activate(): a hook on the layer may have kept y
         y = _ACTIVATIONS[activation][0](y)
     return y if residual is None else residual + y
 

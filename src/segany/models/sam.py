@@ -106,7 +106,7 @@ class Sam(nn.Module):
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
-            **({"extent": extent} if plain and extent is not None else {}),
+            **({"extent": extent} if plain else {}),
         )
 
     def low_res_extent(self, input_size: tuple[int, int]) -> tuple[int, int]:

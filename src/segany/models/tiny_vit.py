@@ -47,7 +47,7 @@ class Conv2dBN(nn.Module):
         """conv → batch norm → ``+ residual`` if given → ``activation`` (``"gelu"``) if given."""
         bn, c = self.bn, self.c
         if self.training or not (is_plain(c, nn.Conv2d) and c.bias is None and is_plain(bn, nn.BatchNorm2d)
-                                 and bn.affine and bn.track_running_stats):  # (else the modules, as built or not)
+                                 and bn.affine and bn.track_running_stats):  # (else the modules themselves)
             y = self.bn(self.c(x))
             y = y if residual is None else y + residual
             return y if activation is None else activate(y, activation)
