@@ -8,18 +8,23 @@ import hashlib
 import http.server
 import os
 import socket
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 import segany.hub as hub
-from segany.errors import CheckpointNotFoundError, DownloadError
+from segany.errors import CheckpointNotFoundError, ConfigError, DownloadError
 from segany.hub import download_file, resolve_weights, weights_dir
 from segany.models import registry
 from segany.models.registry import WeightsFile
 
-GOOD = os.urandom(3 * hub._CHUNK // 2 + 17)  # more than one chunk, not a multiple of it
+# More than one chunk, not a multiple of it; it starts as a checkpoint (a zip archive) does.
+GOOD = b"PK\x03\x04" + os.urandom(3 * hub._CHUNK // 2 + 13)
+PAGE = b"<!DOCTYPE html><html><body>Log in to use this network</body></html>"
 GOOD_SHA = hashlib.sha256(GOOD).hexdigest()
 
 
@@ -45,6 +50,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.path in ("/good", "/bad_sha"):
             self._head(len(GOOD))
             self.wfile.write(GOOD)
+        elif self.path == "/page":  # a captive portal's answer: 200, a length, and no checkpoint
+            self._head(len(PAGE))
+            self.wfile.write(PAGE)
         elif self.path == "/no_length":
             self._head(None)
             self.wfile.write(GOOD)
@@ -144,6 +152,7 @@ def test_download_replaces_existing_file(server, tmp_path):
         ("/truncated", None, "cut off"),
         ("/bad_sha", "0" * 6 if not GOOD_SHA.startswith("000000") else "1" * 6, "corrupt"),
         ("/missing", None, "404"),
+        ("/page", None, "not a PyTorch checkpoint (it starts with '<!DOCTYPE html><'"),
     ],
 )
 def test_download_failures_leave_nothing(server, tmp_path, path, sha, words):
@@ -154,6 +163,44 @@ def test_download_failures_leave_nothing(server, tmp_path, path, sha, words):
     message = str(info.value)
     assert url in message and words in message and str(dest) in message
     assert os.listdir(tmp_path) == []
+
+
+def test_download_checks_the_published_size_and_digest(server, tmp_path):
+    dest = tmp_path / "w.pth"
+    assert download_file(server + "/good", dest, GOOD_SHA, progress=False, size=len(GOOD)) == dest
+    assert dest.read_bytes() == GOOD
+    dest.unlink()
+    with pytest.raises(DownloadError, match=f"{len(GOOD)} bytes instead of {len(GOOD) + 1}"):
+        download_file(server + "/no_length", dest, progress=False, size=len(GOOD) + 1)
+    assert os.listdir(tmp_path) == []
+
+
+def test_official_weights_carry_their_published_sha256():
+    """Meta's file names end in the start of the file's MD5, not of its SHA-256: a check against
+    the name rejected every real download. The registry holds the published SHA-256 and size."""
+    for name in ("sam_b", "sam_l", "sam_h", "mobile_sam"):
+        weights = registry.MODELS[name].weights
+        assert len(weights.sha256) == 64 and int(weights.sha256, 16) and weights.size > 10**7
+        stem = Path(weights.filename).stem
+        assert not weights.sha256.startswith(stem.rsplit("_", 1)[-1])
+    assert registry.MODELS["sam_b"].weights.sha256.startswith("ec2df627")
+
+
+def test_download_removes_stale_parts_of_dead_processes(server, tmp_path):
+    dest = tmp_path / "w.pth"
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(finished.stdout)
+    old = time.time() - hub.STALE_PART_SECONDS - 60
+    stale = tmp_path / f"w.pth.{dead}-0badf00d.part"  # its process is gone, untouched for long
+    fresh = tmp_path / f"w.pth.{dead}-00000001.part"  # another machine's download, still writing
+    running = tmp_path / f"w.pth.{os.getpid()}-00000002.part"  # a live process's (suspended) download
+    other = tmp_path / f"x.pth.{dead}-00000003.part"  # another file's
+    for part in (stale, fresh, running, other):
+        part.write_bytes(b"partial")
+        if part is not fresh:
+            os.utime(part, (old, old))
+    download_file(server + "/good", dest, progress=False)
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in (dest, fresh, running, other))
 
 
 def test_download_failure_keeps_existing_dest(server, tmp_path):
@@ -241,9 +288,21 @@ def test_resolve_cache_hit_by_file_name(tmp_path, cache, monkeypatch):
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     assert resolve_weights("custom.pt") == cache / "custom.pt"
-    # A user-placed file under an alias name wins over downloading the canonical one.
+    # A user-placed file under an alias name wins over downloading the canonical one, whichever
+    # of the model's names the user types.
     (cache / "sam_b.pt").write_bytes(b"y")
-    assert resolve_weights("sam_b.pt", download=False) == cache / "sam_b.pt"
+    for name in ("sam_b.pt", "sam_b", "sam_vit_b_01ec64.pth", "sam_vit_b.pth"):
+        assert resolve_weights(name, download=False) == cache / "sam_b.pt"
+    (cache / "sam_vit_b_01ec64.pth").write_bytes(b"z")  # the official file, when both are there
+    assert resolve_weights("sam_b", download=False) == cache / "sam_vit_b_01ec64.pth"
+
+
+def test_unusable_weights_dir_is_a_clear_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"x")
+    monkeypatch.setenv("SEGANY_WEIGHTS_DIR", str(blocker / "weights"))
+    with pytest.raises(ConfigError, match=r"weights cache folder .*weights cannot be used .*SEGANY_WEIGHTS_DIR"):
+        resolve_weights("sam_b.pt", download=False)
 
 
 def test_resolve_directory_is_an_error(tmp_path, cache):

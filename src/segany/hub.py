@@ -5,8 +5,9 @@ the weights cache (``$SEGANY_WEIGHTS_DIR``, default ``~/.cache/segany``); a regi
 whose official file is looked up in the cache and downloaded there when absent.
 
 Downloads stream to a temporary file beside the destination, are checked against the
-``Content-Length`` and the SHA-256 prefix where known, and only then are renamed into place, so a
-failed or interrupted download never leaves a half-written checkpoint behind.
+``Content-Length``, the published size and SHA-256 where known, and the first bytes of a PyTorch
+checkpoint, and only then are renamed into place, so a failed or interrupted download never leaves
+a half-written checkpoint, or a web page in its place, behind.
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import glob
 import secrets
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import CheckpointNotFoundError, DownloadError
+from .errors import CheckpointNotFoundError, ConfigError, DownloadError
 from .models.registry import MODELS, find_config
 
 __all__ = ["weights_dir", "resolve_weights", "download_file"]
@@ -29,6 +32,11 @@ __all__ = ["weights_dir", "resolve_weights", "download_file"]
 ENV_VAR = "SEGANY_WEIGHTS_DIR"
 DEFAULT_TIMEOUT = 60.0  # seconds without data before a stalled connection counts as failed
 _CHUNK = 1 << 20
+# How a PyTorch checkpoint starts: a zip archive (torch.save since 1.6) or a pickle (older files).
+_CHECKPOINT_STARTS = (b"PK\x03\x04", b"\x80")
+# A temporary download file left by a process that is gone (killed, power lost) and untouched
+# this long is removed by the next download of the same file.
+STALE_PART_SECONDS = 3600.0
 
 
 def weights_dir() -> Path:
@@ -36,7 +44,13 @@ def weights_dir() -> Path:
     env = os.environ.get(ENV_VAR, "").strip()
     path = Path(env).expanduser() if env else Path.home() / ".cache" / "segany"
     path = path.absolute()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"The weights cache folder {path} cannot be used ({exc.strerror or exc}). "
+            f"Set ${ENV_VAR} to a folder you can write to, or pass the checkpoint's path."
+        ) from exc
     return path
 
 
@@ -101,15 +115,17 @@ def resolve_weights(model: str | os.PathLike, download: bool = True, progress: b
         )
 
     target = cache / cfg.weights.filename
-    if target.is_file():
-        return target
+    # The official file, or the same weights the user placed under another of the model's names.
+    for candidate in (target, *(cache / alias for alias in cfg.aliases)):
+        if candidate.is_file():
+            return candidate
     if not download:
         raise CheckpointNotFoundError(
             f"Checkpoint for {cfg.name!r} is not in the weights cache and download=False. "
             f"Download {cfg.weights.url} and put it at:\n  {target}\n"
             "or pass download=True, or pass the checkpoint's path."
         )
-    return download_file(cfg.weights.url, target, cfg.weights.sha256_prefix, progress=progress)
+    return download_file(cfg.weights.url, target, cfg.weights.sha256, progress=progress, size=cfg.weights.size)
 
 
 def _reason(exc: BaseException, timeout: float) -> str:
@@ -135,26 +151,31 @@ def _by_hand(url: str, dest: Path) -> str:
 def download_file(
     url: str,
     dest: Path,
-    sha256_prefix: str | None = None,
+    sha256: str | None = None,
     progress: bool = True,
     *,
+    size: int | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> Path:
     """Download ``url`` to ``dest`` atomically and return ``dest``.
 
-    The data go to a temporary file in ``dest``'s folder; its size is checked against
-    ``Content-Length`` (when sent) and its SHA-256 against ``sha256_prefix`` (when given) before
-    it is renamed to ``dest``. On any failure, including Ctrl-C, the temporary file is removed and
-    ``dest`` is left untouched. Failures raise :class:`DownloadError`; Ctrl-C is re-raised.
+    The data go to a temporary file in ``dest``'s folder. Before it is renamed to ``dest``, its
+    size is checked against ``Content-Length`` (when sent) and ``size`` (when given), its SHA-256
+    against ``sha256`` (when given: the digest or its first hex digits), and its first bytes against
+    those of a PyTorch checkpoint (a proxy's or portal's web page is refused). On any failure,
+    including Ctrl-C, the temporary file is removed and ``dest`` is left untouched. Failures raise
+    :class:`DownloadError`; Ctrl-C is re-raised.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_parts(dest)
     # A unique temporary name, so two processes downloading the same file do not mix their data;
     # mode "xb" also keeps the user's umask (unlike mkstemp's 0600).
     tmp = dest.with_name(f"{dest.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
     request = urllib.request.Request(url, headers={"User-Agent": "segany"})
     digest = hashlib.sha256()
     received = 0
+    head = b""
     expected: int | None = None
     try:
         try:
@@ -162,33 +183,75 @@ def download_file(
                 length = response.headers.get("Content-Length")
                 expected = int(length) if length and length.strip().isdigit() else None
                 with tqdm(
-                    total=expected, unit="B", unit_scale=True, unit_divisor=1024,
+                    total=expected or size, unit="B", unit_scale=True, unit_divisor=1024,
                     desc=dest.name, disable=not progress, leave=False,
                 ) as bar:
                     while chunk := response.read(_CHUNK):
                         out.write(chunk)
                         digest.update(chunk)
+                        head += chunk[: 16 - len(head)]
                         received += len(chunk)
                         bar.update(len(chunk))
                 out.flush()
                 os.fsync(out.fileno())  # the rename below must not publish data still in flight
         except (OSError, http.client.HTTPException, ValueError) as exc:
             raise DownloadError(f"Could not download {url}: {_reason(exc, timeout)}.{_by_hand(url, dest)}") from exc
-
-        if expected is not None and received != expected:
-            raise DownloadError(
-                f"Could not download {url}: the download was cut off "
-                f"({received} of {expected} bytes received).{_by_hand(url, dest)}"
-            )
-        if sha256_prefix:
-            actual = digest.hexdigest()
-            if not actual.startswith(sha256_prefix.lower()):
-                raise DownloadError(
-                    f"The file downloaded from {url} is corrupt: its SHA-256 is {actual[:16]}..., "
-                    f"expected it to start with {sha256_prefix}. It was not kept.{_by_hand(url, dest)}"
-                )
+        _check_download(url, dest, received, expected, size, digest.hexdigest(), sha256, head)
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return dest
+
+
+def _check_download(url: str, dest: Path, received: int, expected: int | None, size: int | None,
+                    actual_sha256: str, sha256: str | None, head: bytes) -> None:
+    """Raise :class:`DownloadError` unless the downloaded data are complete and a checkpoint."""
+    if expected is not None and received != expected:
+        raise DownloadError(
+            f"Could not download {url}: the download was cut off "
+            f"({received} of {expected} bytes received).{_by_hand(url, dest)}"
+        )
+    if size is not None and received != size:
+        raise DownloadError(
+            f"The file downloaded from {url} is not the published one: {received} bytes instead of "
+            f"{size}. It was not kept.{_by_hand(url, dest)}"
+        )
+    if sha256 and not actual_sha256.startswith(sha256.lower()):
+        raise DownloadError(
+            f"The file downloaded from {url} is corrupt: its SHA-256 is {actual_sha256[:16]}..., "
+            f"expected {sha256[:16]}.... It was not kept.{_by_hand(url, dest)}"
+        )
+    if not head.startswith(_CHECKPOINT_STARTS):
+        shown = head[:16].decode("ascii", "replace").replace("\n", " ")
+        raise DownloadError(
+            f"What {url} sent is not a PyTorch checkpoint (it starts with {shown!r}: a web page, "
+            f"such as a proxy's or network login page?). It was not kept.{_by_hand(url, dest)}"
+        )
+
+
+def _remove_stale_parts(dest: Path) -> None:
+    """Remove temporary files of earlier downloads of ``dest`` whose process is gone from this
+    machine and that have not been written for :data:`STALE_PART_SECONDS`: a download killed
+    outright (SIGKILL, power loss) cannot remove its own. Another machine's download into a
+    shared folder keeps writing, so its file stays."""
+    for part in dest.parent.glob(f"{glob.escape(dest.name)}.*.part"):
+        pid = part.name[len(dest.name) + 1:].split("-", 1)[0]
+        try:
+            idle = time.time() - part.stat().st_mtime
+        except OSError:
+            continue
+        if pid.isdigit() and idle > STALE_PART_SECONDS and not _process_exists(int(pid)):
+            part.unlink(missing_ok=True)
+
+
+def _process_exists(pid: int) -> bool:
+    if os.name == "nt":  # there os.kill(pid, 0) would end the process: assume it runs
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process, or a platform without signal 0: assume it runs
+        return True
+    return True

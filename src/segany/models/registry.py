@@ -27,7 +27,10 @@ class WeightsFile:
 
     filename: str  # name in the weights cache
     url: str
-    sha256_prefix: str | None = None  # Meta's file names carry the first hex digits of the SHA-256
+    # The published file's SHA-256 and size in bytes, where known. (The hex digits in Meta's file
+    # names are the start of the MD5, not of the SHA-256.)
+    sha256: str | None = None
+    size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -79,19 +82,22 @@ MODELS: dict[str, ModelConfig] = {
         ModelConfig(
             "sam_b", "sam_vit", _vit(768, 12, 12, (2, 5, 8, 11)),
             aliases=("sam_b.pt", "sam_vit_b_01ec64.pth", "sam_vit_b.pth"),
-            weights=WeightsFile("sam_vit_b_01ec64.pth", _META + "sam_vit_b_01ec64.pth", "01ec64"),
+            weights=WeightsFile("sam_vit_b_01ec64.pth", _META + "sam_vit_b_01ec64.pth",
+                                "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912", 375_042_383),
             description="SAM ViT-B (Meta)",
         ),
         ModelConfig(
             "sam_l", "sam_vit", _vit(1024, 24, 16, (5, 11, 17, 23)),
             aliases=("sam_l.pt", "sam_vit_l_0b3195.pth", "sam_vit_l.pth"),
-            weights=WeightsFile("sam_vit_l_0b3195.pth", _META + "sam_vit_l_0b3195.pth", "0b3195"),
+            weights=WeightsFile("sam_vit_l_0b3195.pth", _META + "sam_vit_l_0b3195.pth",
+                                "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622", 1_249_524_607),
             description="SAM ViT-L (Meta)",
         ),
         ModelConfig(
             "sam_h", "sam_vit", _vit(1280, 32, 16, (7, 15, 23, 31)),
             aliases=("sam_h.pt", "sam_vit_h_4b8939.pth", "sam_vit_h.pth"),
-            weights=WeightsFile("sam_vit_h_4b8939.pth", _META + "sam_vit_h_4b8939.pth", "4b8939"),
+            weights=WeightsFile("sam_vit_h_4b8939.pth", _META + "sam_vit_h_4b8939.pth",
+                                "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e", 2_564_550_879),
             description="SAM ViT-H (Meta)",
         ),
         ModelConfig(
@@ -112,7 +118,8 @@ MODELS: dict[str, ModelConfig] = {
             ),
             aliases=("mobile_sam.pt",),
             weights=WeightsFile(
-                "mobile_sam.pt", "https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt"
+                "mobile_sam.pt", "https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt",
+                "6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f", 40_728_226,
             ),
             description="MobileSAM (TinyViT-5M encoder)",
         ),
