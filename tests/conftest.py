@@ -36,9 +36,16 @@ def random_sam(config: ModelConfig = SMALL_VIT, seed: int = 0) -> torch.nn.Modul
     return randomize(build_model(config), seed)
 
 
-def meta_sam(config: ModelConfig):
-    """Meta's ``Sam`` with the architecture of a segany ``sam_vit`` config (random weights)."""
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+def meta_sam(config: ModelConfig, package: str = "segment_anything"):
+    """Meta's ``Sam`` with the architecture of a segany ``sam_vit`` config (random weights), or with
+    ``package="ultralytics"`` Ultralytics' port of it (``SAMModel``, the same state-dict keys)."""
+    if package == "ultralytics":
+        from ultralytics.models.sam.modules.decoders import MaskDecoder
+        from ultralytics.models.sam.modules.encoders import ImageEncoderViT, PromptEncoder
+        from ultralytics.models.sam.modules.sam import SAMModel as Sam
+        from ultralytics.models.sam.modules.transformer import TwoWayTransformer
+    else:
+        from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
     p, e = config.params, config.params["encoder"]
     grid = e["img_size"] // e["patch_size"]
@@ -64,9 +71,9 @@ def meta_sam(config: ModelConfig):
     ).eval()
 
 
-def meta_twin(model: torch.nn.Module, config: ModelConfig):
-    """Meta's model carrying exactly the weights of ``model``."""
-    ref = meta_sam(config)
+def meta_twin(model: torch.nn.Module, config: ModelConfig, package: str = "segment_anything"):
+    """Meta's model (or Ultralytics', see :func:`meta_sam`) carrying exactly the weights of ``model``."""
+    ref = meta_sam(config, package)
     ref.load_state_dict(model.state_dict(), strict=True)
     return ref
 

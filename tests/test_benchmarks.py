@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -16,9 +17,12 @@ def test_bench_speed_quick(tmp_path):
                           "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = json.loads(out.read_text())
-    assert [r["job"] for r in rows][1:] == ["1 box -> original-size mask", "64 boxes -> masks",
+    assert [r["job"] for r in rows][1:] == ["1 box -> original-size mask", "64 boxes -> masks", "everything, 8x8 points",
                                             "peak RSS MB, set_image + 1 box", "peak RSS MB, 64 boxes after set_image"]
     assert all(r["segany_ms"] > 0 and r["reference_ms"] > 0 for r in rows)
+    # Ultralytics' columns, where the optional package is installed (they are left out otherwise).
+    with_ultralytics = importlib.util.find_spec("ultralytics") is not None
+    assert all(("ultralytics_ms" in r) == with_ultralytics for r in rows)
 
 
 def test_bench_gpu_runs_its_attention_ab_on_the_cpu(tmp_path):
