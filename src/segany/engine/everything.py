@@ -115,8 +115,11 @@ def check_everything_options(opts: dict[str, Any]) -> EverythingOptions:
 
 
 def _check_grids(grids: Any, n_layers: int) -> list[np.ndarray]:
-    if isinstance(grids, np.ndarray) and grids.ndim == 2:
-        grids = [grids]
+    try:
+        if np.asarray(grids, dtype=np.float64).ndim == 2:  # one (n, 2) grid, an array or a nested list
+            grids = [grids]
+    except (TypeError, ValueError):
+        pass  # grids of different sizes: checked one by one below
     try:
         out = [np.asarray(g, dtype=np.float64) for g in grids]
     except (TypeError, ValueError):

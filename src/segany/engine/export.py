@@ -20,13 +20,14 @@ if TYPE_CHECKING:
 RECORD_FIELDS = ("predicted_iou", "stability_score", "point_coords", "crop_box")
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, example_name: str = "result.jpg") -> Path:
     """Write ``data`` to ``path`` all at once: a temporary file in the same folder, flushed and
     fsynced, then ``os.replace``d over the target. Readers never see a half-written file and a
-    failure leaves no temporary file behind. Parent folders are created. Returns the path."""
+    failure leaves no temporary file behind. Parent folders are created. Returns the path.
+    ``example_name``: the file name the error for a folder suggests."""
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder: give a file name to write to (e.g. {path / 'result.jpg'})")
+        raise IsADirectoryError(f"{path} is a folder: give a file name to write to (e.g. {path / example_name})")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     # os.open with 0o666 honours the umask, unlike mkstemp's 0o600, so the result has the
@@ -44,9 +45,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+def atomic_write_text(path: str | os.PathLike, text: str, example_name: str = "result.txt") -> Path:
     """:func:`atomic_write_bytes` for UTF-8 text."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
+    return atomic_write_bytes(path, text.encode("utf-8"), example_name)
 
 
 def to_numpy(x: Any) -> Any:

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,8 @@ import torch
 from torch import nn
 
 from ..errors import ImageNotFoundError, SegAnyError
+from ..models.sam2 import Sam2
+from .export import atomic_write_bytes
 
 Features = "torch.Tensor | dict[str, torch.Tensor]"
 
@@ -41,8 +45,31 @@ class ImageState:
         return dataclasses.replace(self, features=feats, decoder_input=None)
 
 
-def save_image_state(state: ImageState, img_size: int, path: str | Path) -> None:
-    """Write ``state`` (computed at the model's ``img_size``) to ``path``, atomically."""
+def feature_slice(feats: Features, i: int) -> Features:
+    """Image ``i`` of a batch of features (a tensor, or a dict of tensors), in fp32."""
+    if isinstance(feats, dict):
+        return {k: v[i : i + 1].float() for k, v in feats.items()}
+    return feats[i : i + 1].float()
+
+
+def encoder_fingerprint(model: nn.Module) -> str:
+    """A short digest of the image encoder's weights (names, shapes, and the first values of each
+    tensor, rounded to bf16): an embedding is valid for models whose encoders share it, whatever
+    their decoders, and a model cast to another precision keeps it."""
+    digest = hashlib.sha256()
+    for name, t in model.image_encoder.state_dict().items():
+        digest.update(f"{name}{tuple(t.shape)}".encode())
+        if t.is_floating_point() and t.numel():
+            digest.update(t.detach().flatten()[:64].to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _text(s: str) -> torch.Tensor:
+    return torch.tensor(list(s.encode("utf-8")), dtype=torch.uint8)  # the file holds tensors only
+
+
+def save_image_state(state: ImageState, model: nn.Module, path: str | Path) -> Path:
+    """Write ``state``, computed by ``model``, to ``path`` atomically (parent folders are made)."""
     feats = state.features
     data = {
         **({f"features.{k}": v.cpu() for k, v in feats.items()} if isinstance(feats, dict)
@@ -50,12 +77,13 @@ def save_image_state(state: ImageState, img_size: int, path: str | Path) -> None
         "orig_img": torch.from_numpy(np.ascontiguousarray(state.orig_img)),
         "original_size": torch.tensor(state.original_size),
         "input_size": torch.tensor(state.input_size),
-        "img_size": torch.tensor(img_size),
-        "path": torch.tensor(list(state.path.encode("utf-8")), dtype=torch.uint8),  # tensors only
+        "img_size": torch.tensor(model.img_size),
+        "path": _text(state.path),
+        "encoder": _text(encoder_fingerprint(model)),
     }
-    tmp = Path(str(path) + ".tmp")
-    torch.save(data, tmp)
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    return atomic_write_bytes(path, buffer.getvalue(), "image.emb")
 
 
 def load_image_state(path: str | Path, model: nn.Module) -> ImageState:
@@ -70,15 +98,23 @@ def load_image_state(path: str | Path, model: nn.Module) -> ImageState:
         img = data["orig_img"].numpy()
         orig, inp, size = tuple(data["original_size"].tolist()), tuple(data["input_size"].tolist()), int(data["img_size"])
         name = bytes(data["path"].tolist()).decode("utf-8") if "path" in data else str(path)
+        encoder = bytes(data["encoder"].tolist()).decode("ascii") if "encoder" in data else None
     except Exception as e:  # any damage shows up as any exception inside torch.load or here
+        # (not torch's own advice, which may suggest weights_only=False: unsafe for a file of unknown origin)
         raise SegAnyError(f"'{path}' is not an embedding saved by Predictor.save_embedding "
-                          f"({type(e).__name__}: {str(e).strip()[:200]})") from None
+                          f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
     main = feats if isinstance(feats, torch.Tensor) else feats.get("image_embed")
     pe = model.prompt_encoder
     want = (1, pe.embed_dim, *pe.image_embedding_size)
-    if size != model.img_size or not isinstance(main, torch.Tensor) or tuple(main.shape) != want:
+    wants_levels = isinstance(model, Sam2)  # SAM 2's features are a dict of levels, SAM's one tensor
+    if (size != model.img_size or not isinstance(main, torch.Tensor) or tuple(main.shape) != want
+            or isinstance(feats, dict) != wants_levels):
         got = tuple(main.shape) if isinstance(main, torch.Tensor) else None
-        raise SegAnyError(f"'{path}' was computed for another model (input size {size}, embedding {got}); "
+        kind = "SAM 2 feature levels" if isinstance(feats, dict) else "a SAM embedding"
+        raise SegAnyError(f"'{path}' was computed for another model (input size {size}, {kind} {got}); "
                           f"this model takes input size {model.img_size} and embeddings {want}: "
                           "encode the image again with set_image")
+    if encoder is not None and encoder != encoder_fingerprint(model):
+        raise SegAnyError(f"'{path}' was computed by another model's image encoder (other weights): "
+                          "its masks would be wrong with this model's. Encode the image again with set_image")
     return ImageState(img, name, orig, inp, feats)

@@ -66,6 +66,8 @@ def plot(
     (``name conf``) are drawn with the boxes, as in Ultralytics: ``boxes=False`` hides both.
     The original image is never modified.
     """
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha={alpha}: the masks' opacity is from 0 (invisible) to 1 (opaque)")
     img = as_bgr(results.orig_img if img is None else img)
     h, w = img.shape[:2]
     if (h, w) != tuple(results.orig_shape):

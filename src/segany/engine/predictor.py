@@ -24,7 +24,7 @@ from ..errors import ConfigError, PromptError, warn
 from ..models.registry import ModelConfig
 from .decoding import decode_in_chunks
 from .device import autocast, select_device
-from .image_state import Features, ImageState, load_image_state, save_image_state
+from .image_state import Features, ImageState, feature_slice, load_image_state, save_image_state
 from .prompts import Prompts, parse_prompts
 from .report import RunReport, reported
 from .results import Results
@@ -115,7 +115,14 @@ class Predictor:
         # what the caller set.
         own = self.model_config.extra.get("defaults", {}) if self.model_config else {}
         own = {k: v for k, v in own.items() if k not in self.overrides}
-        opts = {**self.args, **own, **check_options(kwargs)}
+        given = check_options(kwargs)
+        if given.get("model") not in (None, self.args["model"]):
+            raise ConfigError(f"model={given['model']!r}: this predictor holds {self.args['model']!r}; "
+                              f"load the other one with SAM({given['model']!r})")
+        if given.get("point_grids") is not None and "points_stride" in {**self.overrides, **given}:
+            raise ConfigError("point_grids and points_stride (points_per_side) both given: give only one "
+                              "(the grids replace the regular grid)")
+        opts = {**self.args, **own, **given}
         if opts["imgsz"] is not None and opts["imgsz"] != model.img_size:
             raise ConfigError(f"imgsz={opts['imgsz']}: this model works at imgsz={model.img_size}")
         if str(opts["device"]) != str(self.args["device"]):
@@ -142,7 +149,7 @@ class Predictor:
         encode_image = self._compiled_encoder() if compile else model.encode_image
         with torch.inference_mode(), autocast(self.device, half):
             feats = encode_image(torch.cat(batch))
-        return [(_index_features(feats, i), sizes[i], prep_ms[i]) for i in range(len(images))]
+        return [(feature_slice(feats, i), sizes[i], prep_ms[i]) for i in range(len(images))]
 
     def _compiled_encoder(self):
         """``torch.compile`` of the model's ``encode_image``, made once per model. Its first call
@@ -178,8 +185,11 @@ class Predictor:
         self.image = self._encode_states([(name, img)], self.args)[0]
 
     def get_image_embedding(self) -> torch.Tensor:
-        """The current image embedding ``(1, C, h, w)``; for SAM 2 a dict of the feature levels."""
-        return self._require_image().features
+        """The current image embedding ``(1, C, h, w)``; for SAM 2 a dict of the feature levels.
+        A copy outside inference mode, that autograd and in-place operations take."""
+        feats = self._require_image().features
+        with torch.inference_mode(False):
+            return {k: v.clone() for k, v in feats.items()} if isinstance(feats, dict) else feats.clone()
 
     def reset_image(self) -> None:
         """Forget the current image and its embedding."""
@@ -187,7 +197,7 @@ class Predictor:
 
     def save_embedding(self, path: str | Path) -> None:
         """Save the current image and embedding so another process can prompt without encoding."""
-        save_image_state(self._require_image(), self._require_model().img_size, path)
+        save_image_state(self._require_image(), self._require_model(), path)
 
     def load_embedding(self, path: str | Path, name: str | None = None) -> None:
         """Load an embedding written by :meth:`save_embedding` (tensors only: ``weights_only=True``).
@@ -214,10 +224,12 @@ class Predictor:
         multimask = opts["multimask_output"]
         prompts = dict(bboxes=bboxes, points=points, labels=labels, masks=masks)
         has_prompt = any(v is not None for v in prompts.values())
-        if not has_prompt:  # bad segment-everything options fail before any image is encoded
-            from .everything import check_everything_options
+        # Bad segment-everything values fail before any image is encoded, also when prompts make them unused.
+        from .everything import check_everything_options
 
-            check_everything_options(opts)
+        check_everything_options(opts)
+        if source is None and self.image is None:
+            source = opts["source"]  # the overrides' default source (as Ultralytics' args.source)
         writer = RunWriter.from_options(opts)
         if opts["show"]:
             warn("show=True opens no window in segany: use results[i].plot() (a BGR array) or save=True")
@@ -239,7 +251,9 @@ class Predictor:
             on_skip = None if report is None else report.skip
             gen = self._run_sources(source, prompts, has_prompt, multimask, opts, on_skip)
         if writer is not None:
-            gen = _written(gen, writer)
+            gen = writer.passing(gen, bool(opts["verbose"]))
+        if source is not None:
+            gen = self._keeping_image(gen)
         if report is not None:
             gen = reported(gen, report)
         return gen if stream else list(gen)
@@ -248,17 +262,22 @@ class Predictor:
                      on_skip: Callable[[str], None] | None = None) -> Iterator[Results]:
         batch = opts["batch"] or (8 if self.device.type == "cuda" else 1)
         pending: list[tuple[str, np.ndarray]] = []
+        for item in iter_sources(source, vid_stride=int(opts["vid_stride"]), on_skip=on_skip):
+            pending.append(item)
+            if len(pending) == batch:
+                yield from self._run_batch(pending, prompts, has_prompt, multimask, opts)
+                pending = []
+        if pending:
+            yield from self._run_batch(pending, prompts, has_prompt, multimask, opts)
+
+    def _keeping_image(self, results: Iterator[Results]) -> Iterator[Results]:
+        """``results``; if making or writing one fails, the current image is put back as it was
+        before the call, whatever the batch size."""
         before = self.image
         try:
-            for item in iter_sources(source, vid_stride=int(opts["vid_stride"]), on_skip=on_skip):
-                pending.append(item)
-                if len(pending) == batch:
-                    yield from self._run_batch(pending, prompts, has_prompt, multimask, opts)
-                    pending = []
-            if pending:
-                yield from self._run_batch(pending, prompts, has_prompt, multimask, opts)
+            yield from results
         except Exception:
-            self.image = before  # a failed call leaves the current image as it was, whatever the batch size
+            self.image = before
             raise
 
     def _run_batch(self, named, prompts, has_prompt, multimask, opts) -> Iterator[Results]:
@@ -368,17 +387,3 @@ def _picked(low_res: torch.Tensor | Callable[[], torch.Tensor], pick: torch.Tens
     if callable(low_res):
         return lambda: low_res().flatten(0, 1)[pick].float()
     return low_res.flatten(0, 1)[pick].float()
-
-
-def _written(results: Iterator[Results], writer: RunWriter) -> Iterator[Results]:
-    """``results``, each written to the run folder (``save``/``save_txt``) as it passes."""
-    for r in results:
-        writer.write(r)
-        yield r
-
-
-def _index_features(feats, i: int):
-    """Image ``i`` of a batch of features (a tensor, or a dict of tensors), in fp32."""
-    if isinstance(feats, dict):
-        return {k: v[i : i + 1].float() for k, v in feats.items()}
-    return feats[i : i + 1].float()

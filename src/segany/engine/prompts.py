@@ -43,6 +43,15 @@ def _as_array(value, name: str) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
     try:
+        kind = np.asarray(value).dtype.kind
+    except (ValueError, TypeError):
+        kind = "O"  # ragged: explained below
+    # Text would convert ("10" → 10.0) and so would True/False, silently: a caller's mistake. (A
+    # binary mask may be bool, and labels True/False for positive/negative.)
+    if kind in "USb" and not (kind == "b" and name in ("masks", "labels")):
+        raise PromptError(f"{name} must be numbers, got {'text' if kind in 'US' else 'True/False values'}: "
+                          f"{_short(value)}")
+    try:
         arr = np.asarray(value, dtype=np.float64)
     except (ValueError, TypeError) as e:
         ragged = "inhomogeneous" in str(e) or "sequence" in str(e)
@@ -51,7 +60,14 @@ def _as_array(value, name: str) -> np.ndarray:
         raise PromptError(f"{name} must be numbers in a list/array of a regular shape; {why}") from None
     if not np.all(np.isfinite(arr)):
         raise PromptError(f"{name} contains NaN or infinite values")
+    if arr.size == 0:
+        raise PromptError(f"{name} is empty: give at least one, or leave {name} out")
     return arr
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def parse_prompts(

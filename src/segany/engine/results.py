@@ -103,6 +103,11 @@ class Results:
 
     # --- container behaviour -------------------------------------------------------------
 
+    def __getstate__(self) -> dict:
+        """Pickled with the low-res logits made, not the function that makes them."""
+        self.low_res_logits  # noqa: B018 - reading makes them
+        return self.__dict__
+
     def __len__(self) -> int:
         return len(self.masks)
 
@@ -228,5 +233,5 @@ class Results:
         per mask whose polygon has at least 3 vertices. The whole file is written atomically and
         replaces any old one (no appending); no masks → an empty file. Returns the path."""
         lines = export.yolo_lines(self, save_conf=save_conf)
-        export.atomic_write_text(txt_file, "".join(line + "\n" for line in lines))
+        export.atomic_write_text(txt_file, "".join(line + "\n" for line in lines), f"{Path(self.path).stem or 'labels'}.txt")
         return str(txt_file)

@@ -11,12 +11,16 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
 from itertools import count
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from .export import atomic_write_text
+
+if TYPE_CHECKING:
+    from .results import Results
 
 SAVE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -107,6 +111,15 @@ class RunWriter:
         if self.save_txt:
             r.save_txt(self.folder / "labels" / f"{stem}.txt", save_conf=self.save_conf)
         self.written += 1
+
+    def passing(self, results: Iterator[Results], verbose: bool = False) -> Iterator[Results]:
+        """``results``, each written as it passes; with ``verbose``, where they went is printed
+        after the last."""
+        for r in results:
+            self.write(r)
+            yield r
+        if verbose and self.written:
+            print(self.summary())
 
     def summary(self) -> str:
         what = [w for w, on in (("images and mask JSON", self.save), ("labels in labels/", self.save_txt)) if on]
