@@ -209,6 +209,7 @@ BAD_USAGE = {
     "bad format": (["benchmark", "format=xml"], ["format=xml", "table, json or csv"]),
     "value missing": (["predict", "--bboxes", "--save"], ["--bboxes needs a value"]),
     "empty value": (["predict", "source="], ["source= has no value"]),
+    "benchmark of a folder": (["benchmark", "source=imgs", "runs=1"], ["source=imgs", "one image"]),
 }
 
 
@@ -218,6 +219,8 @@ def bad_usage_runs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
     cv2.imwrite(str(cwd / "img.jpg"), test_image(60, 80))
     (cwd / "empty").mkdir()
     (cwd / "empty" / "readme.txt").write_text("no images here")
+    (cwd / "imgs").mkdir()
+    cv2.imwrite(str(cwd / "imgs" / "a.jpg"), test_image(60, 80))
     names = list(BAD_USAGE)
     return dict(zip(names, run_many([BAD_USAGE[n][0] for n in names], cwd)))
 
@@ -238,6 +241,28 @@ def test_failed_predict_leaves_no_run_folder(tmp_path, image, small_ckpt):
     one_line_error(unreadable, 1, "bad.jpg is not a readable image")
     assert "BytesIO" not in unreadable.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_names_that_look_like_numbers_stay_as_typed(small_ckpt, tmp_path):
+    """A folder "0123" is not the number 123, a run "007" not 7 (nor a folder "1e3" the float 1000.0)."""
+    for folder in ("0123", "1e3"):
+        (tmp_path / folder).mkdir()
+        cv2.imwrite(str(tmp_path / folder / "a.png"), test_image(60, 80))
+    runs = run_many([["predict", f"model={small_ckpt}", "source=0123", "bboxes=[5,5,40,40]", "name=007"],
+                     ["predict", f"model={small_ckpt}", "source=1e3", "bboxes=[5,5,40,40]", "project=1e3/out"]],
+                    tmp_path)
+    for p in runs:
+        ok(p)
+    assert (tmp_path / "runs" / "segment" / "007" / "a.json").is_file()
+    assert (tmp_path / "1e3" / "out" / "predict" / "a.json").is_file()
+
+
+def test_a_run_that_writes_nothing_says_so(small_ckpt, tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"not a png")
+    p = run(["predict", f"model={small_ckpt}", "source=bad", "bboxes=[1,1,5,5]"], tmp_path)
+    assert p.returncode == 1 and "Nothing written" in p.stdout and "Results saved" not in p.stdout
+    assert not (tmp_path / "runs").exists()
 
 
 def test_runtime_failure_exits_1_and_verbose_shows_traceback(tmp_path, image):

@@ -288,6 +288,11 @@ def test_url_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"
         np.testing.assert_array_equal(load_image(f"{base}/a.png"), _bgr())
+        # Spaces and non-ASCII letters, as a browser or curl sends them; and already encoded.
+        for name in ("b b.png", "ü.png"):
+            cv2.imwrite(str(tmp_path / name), _bgr())
+            np.testing.assert_array_equal(load_image(f"{base}/{name}"), _bgr())
+        np.testing.assert_array_equal(load_image(f"{base}/b%20b.png"), _bgr())
         assert [n for n, _ in iter_sources([f"{base}/a.png"])] == [f"{base}/a.png"]
         with pytest.raises(ImageError, match="missing.png"):
             load_image(f"{base}/missing.png")
@@ -298,6 +303,34 @@ def test_url_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # ---------------------------------------------------------------- errors
+
+
+def test_a_cut_off_url_download_is_an_image_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+
+    class CutOff(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "5000")
+            self.end_headers()
+            self.wfile.write(b"\x89PNG" + b"\0" * 996)  # a fifth of what was promised
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutOff)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/a.png"
+        with pytest.raises(ImageError, match=r"could not download image .*/a\.png: the connection closed after 1000 bytes"):
+            load_image(url)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
 
 
 def test_missing_empty_and_corrupt_files(tmp_path: Path) -> None:

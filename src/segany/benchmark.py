@@ -253,7 +253,9 @@ def run_cli(tokens: list[str]) -> int:
     if opts["source"] is not None:
         from .engine.sources import count_sources
 
-        count_sources(str(opts["source"]))  # a missing image is bad usage, found before any model loads
+        # A missing image, or something other than one image, is bad usage, found before any model loads.
+        if count_sources(str(opts["source"])) != 1 or os.path.isdir(str(opts["source"])):
+            raise UsageError(f"source={opts['source']}: benchmark times one image; give an image file or URL")
     from .engine.device import select_device
 
     select_device(str(opts["device"]))  # a bad device is bad usage, not a column of skipped rows

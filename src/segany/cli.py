@@ -66,15 +66,24 @@ def _number(s: str) -> int | float | None:
     return None
 
 
-def parse_value(text: str, key: str = "value") -> Any:
-    """One command-line value → a Python value (see the module docstring); never evaluates code."""
+# Options that name files, folders or runs: their text is kept as typed (a folder "0123" or a run
+# "007" must not become the number 123 or 7), except None/none/null for "no value".
+TEXT_OPTIONS = frozenset({"model", "source", "project", "name", "data", "output_dir", "det_model", "sam_model",
+                          "class_names", "masks", "val_data", "save_dir", "save_json"})
+
+
+def parse_value(text: str, key: str = "value", as_text: bool = False) -> Any:
+    """One command-line value → a Python value (see the module docstring); never evaluates code.
+    ``as_text``: the value names a file or a run (see :data:`TEXT_OPTIONS`)."""
     s = text.strip()
     if not s:
         raise UsageError(f"{key}= has no value: write {key}=VALUE")
     if len(s) >= 2 and s[0] == s[-1] and s[0] in "'\"":
         return s[1:-1]  # quoted by the user on purpose: keep it a string
     if s in _WORDS:
-        return _WORDS[s]
+        return s if as_text and _WORDS[s] is not None else _WORDS[s]
+    if as_text:
+        return s
     num = _number(s)
     if num is not None:
         return num
@@ -144,7 +153,8 @@ def split_args(tokens: list[str], booleans: set[str]) -> list[tuple[str, str | N
 
 
 def parse_options(tokens: list[str], valid: dict[str, Any], aliases: dict[str, str] | None = None,
-                  types: dict[str, Any] | None = None, command: str = "") -> dict[str, Any]:
+                  types: dict[str, Any] | None = None, command: str = "",
+                  texts: frozenset[str] = TEXT_OPTIONS) -> dict[str, Any]:
     """Parse and check option tokens against ``valid`` (name → default, which also gives the type;
     ``types`` gives an example value for options whose default is ``None``).
 
@@ -165,7 +175,7 @@ def parse_options(tokens: list[str], valid: dict[str, Any], aliases: dict[str, s
             raise UsageError(f"'{key}' is given twice" + (f" (as '{canonical}')" if canonical != key else ""))
         if raw == NO_VALUE:
             raise UsageError(f"--{key} needs a value: --{key} VALUE or {key}=VALUE")
-        value = True if raw is None else parse_value(raw, key)
+        value = True if raw is None else parse_value(raw, key, as_text=canonical in texts)
         out[canonical] = check_type(key, value, types.get(canonical, valid[canonical]))
     return out
 
@@ -262,7 +272,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     text = str(message)
     if text not in _shown:
         _shown.add(text)
-        print(f"segany: warning: {text}", file=sys.stderr)
+        # Through tqdm, so a line does not land in the middle of a progress bar.
+        from tqdm import tqdm
+
+        tqdm.write(f"segany: warning: {text}", file=sys.stderr)
 
 
 def _wants_help(args: list[str]) -> bool:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .cli import UsageError, parse_options, split_args
+from .cli import TEXT_OPTIONS, UsageError, parse_options, split_args
 from .config import DEFAULT_MODEL
 from .engine.saving import RunWriter
 from .errors import SkippedImageWarning
@@ -109,7 +109,7 @@ def run_annotate(tokens: list[str]) -> int:
     if var_kw:  # extra keys go to auto_annotate, which checks them itself
         for key, _ in split_args(tokens, {k for k, v in defaults.items() if isinstance(v, bool)}):
             valid.setdefault(key, None)
-    opts = parse_options(tokens, valid, command="annotate")
+    opts = parse_options(tokens, valid, command="annotate", texts=TEXT_OPTIONS | {"labels"})  # labels: a path here
     if opts.get("data") is None:
         raise UsageError("annotate needs data=path/to/images")
     summary = fn(**opts)

@@ -122,6 +122,8 @@ class RunWriter:
             print(self.summary())
 
     def summary(self) -> str:
+        if not self.written:
+            return "Nothing written: no result to save"
         what = [w for w, on in (("images and mask JSON", self.save), ("labels in labels/", self.save_txt)) if on]
         return f"Results saved to {self.folder} ({', '.join(what)})"
 

@@ -28,8 +28,10 @@ Choices worth knowing:
 from __future__ import annotations
 
 import glob
+import http.client
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -81,12 +83,17 @@ def _load_path(s: str) -> np.ndarray:
 
 
 def _load_url(url: str) -> np.ndarray:
-    request = urllib.request.Request(url, headers={"User-Agent": "segany"})
+    # Spaces and non-ASCII letters as a browser or curl sends them (percent-encoded); what is
+    # already encoded, and the URL's own delimiters, stay as they are.
+    quoted = urllib.parse.quote(url, safe=":/?#[]@!$&'()*+,;=%~")
+    request = urllib.request.Request(quoted, headers={"User-Agent": "segany"})
     try:
         with urllib.request.urlopen(request, timeout=URL_TIMEOUT) as response:
             data = response.read()
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise ImageError(f"could not download image {url}: {e}") from e
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
+        reason = (f"the connection closed after {len(e.partial)} bytes, {e.expected} more were expected"
+                  if isinstance(e, http.client.IncompleteRead) else str(e) or type(e).__name__)
+        raise ImageError(f"could not download image {url}: {reason}") from e
     return decode_bytes(data, url)
 
 
