@@ -175,3 +175,11 @@ def test_point_grids_as_a_nested_list(model, img_path):
     a = model(img_path, point_grids=grid)[0]
     b = model(img_path, point_grids=np.array(grid))[0]
     assert torch.equal(a.masks.data, b.masks.data)
+
+
+def test_segment_everything_shows_a_bar_with_verbose(model, img_path, capsys):
+    model(img_path, points_per_side=4, points_per_batch=4, verbose=True)  # 4 batches
+    assert "segment everything" in capsys.readouterr().err
+    model(img_path, points_per_side=4, points_per_batch=4)  # not verbose, and stderr is no terminal here
+    model(img_path, points_per_side=4, points_per_batch=8, verbose=True)  # 2 batches: too short for a bar
+    assert "segment everything" not in capsys.readouterr().err

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ..config import META_ALIASES
 from ..errors import ConfigError
@@ -132,6 +133,9 @@ def _check_grids(grids: Any, n_layers: int) -> list[np.ndarray]:
     return out
 
 
+MIN_BATCHES_FOR_BAR = 4
+
+
 def segment_everything(predictor, state, opts: dict[str, Any]) -> Results:
     """All masks of the encoded image ``state`` (an ``ImageState``) as one :class:`Results`.
 
@@ -145,9 +149,15 @@ def segment_everything(predictor, state, opts: dict[str, Any]) -> Results:
     h, w = state.original_size
     crop_boxes, layer_idxs = generate_crop_boxes((h, w), p.crop_n_layers, p.crop_overlap_ratio)
     found, timing = MaskSet(), {"preprocess": 0.0, "inference": 0.0}
+    # A bar over the point batches of every crop for a long job (a 32×32 grid of ViT-B takes a
+    # minute on a CPU): shown with verbose, else only on a terminal (tqdm's None), and cleared after.
+    batches = sum(math.ceil(len(p.point_grids[layer]) / p.points_batch_size) for layer in layer_idxs)
+    bar = tqdm(total=batches, desc="segment everything", unit="batch", leave=False,
+               disable=True if batches < MIN_BATCHES_FOR_BAR else (False if opts.get("verbose") else None))
     for ci, (box, layer) in enumerate(zip(crop_boxes, layer_idxs)):
         x0, y0, x1, y1 = box
         if x1 <= x0 or y1 <= y0:
+            bar.update(math.ceil(len(p.point_grids[layer]) / p.points_batch_size))
             continue  # crop layers of a tiny image can produce empty crops
         if layer == 0:
             feats, input_size = state.for_decoder(), state.input_size
@@ -159,7 +169,8 @@ def segment_everything(predictor, state, opts: dict[str, Any]) -> Results:
             timing["preprocess"] += prep_ms
             timing["inference"] += (time.perf_counter() - t0) * 1000 - prep_ms
         _process_crop(model, feats, box, ci, input_size, (h, w), p.point_grids[layer], p, half,
-                      predictor.device, found, timing)
+                      predictor.device, found, timing, bar)
+    bar.close()
     found = found.merged()
     if len(crop_boxes) > 1 and len(found):
         # Prefer masks from smaller crops (Meta: score = 1 / crop area).
@@ -184,7 +195,7 @@ def segment_everything(predictor, state, opts: dict[str, Any]) -> Results:
     )
 
 
-def _process_crop(model, feats, box, ci, input_size, orig_size, grid, p, half, device, found, timing) -> None:
+def _process_crop(model, feats, box, ci, input_size, orig_size, grid, p, half, device, found, timing, bar) -> None:
     """Decode the crop's point grid in batches; keep its masks that survive NMS within the crop."""
     x0, y0, x1, y1 = box
     crop_hw = (y1 - y0, x1 - x0)
@@ -198,6 +209,7 @@ def _process_crop(model, feats, box, ci, input_size, orig_size, grid, p, half, d
             sl = slice(s, s + p.points_batch_size)
             timing["inference"] += process_batch(model, feats, pts_in[sl], pts_crop_t[sl], list(box), ci,
                                                  upsample, orig_size, p, crop_set)
+            bar.update()
     crop_set = crop_set.merged()
     if not len(crop_set):
         return
