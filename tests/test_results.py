@@ -285,6 +285,16 @@ def test_save_names_for_video_frames_urls_and_folders(tmp_path, monkeypatch) -> 
     assert Path(r.save("new/")) == Path("new/results_a.png") and (tmp_path / "new" / "results_a.png").is_file()
 
 
+def test_run_file_names_of_frames_urls_and_odd_names() -> None:
+    from segany.engine.saving import image_file_name
+
+    assert image_file_name("clip.mp4:frame_3") == ("clip_frame_3", ".jpg")
+    assert image_file_name("x:frame_1.png") == ("x_frame_1", ".png")  # a file of that name, not a frame
+    assert image_file_name("http://h/a/%C3%BC.png?x=1&y=2") == ("ü", ".png")  # decoded, no query
+    assert image_file_name("http://h/b%20b.jpg#top") == ("b_b", ".jpg")
+    assert image_file_name("http://h/") == ("image", ".jpg")
+
+
 def test_colours_stay_distinct_past_the_palette() -> None:
     from segany.engine.plotting import PALETTE_BGR, color
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import urllib.parse
 from collections.abc import Iterator
 from itertools import count
 from pathlib import Path
@@ -29,8 +30,11 @@ def image_file_name(path: str) -> tuple[str, str]:
     """A file name stem and image suffix for the plot of a result whose image is ``path``:
     ``bus.jpg`` → ``("bus", ".jpg")``, ``clip.mp4:frame_3`` → ``("clip_frame_3", ".jpg")``,
     a URL's query and characters a file name should not hold are left out."""
-    base, _, frame = path.partition(":frame_")
-    name = Path(base.split("?")[0].split("#")[0]).name or "image"
+    video_frame = re.fullmatch(r"(.*):frame_(\d+)", path)  # (a file named x:frame_1.png is no frame)
+    base, frame = video_frame.groups() if video_frame else (path, "")
+    if "://" in base:  # a URL: its path's last part, decoded (%C3%BC.png → ü.png), without the query
+        base = urllib.parse.unquote(urllib.parse.urlsplit(base).path)
+    name = Path(base).name or "image"
     suffix = Path(name).suffix.lower()
     stem = Path(name).stem + (f"_frame_{frame}" if frame else "")
     stem = re.sub(r"[^\w.-]", "_", stem) or "image"
