@@ -292,7 +292,7 @@ def test_run_file_names_of_frames_urls_and_odd_names() -> None:
     assert image_file_name("x:frame_1.png") == ("x_frame_1", ".png")  # a file of that name, not a frame
     assert image_file_name("http://h/a/%C3%BC.png?x=1&y=2") == ("ü", ".png")  # decoded, no query
     assert image_file_name("http://h/b%20b.jpg#top") == ("b_b", ".jpg")
-    assert image_file_name("http://h/") == ("image", ".jpg")
+    assert image_file_name("http://example.com/") == ("example", ".jpg")  # the host, when no file name
 
 
 def test_colours_stay_distinct_past_the_palette() -> None:

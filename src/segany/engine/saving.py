@@ -32,8 +32,9 @@ def image_file_name(path: str) -> tuple[str, str]:
     a URL's query and characters a file name should not hold are left out."""
     video_frame = re.fullmatch(r"(.*):frame_(\d+)", path)  # (a file named x:frame_1.png is no frame)
     base, frame = video_frame.groups() if video_frame else (path, "")
-    if "://" in base:  # a URL: its path's last part, decoded (%C3%BC.png → ü.png), without the query
-        base = urllib.parse.unquote(urllib.parse.urlsplit(base).path)
+    if "://" in base:  # a URL: its path's last part, decoded (%C3%BC.png → ü.png), else its host
+        url = urllib.parse.urlsplit(base)
+        base = Path(urllib.parse.unquote(url.path)).name or url.hostname or ""
     name = Path(base).name or "image"
     suffix = Path(name).suffix.lower()
     stem = Path(name).stem + (f"_frame_{frame}" if frame else "")
