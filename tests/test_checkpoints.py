@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,3 +198,84 @@ def test_sam2_checkpoint_gets_a_clear_message(tmp_path):
     torch.save({"model": {"image_encoder.trunk.patch_embed.proj.weight": torch.zeros(96, 3, 7, 7)}}, path)
     with pytest.raises(StateDictMismatchError, match="SAM 2 / SAM 2.1 checkpoint.*lacks the tensor image_encoder"):
         load_model(path)
+
+
+@pytest.fixture(scope="module")
+def small_sam2():
+    """A small random SAM 2.1 (the size tests/test_sam2.py checks against Meta's): 2 heads, 256 px."""
+    from conftest import randomize
+
+    cfg = config_with(MODELS["sam2.1_t"], img_size=256, embed_dim=32, num_heads=2, stages=(1, 1, 2, 1),
+                      global_att_blocks=(3,))
+    return cfg, randomize(build_model(cfg), seed=5)
+
+
+def test_lost_tensor_that_recognition_reads_is_named_before_the_shapes_it_causes(tmp_path, small_sam2):
+    # Without memory_encoder.out_proj a SAM 2 reads as memory width = decoder width, and without
+    # pos_embed a SAM ViT as one with no absolute positions at 1024 px: the load then fails on
+    # shapes; the error must say what is missing, and not bury it under the shapes.
+    _, sam2 = small_sam2
+    sam2_sd = {k: v for k, v in sam2.state_dict().items() if not k.startswith("memory_encoder.out_proj.")}
+    vit_sd = {k: v for k, v in random_sam(SMALL_VIT).state_dict().items() if k != "image_encoder.pos_embed"}
+    cases = [(sam2_sd, "memory_encoder.out_proj.weight, memory_encoder.out_proj.bias", "(+10 more)"),
+             (vit_sd, "image_encoder.pos_embed", "(+2 more)")]
+    for sd, keys, rest in cases:
+        path = tmp_path / "lost.pt"
+        torch.save(sd, path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the custom SAM 2 size warning
+            with pytest.raises(StateDictMismatchError) as e:
+                load_model(path)
+        msg = str(e.value)
+        assert f"missing keys: {keys} (" in msg and msg.index("missing keys") < msg.index("wrong shapes"), msg
+        assert rest in msg, msg
+    # At an official size nothing else shows the loss, so the official layout names it.
+    with torch.device("meta"):
+        sd = build_model("sam_b").state_dict()
+    del sd["image_encoder.pos_embed"]
+    with pytest.raises(StateDictMismatchError, match="like sam_b .*lacks the tensor image_encoder.pos_embed"):
+        infer_config(sd)
+    # A model made without those tensors still loads: their absence alone is no error.
+    cfg = config_with(SMALL_VIT, img_size=1024, use_abs_pos=False)
+    path = tmp_path / "no_abs_pos.pt"
+    torch.save(random_sam(cfg).state_dict(), path)
+    assert load_model(path)[1].params["encoder"]["use_abs_pos"] is False
+
+
+def _damage(src: str, dest, fill: bytes) -> None:
+    data = bytearray(Path(src).read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + len(fill)] = fill
+    dest.write_bytes(bytes(data))
+
+
+def test_damaged_tensor_bytes_are_refused_not_loaded_as_nan(tmp_path, small_ckpt):
+    # torch.load does not check the zip CRCs: damaged bytes in the middle load as NaN weights.
+    path = tmp_path / "damaged.pt"
+    _damage(small_ckpt, path, b"\xff" * 1000)  # 0xffffffff is a float32 NaN
+    bad = [k for k, t in torch.load(path, weights_only=True).items() if not torch.isfinite(t).all()]
+    assert bad, "the damage must reach a tensor"
+    with pytest.raises(CorruptCheckpointError, match=r"is damaged: tensors hold NaN or infinite values: "
+                                                     rf"{bad[0]}.*download it again"):
+        load_model(path)
+    # Large finite values, whose sum overflows to inf, are no damage.
+    sd = random_sam(SMALL_VIT).state_dict()
+    sd["mask_decoder.iou_token.weight"].fill_(3e38)
+    torch.save(sd, path)
+    assert torch.equal(read_state_dict(path)["mask_decoder.iou_token.weight"], sd["mask_decoder.iou_token.weight"])
+
+
+def test_custom_sam2_size_warns_what_was_assumed_and_a_config_gives_the_real_values(tmp_path, small_sam2):
+    cfg, model = small_sam2
+    path = tmp_path / "custom_sam2.pt"
+    torch.save({"model": model.state_dict()}, path)
+    with pytest.warns(UserWarning, match=r"custom-size SAM 2.*num_heads=1, global_att_blocks=\(3,\), "
+                                         r"window_spec=\(8, 4, 14, 7\), img_size=1024.*load_model\(path, config="
+                      ) as record:
+        load_model(path)
+    assert len([w for w in record if "custom-size SAM 2" in str(w.message)]) == 1  # once per load
+    real = config_with(infer_config(read_state_dict(path)), num_heads=2, img_size=256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded, found = load_model(path, config=real)
+    assert found.params["encoder"] == cfg.params["encoder"] and _same_weights(loaded, model)

@@ -59,7 +59,29 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
             f"'{path}' is not a readable PyTorch checkpoint: it is truncated, damaged or another kind "
             f"of file ({type(e).__name__}: {_short(e)}). Download it again."
         ) from None
-    return _unwrap(obj, path)
+    sd = _unwrap(obj, path)
+    _check_finite(sd, path)
+    return sd
+
+
+def _check_finite(sd: StateDict, path: Path) -> None:
+    """A NaN or infinity in a weight is a :class:`CorruptCheckpointError` naming the tensors.
+
+    ``torch.load`` does not check the zip's CRCs: damaged bytes load silently as garbage (often NaN).
+    A sum is finite only if every element is, so one sum per tensor screens it (ViT-B, 94 M
+    parameters: ~30 ms on 2 CPU threads, against 0.4-0.8 s for ``isfinite(t).all()``); a non-finite
+    sum may be an overflow of large finite values, so only then is the tensor checked element-wise.
+    """
+    bad = [k for k, t in sd.items() if t.is_floating_point() and t.numel()
+           and not torch.isfinite(t.sum()) and not torch.isfinite(t).all()]
+    if bad:
+        more = f" (+{len(bad) - 8} more)" if len(bad) > 8 else ""
+        raise CorruptCheckpointError(
+            f"'{path}' is damaged: tensors hold NaN or infinite values: {', '.join(bad[:8])}{more}. Its bytes "
+            f"were most likely changed by an interrupted or corrupted download or a disk error (torch.load does "
+            f"not verify them). Delete the file (from the weights cache too) and download it again; if you "
+            f"saved it yourself, the training that wrote it diverged."
+        )
 
 
 def _unwrap(obj: Any, path: Path) -> StateDict:
@@ -86,40 +108,67 @@ def _short(e: BaseException) -> str:
     return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
 
 
+@dataclasses.dataclass
+class _Notes:
+    """What recognition did not read off the tensors. ``absent``: optional tensors found missing and
+    read as a choice (no ``pos_embed``: no absolute positions; no memory ``out_proj``: memory width =
+    decoder width); if one was in fact lost, the file reads as another size and the load error must
+    name it first. ``assumed``: values taken without evidence (a custom SAM 2's heads)."""
+
+    absent: list[str] = dataclasses.field(default_factory=list)
+    assumed: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def get(self, sd: StateDict, key: str, *also: str) -> torch.Tensor | None:
+        """``sd.get(key)``, noting ``key`` (and its absent companions ``also``) when it is absent."""
+        if key not in sd:
+            self.absent += [k for k in (key, *also) if k not in sd]
+        return sd.get(key)
+
+
 def infer_config(sd: StateDict, name: str = "custom") -> ModelConfig:
     """Recognise the architecture of a state dict and return its :class:`ModelConfig`.
 
     The registry entry is returned when the tensors match one exactly (so ``info()`` can say
     ``sam_b``), otherwise a custom config read off the shapes.
     """
+    return _recognise(sd, name, _Notes())
+
+
+def _recognise(sd: StateDict, name: str, notes: _Notes) -> ModelConfig:
     if "image_encoder.trunk.patch_embed.proj.weight" in sd:
-        return _sam2_config(sd, name)
+        return _sam2_config(sd, name, notes)
     if any(k.startswith(("image_encoder.trunk.", "memory_attention.", "sam_mask_decoder.")) for k in sd):
         raise UnknownArchitectureError(
             "this looks like a SAM 2 / SAM 2.1 checkpoint, but it has no Hiera patch embedding "
             "(image_encoder.trunk.patch_embed.proj.weight): the file is incomplete or from another model"
         )
     if "image_encoder.patch_embed.proj.weight" in sd:
-        family, params = "sam_vit", _read_params(sd, "SAM ViT", _vit_encoder_params)
+        family, params = "sam_vit", _read_params(sd, "SAM ViT", _vit_encoder_params, notes)
     elif "image_encoder.patch_embed.seq.0.c.weight" in sd:
-        family, params = "mobile_sam", _read_params(sd, "MobileSAM (TinyViT)", _tiny_vit_params)
+        family, params = "mobile_sam", _read_params(sd, "MobileSAM (TinyViT)", _tiny_vit_params, notes)
     else:
         sample = ", ".join(list(sd)[:5])
         raise UnknownArchitectureError(
             f"the tensors match no known architecture (first keys: {sample}). Supported: SAM ViT-B/L/H "
             f"and custom ViT sizes, MobileSAM, SAM 2 / SAM 2.1 Hiera ({', '.join(MODELS)})."
         )
+    with_pos = {**params, "encoder": {k: v for k, v in params["encoder"].items() if k != "use_abs_pos"}}
     for cfg in MODELS.values():
         if cfg.family == family and _same(cfg.params, params):
             return cfg
+        # Every official SAM ViT has pos_embed: one lacking only that lost it (no shape shows it).
+        if cfg.family == family and params["encoder"].get("use_abs_pos") is False and _same(cfg.params, with_pos):
+            raise StateDictMismatchError(
+                f"this looks like {cfg.name} ({cfg.description}), but it lacks the tensor image_encoder.pos_embed "
+                "that every official SAM ViT has: the file is incomplete, damaged or was saved from a modified model")
     return ModelConfig(name=name, family=family, params=params, description=f"custom {family}")
 
 
-def _read_params(sd: StateDict, family: str, encoder_params) -> dict[str, Any]:
+def _read_params(sd: StateDict, family: str, encoder_params, notes: _Notes) -> dict[str, Any]:
     """Builder parameters of a SAM 1 state dict; a tensor missing or of an impossible shape is a
     :class:`StateDictMismatchError` that names it."""
     try:
-        return {"encoder": encoder_params(sd), **_decoder_params(sd)}
+        return {"encoder": encoder_params(sd, notes), **_decoder_params(sd)}
     except KeyError as e:
         problem = f"lacks the tensor {e.args[0]}"
     except (IndexError, ValueError, ZeroDivisionError, AttributeError) as e:
@@ -128,14 +177,14 @@ def _read_params(sd: StateDict, family: str, encoder_params) -> dict[str, Any]:
                                  "incomplete, damaged or was saved from a modified model") from None
 
 
-def _sam2_config(sd: StateDict, name: str) -> ModelConfig:
+def _sam2_config(sd: StateDict, name: str, notes: _Notes) -> ModelConfig:
     """SAM 2 vs SAM 2.1 and the Hiera size, read off the tensors (see :func:`_sam2_params`).
 
     A file whose name says one registry model but whose tensors are another (a SAM 2 file
     named ``sam2.1_t.pt``) loads as what it is, with a warning that says so.
     """
     try:
-        params = _sam2_params(sd)
+        params = _sam2_params(sd, notes)
     except KeyError as e:
         raise StateDictMismatchError(
             f"this looks like a SAM 2 / SAM 2.1 checkpoint (it has a Hiera image encoder), but it lacks "
@@ -156,7 +205,7 @@ def _sam2_config(sd: StateDict, name: str) -> ModelConfig:
     return ModelConfig(name=label, family="sam2", params=params, description=f"custom SAM {version} (Hiera)")
 
 
-def _sam2_params(sd: StateDict) -> dict[str, Any]:
+def _sam2_params(sd: StateDict, notes: _Notes) -> dict[str, Any]:
     """Builder parameters of a SAM 2 state dict.
 
     Readable from the tensors: SAM 2 vs 2.1 (2.1 adds ``no_obj_embed_spatial`` and
@@ -165,7 +214,7 @@ def _sam2_params(sd: StateDict) -> dict[str, Any]:
     position-table size, and the decoder/memory widths. Not in the tensors: head counts, global
     blocks, later window sizes and the image size; those come from the official model with the
     same width and depths, else from Hiera-T's pattern (1 head, the last stride-16 block global)
-    at 1024 pixels.
+    at 1024 pixels, noted in ``notes.assumed`` (:func:`load_model` warns).
     """
     t = "image_encoder.trunk."
     embed_dim = sd[t + "patch_embed.proj.weight"].shape[0]
@@ -175,11 +224,12 @@ def _sam2_params(sd: StateDict) -> dict[str, Any]:
     stages = tuple(b - a for a, b in zip(bounds, bounds[1:]))
     version = "2.1" if "no_obj_embed_spatial" in sd or "obj_ptr_tpos_proj.weight" in sd else "2"
     d_model = sd["image_encoder.neck.convs.0.conv.weight"].shape[0]
-    out_proj = sd.get("memory_encoder.out_proj.weight")
+    out_proj = notes.get(sd, "memory_encoder.out_proj.weight", "memory_encoder.out_proj.bias")
+    tpos = notes.get(sd, "maskmem_tpos_enc")
     heads = dict(
         d_model=d_model,
-        mem_dim=out_proj.shape[0] if out_proj is not None else d_model,
-        num_maskmem=sd["maskmem_tpos_enc"].shape[0] if "maskmem_tpos_enc" in sd else 7,
+        mem_dim=out_proj.shape[0] if out_proj is not None else d_model,  # mem_dim == d_model: no out_proj
+        num_maskmem=tpos.shape[0] if tpos is not None else 7,
         memory_layers=_count(sd, r"memory_attention\.layers\.(\d+)\."),
     )
     official = next((cfg.params["encoder"] for cfg in MODELS.values() if cfg.family == "sam2"
@@ -197,6 +247,8 @@ def _sam2_params(sd: StateDict) -> dict[str, Any]:
     window0 = sd[t + "pos_embed_window"].shape[-1]
     encoder["window_spec"] = (window0, *encoder["window_spec"][1:])
     encoder["window_pos_embed_bkg_spatial_size"] = tuple(sd[t + "pos_embed"].shape[-2:])
+    if official is None:
+        notes.assumed = {k: encoder[k] for k in ("num_heads", "global_att_blocks", "window_spec", "img_size")}
     if starts:
         dim_mul = sd[f"{t}blocks.{starts[0]}.proj.weight"].shape[0] / embed_dim
         if dim_mul != 2.0:
@@ -217,15 +269,15 @@ def _count(sd: StateDict, pattern: str) -> int:
     return len({m.group(1) for k in sd if (m := rx.match(k))})
 
 
-def _vit_encoder_params(sd: StateDict) -> dict[str, Any]:
+def _vit_encoder_params(sd: StateDict, notes: _Notes) -> dict[str, Any]:
     patch = sd["image_encoder.patch_embed.proj.weight"]  # (embed_dim, 3, p, p)
     embed_dim, patch_size = patch.shape[0], patch.shape[-1]
     depth = _count(sd, r"image_encoder\.blocks\.(\d+)\.")
-    pos = sd.get("image_encoder.pos_embed")  # (1, S/p, S/p, C)
+    pos = notes.get(sd, "image_encoder.pos_embed")  # (1, S/p, S/p, C)
     img_size = pos.shape[1] * patch_size if pos is not None else 1024
     grid = img_size // patch_size
     rel = [sd.get(f"image_encoder.blocks.{i}.attn.rel_pos_h") for i in range(depth)]
-    use_rel_pos = rel[0] is not None
+    use_rel_pos = notes.get(sd, *(f"image_encoder.blocks.0.attn.rel_pos_{a}" for a in "hw")) is not None
     if use_rel_pos:
         head_dim = rel[0].shape[1]
         global_idx = tuple(i for i, r in enumerate(rel) if r.shape[0] == 2 * grid - 1)
@@ -245,11 +297,11 @@ def _vit_encoder_params(sd: StateDict) -> dict[str, Any]:
         global_attn_indexes=global_idx,
         **({} if use_rel_pos else {"use_rel_pos": False}),
         **({} if pos is not None else {"use_abs_pos": False}),
-        **({} if "image_encoder.blocks.0.attn.qkv.bias" in sd else {"qkv_bias": False}),
+        **({} if notes.get(sd, "image_encoder.blocks.0.attn.qkv.bias") is not None else {"qkv_bias": False}),
     )
 
 
-def _tiny_vit_params(sd: StateDict) -> dict[str, Any]:
+def _tiny_vit_params(sd: StateDict, notes: _Notes) -> dict[str, Any]:
     n_layers = _count(sd, r"image_encoder\.layers\.(\d+)\.")
     depths = tuple(_count(sd, rf"image_encoder\.layers\.{i}\.blocks\.(\d+)\.") for i in range(n_layers))
     embed_dims = [sd["image_encoder.patch_embed.seq.2.c.weight"].shape[0]]
@@ -261,7 +313,7 @@ def _tiny_vit_params(sd: StateDict) -> dict[str, Any]:
         windows.append(round(bias.shape[1] ** 0.5))
     expand = sd["image_encoder.layers.0.blocks.0.conv1.c.weight"].shape[0] / embed_dims[0]
     mlp_ratio = sd["image_encoder.layers.1.blocks.0.mlp.fc1.weight"].shape[0] / embed_dims[1]
-    head = sd.get("image_encoder.head.weight")
+    head = notes.get(sd, "image_encoder.head.weight", "image_encoder.head.bias")
     # Stage 0 is convolutional; its head count and window size are unused but kept as MobileSAM's.
     return dict(
         img_size=1024,  # TinyViT holds no positional table: the size does not show in the tensors
@@ -291,19 +343,28 @@ def _decoder_params(sd: StateDict) -> dict[str, Any]:
     )
 
 
-def load_state_dict_strict(model: nn.Module, sd: StateDict, source: str) -> None:
-    """``load_state_dict(strict=True)`` with an error that names missing, unexpected and misshaped keys."""
+def load_state_dict_strict(model: nn.Module, sd: StateDict, source: str, absent: tuple[str, ...] = ()) -> None:
+    """``load_state_dict(strict=True)`` with an error that names missing, unexpected and misshaped keys.
+
+    ``absent`` (:class:`_Notes`): if the load fails on shapes or unexpected keys, these were lost, not
+    left out, and the model was built as another size: they lead the error, the consequences are cut short.
+    """
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     misshaped = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
                  if k in sd and sd[k].shape != own[k].shape]
+    lost = [k for k in dict.fromkeys(absent) if k not in own] if unexpected or misshaped else []
     if missing or unexpected or misshaped:
-        parts = []
-        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", misshaped)):
+        parts, shown = [], 2 if lost else 8
+        if lost:
+            parts.append(f"missing keys: {', '.join(lost + missing)} (the architecture is read from these; "
+                         "without them the file was taken for another one, and the mismatches below follow)")
+        for label, keys in (("missing keys", [] if lost else missing), ("unexpected keys", unexpected),
+                            ("wrong shapes", misshaped)):
             if keys:
-                more = f" (+{len(keys) - 8} more)" if len(keys) > 8 else ""
-                parts.append(f"{label}: {', '.join(keys[:8])}{more}")
+                more = f" (+{len(keys) - shown} more)" if len(keys) > shown else ""
+                parts.append(f"{label}: {', '.join(keys[:shown])}{more}")
         raise StateDictMismatchError(
             f"'{source}' does not fit the architecture it was recognised as; " + "; ".join(parts)
             + ". The file is damaged or was saved from a modified model."
@@ -311,17 +372,31 @@ def load_state_dict_strict(model: nn.Module, sd: StateDict, source: str) -> None
     model.load_state_dict(sd, strict=True)
 
 
-def load_model(path: str | os.PathLike, name: str | None = None) -> tuple[nn.Module, ModelConfig]:
-    """Read a checkpoint file, recognise its architecture, build the model and load the weights (eval mode)."""
+def load_model(path: str | os.PathLike, name: str | None = None,
+               config: ModelConfig | None = None) -> tuple[nn.Module, ModelConfig]:
+    """Read a checkpoint file, recognise its architecture, build the model and load the weights (eval mode).
+
+    ``config`` replaces recognition, for what the tensors cannot tell (a custom SAM 2's head count,
+    global blocks, windows and input size): ``config_with(infer_config(read_state_dict(path)), ...)``.
+    """
     sd = read_state_dict(path)
-    config = infer_config(sd, name=name or Path(path).stem)
+    notes = _Notes()
+    if config is None:
+        config = _recognise(sd, name or Path(path).stem, notes)
     try:
         model = build_model(config)
     except (ValueError, ZeroDivisionError, RuntimeError, TypeError) as e:  # shapes no model can have
         raise StateDictMismatchError(
             f"'{path}' has tensors of shapes no {config.family} model can be built from "
             f"({type(e).__name__}: {_short(e)}): the file is damaged or was saved from a modified model") from None
-    load_state_dict_strict(model, sd, str(path))
+    load_state_dict_strict(model, sd, str(path), tuple(notes.absent))
+    if notes.assumed:  # after the load: a file that does not load gets its error alone
+        enc, given = config.params["encoder"], ", ".join(f"{k}={v!r}" for k, v in notes.assumed.items())
+        warn(f"'{path}' is a custom-size SAM 2 (Hiera width {enc['embed_dim']}, stages {enc['stages']}): its "
+             f"head count, global-attention blocks, window sizes (but the first) and input size are not in the "
+             f"tensors, so Hiera-T's pattern was assumed: {given}. If the model was made with other values, "
+             f"its outputs are wrong: load it with segany.checkpoints.load_model(path, config=config_with("
+             f"infer_config(read_state_dict(path)), num_heads=..., global_att_blocks=..., img_size=...)).")
     return model.eval(), config
 
 
