@@ -418,3 +418,120 @@ def test_argument_errors(tmp_path, small_ckpt):
                           verbose=False)
     assert s.written and (tmp_path / "o" / "exact.txt").read_text() == ""
     assert "auto_annotate" in segany.__all__
+
+
+def test_class_names_must_cover_the_box_classes(tmp_path, small_ckpt):
+    """Names that stop short of a class the labels use would give a data.yaml whose nc is below
+    that class (a YOLO trainer refuses it): refused before any image is done."""
+    make_dataset(tmp_path, {k: HAND[k] for k in ("exact", "shapes")})
+    images, labels, out = tmp_path / "images", tmp_path / "labels", tmp_path / "out"
+    with open(labels / "exact.txt", "a") as f:
+        f.write("7 0.5 0.5 0.2 0.2\n")
+    (tmp_path / "names.txt").write_text("box\ndisc\n")
+    with pytest.raises(ConfigError, match=r"names\.txt' has 2 name\(s\) \(class ids 0\.\.1\) but the boxes also use "
+                                          r"class id\(s\) 2 \(e\.g\. in .*\), 7 \(e\.g\. in .*exact\.txt\)"):
+        auto_annotate(data=images, labels=labels, sam_model=small_ckpt, output_dir=out,
+                      class_names=tmp_path / "names.txt", verbose=False)
+    assert not out.exists()  # nothing done
+    (labels / "classes.txt").write_text("box\ndisc\nblob\n")  # LabelImg's names: the same rule
+    with pytest.raises(ConfigError, match=r"classes\.txt has 3 name\(s\).* class id\(s\) 7 "):
+        auto_annotate(data=images, labels=labels, sam_model=small_ckpt, output_dir=out, verbose=False)
+    assert not out.exists()
+    # Only the classes kept must be named; COCO boxes are checked too.
+    s = auto_annotate(data=images, labels=labels, sam_model=small_ckpt, output_dir=out, classes=[0, 1, 2],
+                      verbose=False)
+    assert not s.failed and "nc: 3\n" in (out / "data.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"class id\(s\) 2 "):
+        auto_annotate(data=images, det_model=None, labels=tmp_path / "coco.json", sam_model=small_ckpt,
+                      output_dir=tmp_path / "o2", class_names=["box", "disc"], verbose=False)
+
+
+def test_coco_boxes_ambiguous_base_name_is_an_error(tmp_path, small_ckpt, oracle):
+    """Two JSON entries with the image's base name: the path tells them apart, else the image
+    fails (listed, retried by a rerun), never an empty label file counted as background."""
+    for folder, spec in (("train", HAND["exact"]), ("val", HAND["shapes"]), ("other", HAND["exact"])):
+        (tmp_path / folder).mkdir()
+        cv2.imwrite(str(tmp_path / folder / "a.png"), draw(spec[0], spec[1], spec[2])[0])
+    cv2.imwrite(str(tmp_path / "other" / "b.png"), draw(*HAND["nobox"])[0])  # matched: a background image
+    coco = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "box"}, {"id": 3, "name": "disc"},
+                                                            {"id": 7, "name": "blob"}]}
+    for k, (folder, (h, w, shapes)) in enumerate((("train", HAND["exact"]), ("val", HAND["shapes"])), 1):
+        coco["images"].append({"id": k, "file_name": f"{folder}/a.png", "width": w, "height": h})
+        for c, m in draw(h, w, shapes)[1]:
+            x1, y1, x2, y2 = tight_box(m)
+            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": k,
+                                        "category_id": [1, 3, 7][c], "bbox": [x1, y1, x2 - x1, y2 - y1]})
+    coco["images"].append({"id": 20, "file_name": "b.png", "width": 64, "height": 64})
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    kw = {"det_model": None, "labels": tmp_path / "coco.json", "sam_model": small_ckpt, "verbose": False}
+    s = auto_annotate(data=tmp_path / "other", output_dir=tmp_path / "out", **kw)
+    image = str(tmp_path / "other" / "a.png")
+    assert list(s.failed) == [image] and [Path(p).name for p in s.no_detections] == ["b.png"]
+    assert "train/a.png" in s.failed[image] and "val/a.png" in s.failed[image]
+    assert not (tmp_path / "out" / "a.txt").exists()
+    assert list(auto_annotate(data=tmp_path / "other", output_dir=tmp_path / "out", **kw).failed) == [image]
+    s = auto_annotate(data=tmp_path / "train", output_dir=tmp_path / "out_train", **kw)
+    assert not s.failed and (tmp_path / "out_train" / "a.txt").read_text() == EXACT_TXT  # train/a.png's boxes
+
+
+def test_cli_lists_failures_without_verbose(tmp_path, small_ckpt, capsys):
+    """The CLI's closing line says the failed images are "listed above": so they are, with verbose=False."""
+    from segany.cli import main
+
+    make_dataset(tmp_path, {"exact": HAND["exact"]})
+    (tmp_path / "images" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    rc = main(["annotate", f"data={tmp_path / 'images'}", f"labels={tmp_path / 'labels'}",
+               f"sam_model={small_ckpt}", f"output_dir={tmp_path / 'out'}", "verbose=False"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "listed above" in err
+    assert f"failed: {tmp_path / 'images' / 'broken.jpg'}: " in err.split("listed above")[0]
+
+
+def test_coco_rerun_retries_failed_images(tmp_path, small_ckpt, oracle):
+    make_dataset(tmp_path, HAND)
+    images = tmp_path / "images"
+    good = (images / "shapes.png").read_bytes()
+    (images / "shapes.png").write_bytes(b"")  # fails in the first run
+    kw = {"data": images, "det_model": None, "labels": tmp_path / "coco.json", "sam_model": small_ckpt,
+          "format": "coco", "verbose": False}
+    s = auto_annotate(output_dir=tmp_path / "out", **kw)
+    assert [Path(p).name for p in s.failed] == ["shapes.png"] and len(s.written) == 3
+    file = tmp_path / "out" / "annotations.json"
+    first = json.loads(file.read_text())
+    (images / "shapes.png").write_bytes(good)
+    s = auto_annotate(output_dir=tmp_path / "out", **kw)  # redoes only the failed image
+    assert [Path(p).name for p in s.written] == ["shapes.png"] and len(s.skipped_existing) == 3 and not s.failed
+    assert oracle == [2, 3]  # exact.png in the first run, shapes.png in the second
+    resumed = json.loads(file.read_text())
+    assert resumed["images"][:3] == first["images"] and resumed["annotations"][:2] == first["annotations"]
+    fresh = auto_annotate(output_dir=tmp_path / "fresh", **kw)
+    assert len(fresh.written) == 4
+    fresh = json.loads((tmp_path / "fresh" / "annotations.json").read_text())
+
+    def content(doc):  # images and annotations, whatever order they were written in
+        return (sorted(json.dumps(e, sort_keys=True) for e in doc["images"]),
+                sorted(json.dumps({k: v for k, v in a.items() if k != "id"}, sort_keys=True)
+                       for a in doc["annotations"]), doc["categories"])
+
+    assert content(resumed) == content(fresh)
+    assert len({a["id"] for a in resumed["annotations"]}) == len(resumed["annotations"]) == 5
+    os.utime(file, (1_000_000, 1_000_000))
+    s = auto_annotate(output_dir=tmp_path / "out", **kw)  # all done: nothing redone, the file untouched
+    assert len(s.skipped_existing) == 4 and not s.written and file.stat().st_mtime == 1_000_000
+
+
+def test_utf8_bom_in_labels_and_names(tmp_path, small_ckpt, oracle):
+    """Files saved on Windows may start with a BOM: box labels, LabelImg's classes.txt, a COCO JSON."""
+    make_dataset(tmp_path, {"exact": HAND["exact"]})
+    labels = tmp_path / "labels"
+    (labels / "exact.txt").write_text("\ufeff" + (labels / "exact.txt").read_text(), encoding="utf-8")
+    (labels / "classes.txt").write_text("\ufeffbox\ndisc\nblob\n", encoding="utf-8")
+    s = auto_annotate(data=tmp_path / "images", labels=labels, sam_model=small_ckpt, output_dir=tmp_path / "out",
+                      verbose=False)
+    assert not s.failed and (tmp_path / "out" / "exact.txt").read_text() == EXACT_TXT
+    assert (tmp_path / "out" / "classes.txt").read_text() == "box\ndisc\nblob\n"
+    coco = tmp_path / "coco.json"
+    coco.write_text("\ufeff" + coco.read_text(), encoding="utf-8")
+    s = auto_annotate(data=tmp_path / "images", det_model=None, labels=coco, sam_model=small_ckpt,
+                      output_dir=tmp_path / "out2", verbose=False)
+    assert not s.failed and (tmp_path / "out2" / "exact.txt").read_text() == EXACT_TXT

@@ -19,12 +19,18 @@ Choices worth knowing:
   rerun skips images whose label file exists (``overwrite=True`` redoes them) and removes temp
   files left by a killed run. Failed images get no file, so a rerun retries them.
 - **COCO output** (``format="coco"``): one ``<output_dir>/annotations.json`` with RLE masks,
-  written atomically once at the end; a killed COCO run leaves nothing and starts over, and a
-  rerun with that file present does nothing unless ``overwrite=True``. Category ids are the
-  class ids (the JSON's own ids when the boxes came from a COCO JSON).
-- **Errors per image** (unreadable image, malformed label file, a SAM failure) are reported in
-  ``summary.failed`` and do not stop the run. ``conf``, ``iou``, ``imgsz`` and ``max_det`` apply
-  to the detector only; ``classes`` filters every box source.
+  written atomically at the end; a killed COCO run leaves nothing and starts over. The images
+  listed in that file are the done ones: a rerun redoes only the others (the failed ones) and
+  rewrites the file with all of them, the earlier images and annotations kept as they are
+  (``overwrite=True`` redoes everything). Category ids are the class ids (the JSON's own ids when
+  the boxes came from a COCO JSON).
+- **Class names cover the boxes.** Names (``class_names``, a LabelImg ``classes.txt`` in the
+  labels folder) that miss a class id the boxes use are refused before any image is done: a
+  data.yaml whose ``nc`` is below a label's class is a broken dataset.
+- **Errors per image** (unreadable image, malformed label file, an ambiguous COCO match, a SAM
+  failure) are reported in ``summary.failed`` and do not stop the run; they are listed on stderr
+  even when ``verbose=False``. ``conf``, ``iou``, ``imgsz`` and ``max_det`` apply to the detector
+  only; ``classes`` filters every box source.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,9 +88,12 @@ class AnnotateSummary:
             f"{len(self.empty_masks)} empty mask(s) skipped; {self.elapsed:.1f}s ({rate:.2f} images/s) "
             f"→ {self.output_dir}"
         ]
-        lines += [f"  failed: {path}: {reason}" for path, reason in self.failed.items()]
+        lines += self.failure_lines()
         lines += [f"  no mask: {e.image} box {e.index} (class {e.cls}): {e.reason}" for e in self.empty_masks]
         return "\n".join(lines)
+
+    def failure_lines(self) -> list[str]:
+        return [f"  failed: {path}: {reason}" for path, reason in self.failed.items()]
 
 
 def auto_annotate(
@@ -137,17 +147,22 @@ def auto_annotate(
     if out.is_dir():  # else it is made by the first file written: a run that fails first leaves none
         _remove_stale_temps(out)
 
-    coco_done = format == "coco" and (out / COCO_FILE).exists() and not overwrite
-    targets = _label_files(paths, out, summary) if format == "yolo" else {p: out / COCO_FILE for p in paths}
-    coco: dict[str, list] = {"images": [], "annotations": []}
-    image_ids = _image_ids(paths, getattr(source, "image_ids", {}))
+    coco_file = out / COCO_FILE
+    resumed = format == "coco" and coco_file.exists() and not overwrite
+    # YOLO: image → its label file; COCO: image → its file_name in annotations.json.
+    targets = _label_files(paths, out, summary) if format == "yolo" else _coco_names(paths, root, summary)
+    coco = _read_coco(coco_file) if resumed else {"images": [], "annotations": [], "last_ann": 0}
+    done = {str(e["file_name"]): int(e["id"]) for e in coco["images"]}  # COCO: file_name → image id
+    image_ids = _image_ids(paths, getattr(source, "image_ids", {}),
+                           {p: done[n] for p, n in targets.items() if n in done}, set(done.values()))
     predictor = None
     found_boxes = kept_boxes = 0  # boxes before and after the classes filter
+    seen: set[int] = set()  # classes written (a detector may emit one its names lack)
     # Iterating the bar counts an image when the next one is asked for: the rate is images done per second.
     bar = tqdm(list(targets.items()), desc="auto_annotate", unit="img", disable=not verbose)
     try:
         for path, target in bar:
-            if coco_done or (format == "yolo" and target.exists() and not overwrite):
+            if target in done or (format == "yolo" and target.exists() and not overwrite):
                 summary.skipped_existing.append(path)
                 continue
             try:
@@ -172,20 +187,26 @@ def auto_annotate(
             if format == "yolo":
                 atomic_write_text(target, "".join(yolo_line(c, poly) + "\n" for c, poly, *_ in objects))
             else:
-                _add_coco(coco, image_ids[path], path, root, image.shape[:2], objects, source.category_ids)
+                _add_coco(coco, image_ids[path], target, image.shape[:2], objects, source.category_ids)
+            seen.update(c for c, *_ in objects)
             summary.written.append(path)
     finally:
         bar.close()
-    if format == "coco" and not coco_done:
-        _write_coco(out / COCO_FILE, coco, source.names, source.category_ids)
+    names = _names_for(source.names, seen)
+    if format == "coco" and (not resumed or summary.written):
+        _write_coco(coco_file, coco, names, source.category_ids)
     elif format == "yolo" and write_names:
-        _write_names(out, source.names, clash="classes" in {t.stem for t in targets.values()})
+        _write_names(out, names, clash="classes" in {t.stem for t in targets.values()})
     if found_boxes and not kept_boxes:
         warn(f"classes={keep} kept none of the {found_boxes} boxes found: the label files written are "
              "empty (check the class ids; a rerun skips these images unless overwrite=True)")
     summary.elapsed = time.perf_counter() - t0
     if verbose:
         print(summary)
+    elif summary.failed:
+        # Errors are not chatter: a caller (the CLI says "listed above") must be able to see them.
+        print(f"auto_annotate: {len(summary.failed)} image(s) failed:", *summary.failure_lines(), sep="\n",
+              file=sys.stderr)
     return summary
 
 
@@ -209,6 +230,47 @@ def _label_files(paths: list[str], out: Path, summary: AnnotateSummary) -> dict[
         owner[stem] = p
         targets[p] = out / f"{stem}.txt"
     return targets
+
+
+def _coco_names(paths: list[str], root: Path | None, summary: AnnotateSummary) -> dict[str, str]:
+    """Image → its ``file_name`` in annotations.json (relative to ``data``, else the base name);
+    a second image with the same name is reported: a rerun tells done images by that name."""
+    owner: dict[str, str] = {}
+    names: dict[str, str] = {}
+    for p in paths:
+        name = Path(os.path.relpath(p, root)).as_posix() if root is not None else Path(p).name
+        if name in owner:
+            summary.failed[p] = f"same file name as {owner[name]}: both would be {name!r} in {COCO_FILE}"
+            continue
+        owner[name] = names[p] = name
+    return names
+
+
+def _read_coco(file: Path) -> dict[str, Any]:
+    """The COCO output of an earlier run, to add to: it is written whole, so the images it lists
+    are the done ones. ``last_ann``: its highest annotation id (new ones are numbered after it)."""
+    try:
+        doc = json.loads(file.read_text(encoding="utf-8"))
+        images, annotations = list(doc["images"]), list(doc["annotations"])
+        if not all(isinstance(e["file_name"], str) and int(e["id"]) >= 0 for e in images):
+            raise ValueError("an image without a file_name or an id")
+        last = max((int(a["id"]) for a in annotations), default=0)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{file} is not an annotations file of auto_annotate ({e}): a rerun adds the missing "
+                          "images to it; move it away, or pass overwrite=True to start over") from None
+    return {"images": images, "annotations": annotations, "last_ann": last}
+
+
+def _names_for(names: dict[int, str], seen: set[int]) -> dict[int, str]:
+    """``names`` with a name for every class written. Box sources named up front are checked
+    before the run (make_box_source); only a detector can still emit a class its names lack, and
+    its labels are written by then: the id stands in as the name, with a warning."""
+    missing = sorted(seen - set(names))
+    if not missing:
+        return names
+    warn(f"the boxes used class id(s) {missing} that the class names do not name: their names are the ids; "
+         "pass class_names=[...] with a name for every class id")
+    return {**names, **{c: str(c) for c in missing}}
 
 
 def _remove_stale_temps(out: Path) -> None:
@@ -267,9 +329,15 @@ def _segment(predictor, path: str, image: np.ndarray, xyxy: np.ndarray, cls: np.
     return objects
 
 
-def _image_ids(paths: list[str], known: dict[str, int]) -> dict[str, int]:
-    """COCO image ids: a box source's own (a COCO JSON's), the other images numbered after them."""
-    ids, n = dict(known), max(known.values(), default=0)
+def _image_ids(paths: list[str], known: dict[str, int], done: dict[str, int], used: set[int]) -> dict[str, int]:
+    """COCO image ids: those already in the output (``done``; ``used``: all ids there), else a box
+    source's own (a COCO JSON's), the other images numbered after them; no id twice."""
+    ids, used = dict(done), set(used)
+    for p, i in known.items():
+        if p not in ids and i not in used:
+            ids[p] = i
+            used.add(i)
+    n = max([*known.values(), *used], default=0)
     for p in paths:
         if p not in ids:
             n += 1
@@ -277,14 +345,14 @@ def _image_ids(paths: list[str], known: dict[str, int]) -> dict[str, int]:
     return ids
 
 
-def _add_coco(coco: dict, image_id: int, path: str, root: Path | None, shape: tuple[int, int],
+def _add_coco(coco: dict, image_id: int, name: str, shape: tuple[int, int],
               objects: list, category_ids: dict[int, int] | None) -> None:
-    name = Path(os.path.relpath(path, root)).as_posix() if root is not None else Path(path).name
     coco["images"].append({"id": image_id, "file_name": name, "height": int(shape[0]), "width": int(shape[1])})
     for c, _, mask, score, box in objects:
         x1, y1, x2, y2 = (float(v) for v in box)
+        coco["last_ann"] += 1
         coco["annotations"].append({
-            "id": len(coco["annotations"]) + 1,
+            "id": coco["last_ann"],
             "image_id": image_id,
             "category_id": category_ids.get(c, c) if category_ids else c,
             "segmentation": encode_rle(mask),

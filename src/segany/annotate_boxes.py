@@ -5,6 +5,9 @@ Every source is called as ``source(path, image) -> (xyxy, cls)``: ``(N, 4)`` flo
 pixels of the decoded image and ``(N,)`` int64 class ids, in the order the source lists them.
 ``names`` maps class id → name. Class ids are contiguous from 0 (what YOLO labels need); a COCO
 source also keeps ``category_ids`` (class id → the JSON's category id) for COCO output.
+``found`` maps each class id that the boxes of the run's images use → where (for messages), read
+up front, so that names that miss a class are refused before any work (``None`` for a detector,
+whose classes are only known as it runs: its ``names`` stand in).
 A problem with one image's boxes raises :class:`BoxSourceError` (reported, the run goes on);
 a problem with the whole source raises :class:`~segany.errors.ConfigError` before any work.
 """
@@ -38,7 +41,7 @@ def parse_class_names(class_names: Any) -> dict[int, str] | None:
         if not path.is_file():
             raise ConfigError(f"class_names={str(class_names)!r}: no such file; give a list of names or a "
                               "text file with one name per line")
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM (Windows) is no name
         return {i: s.strip() for i, s in enumerate(lines) if s.strip()}
     if isinstance(class_names, dict):
         try:
@@ -48,6 +51,30 @@ def parse_class_names(class_names: Any) -> dict[int, str] | None:
     if isinstance(class_names, Iterable):
         return {i: str(v) for i, v in enumerate(class_names)}
     raise ConfigError(f"class_names must be a list, a dict or a file path, got {type(class_names).__name__}")
+
+
+def check_names_cover(names: dict[int, str], found: dict[int, str] | None, keep: list[int] | None,
+                      origin: str) -> None:
+    """Refuse names that miss a class id the boxes use (``keep``: only those classes are written).
+
+    An error rather than padding the names with the ids: a YOLO trainer refuses a label whose
+    class is >= ``nc`` of data.yaml, and names that stop short usually are the wrong file (another
+    dataset, an off-by-one), which invented names like "7" would hide; raised before any image is
+    done, so nothing is written with them."""
+    if not found:
+        return
+    missing = sorted(c for c in found if c not in names and (keep is None or c in keep))
+    if missing:
+        shown = ", ".join(f"{c} ({found[c]})" for c in missing[:5]) + ", ..." * (len(missing) > 5)
+        raise ConfigError(
+            f"{origin} has {len(names)} name(s) (class ids {_id_range(names)}) but the boxes also use class "
+            f"id(s) {shown}: a YOLO data.yaml needs a name for every class id the labels use. Give the "
+            "full list of names (one per class id, in id order), or keep only the named classes with "
+            "classes=[...]")
+
+
+def _id_range(names: dict[int, str]) -> str:
+    return f"{min(names)}..{max(names)}" if names else "none"
 
 
 def check_classes(classes: Any) -> list[int] | None:
@@ -85,6 +112,8 @@ class YoloDetector:
                            verbose=False)
         self.names = {int(k): str(v) for k, v in dict(getattr(det_model, "names", {}) or {}).items()}
         self.category_ids: dict[int, int] | None = None
+        # The classes it can emit: what class_names= must name (boxes are only seen as it runs).
+        self.found: dict[int, str] | None = {c: "a class of the detector" for c in self.names} or None
 
     def __call__(self, path: str, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # The decoded BGR array is passed (Ultralytics reads numpy input as BGR): one decode per image.
@@ -108,25 +137,29 @@ class YoloLabels:
         if stems and not stems & set(files):
             raise ConfigError(f"labels={str(folder)!r} holds no <image name>.txt file for any of the "
                               f"{len(stems)} image(s); YOLO box labels are matched by file stem")
+        self.names_file: Path | None = None
         if class_names is None and "classes" in files and "classes" not in stems:
-            class_names = parse_class_names(files["classes"])  # LabelImg writes names here
+            self.names_file = files["classes"]  # LabelImg writes names here
+            class_names = parse_class_names(self.names_file)
+        # Scanned up front so that names (and classes.txt) do not depend on which images a run
+        # redoes, and so that names missing a class are refused before any work.
+        self.found: dict[int, str] = {}
+        for stem in sorted(stems & set(files)):
+            try:
+                _, cls = self._read(files[stem], 1, 1)
+            except BoxSourceError:
+                continue  # reported when that image comes up
+            for c in cls.tolist():
+                self.found.setdefault(int(c), f"e.g. in {files[stem]}")
         if class_names is None:
-            # Scanned up front so that names (and classes.txt) do not depend on which images a run redoes.
-            top = -1
-            for stem in stems & set(files):
-                try:
-                    _, cls = self._read(files[stem], 1, 1)
-                    top = max(top, int(cls.max(initial=-1)))
-                except BoxSourceError:
-                    pass  # reported when that image comes up
-            class_names = {i: str(i) for i in range(top + 1)}
+            class_names = {i: str(i) for i in range(max(self.found, default=-1) + 1)}
         self.names = class_names
         self.category_ids: dict[int, int] | None = None
 
     @staticmethod
     def _read(file: Path, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
         try:
-            text = file.read_text(encoding="utf-8")
+            text = file.read_text(encoding="utf-8-sig")  # -sig: files saved on Windows may start with a BOM
         except (OSError, UnicodeDecodeError) as e:
             raise BoxSourceError(f"label file {file} cannot be read ({e})") from None
         boxes, classes = [], []
@@ -160,13 +193,17 @@ class YoloLabels:
 
 class CocoBoxes:
     """Boxes from a COCO JSON (``bbox`` = x, y, w, h in pixels). Images are matched by
-    ``file_name``: its path relative to ``root`` first, else its base name when unique.
-    Crowd annotations (``iscrowd: 1``) are skipped: their box covers a group, not one object.
-    ``image_ids`` keeps the JSON's image ids, so a COCO output uses the same ones."""
+    ``file_name``: its path relative to ``root`` first; else the entry whose whole ``file_name``
+    ends the image's path (``train/a.jpg`` for ``.../train/a.jpg``); else its base name when only
+    one entry has it. An image that several entries fit is an error for that image (never a
+    silent guess, nor a background image). Crowd annotations (``iscrowd: 1``) are skipped: their
+    box covers a group, not one object. ``image_ids`` keeps the JSON's image ids, so a COCO
+    output uses the same ones."""
 
     def __init__(self, file: Path, images: list[str], root: Path | None) -> None:
         try:
-            data = json.loads(file.read_text(encoding="utf-8"))
+            # -sig: json.loads refuses a BOM, which files saved on Windows may start with.
+            data = json.loads(file.read_text(encoding="utf-8-sig"))
             cats = sorted(data["categories"], key=lambda c: int(c["id"]))
             entries = data["images"]
             anns = data.get("annotations", [])
@@ -177,18 +214,21 @@ class CocoBoxes:
         self.names = {k: str(c.get("name", c["id"])) for k, c in enumerate(cats)}
         to_class = {cid: k for k, cid in self.category_ids.items()}
         by_name: dict[str, list[dict]] = {}
+        by_base: dict[str, list[dict]] = {}
         for e in entries:
             name = str(e["file_name"]).replace("\\", "/")
             by_name.setdefault(name, []).append(e)
-            by_name.setdefault("/" + Path(name).name, []).append(e)  # "/" marks a base-name key
+            by_base.setdefault(name.rsplit("/", 1)[-1], []).append(e)
         self.entry: dict[str, dict] = {}
+        self.ambiguous: dict[str, list[str]] = {}  # image → the file_names it could be
         for p in images:
-            rel = Path(p).name if root is None else Path(os.path.relpath(p, root)).as_posix()
-            found = by_name.get(rel) or by_name.get("/" + Path(p).name) or []
+            found = self._match(p, root, by_name, by_base)
             if len(found) == 1:
                 self.entry[p] = found[0]
+            elif found:
+                self.ambiguous[p] = [str(e["file_name"]) for e in found]
         self.image_ids = {p: int(e["id"]) for p, e in self.entry.items()}  # kept in COCO output
-        if images and not self.entry:
+        if images and not self.entry and not self.ambiguous:
             raise ConfigError(f"labels={str(file)!r}: no image of the COCO JSON matches any of the "
                               f"{len(images)} image(s) by file_name")
         self.boxes: dict[Any, list[tuple[list[float], int]]] = {}
@@ -196,8 +236,35 @@ class CocoBoxes:
             if a.get("iscrowd", 0) or "bbox" not in a:
                 continue
             self.boxes.setdefault(a["image_id"], []).append((a["bbox"], to_class.get(a.get("category_id"), -1)))
+        self.found: dict[int, str] = {}
+        for e in self.entry.values():
+            for _, c in self.boxes.get(e["id"], []):
+                if c >= 0:
+                    self.found.setdefault(c, f"e.g. in {file}, image {e['file_name']}")
+
+    @staticmethod
+    def _match(path: str, root: Path | None, by_name: dict[str, list[dict]],
+               by_base: dict[str, list[dict]]) -> list[dict]:
+        """The entries that fit ``path``, most specific rule first (see the class docstring)."""
+        if root is not None:
+            found = by_name.get(Path(os.path.relpath(path, root)).as_posix())
+            if found:
+                return found
+        candidates = by_base.get(Path(path).name, [])
+        if len(candidates) < 2:
+            return candidates
+        parts = Path(os.path.abspath(path)).as_posix().split("/")
+        # file_name "train/a.jpg" fits ".../train/a.jpg" but not ".../val/a.jpg".
+        fits = [e for e in candidates
+                if (n := [q for q in str(e["file_name"]).replace("\\", "/").split("/") if q not in ("", ".")])
+                and parts[-len(n):] == n]
+        return fits if len(fits) == 1 else candidates
 
     def __call__(self, path: str, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if path in self.ambiguous:
+            raise BoxSourceError(f"its base name matches {len(self.ambiguous[path])} images of the COCO JSON "
+                                 f"({', '.join(self.ambiguous[path])}) and its path tells none apart: make "
+                                 "file_name unique or relative to data=")
         entry = self.entry.get(path)
         if entry is None:
             return _empty()  # not in the JSON: a background image, like a missing YOLO label file
@@ -225,8 +292,8 @@ def make_box_source(det_model: Any, labels: Any, images: list[str], root: Path |
             raise ConfigError("give det_model=... (a detector) or labels=... (existing boxes), not both")
         path = Path(labels)
         if path.is_dir():
-            return YoloLabels(path, images, names)
-        if path.is_file() and path.suffix.lower() == ".json":
+            source = YoloLabels(path, images, names)
+        elif path.is_file() and path.suffix.lower() == ".json":
             source = CocoBoxes(path, images, root)
         else:
             raise ConfigError(f"labels={str(labels)!r} must be a folder of YOLO box labels (<image stem>.txt) "
@@ -237,4 +304,8 @@ def make_box_source(det_model: Any, labels: Any, images: list[str], root: Path |
         source = YoloDetector(det_model, conf, iou, imgsz, max_det, classes, device)
     if names is not None:
         source.names = names
+        origin = f"class_names={str(class_names)!r}" if isinstance(class_names, (str, os.PathLike)) else "class_names"
+    else:  # names of the source itself: only a LabelImg classes.txt can miss a class
+        origin = str(getattr(source, "names_file", None) or "the names")
+    check_names_cover(source.names, source.found, classes, origin)
     return source
