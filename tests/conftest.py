@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 from functools import partial
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -97,6 +98,22 @@ def small_ckpt(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("ckpt") / "small_sam.pth"
     torch.save(random_sam(SMALL_VIT, seed=1).state_dict(), path)
     return str(path)
+
+
+@pytest.fixture()
+def img_path(tmp_path) -> str:
+    """A 180×240 test image written as a PNG file."""
+    path = tmp_path / "scene.png"
+    cv2.imwrite(str(path), test_image())
+    return str(path)
+
+
+@pytest.fixture()
+def model(small_ckpt):
+    """``SAM`` over the small random checkpoint."""
+    from segany import SAM
+
+    return SAM(small_ckpt)
 
 
 @pytest.fixture(autouse=True)

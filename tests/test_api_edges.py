@@ -20,18 +20,6 @@ H, W = 180, 240
 BOX = [40, 40, 120, 110]
 
 
-@pytest.fixture()
-def img_path(tmp_path) -> str:
-    path = tmp_path / "scene.png"
-    cv2.imwrite(str(path), test_image(H, W))
-    return str(path)
-
-
-@pytest.fixture()
-def model(small_ckpt) -> SAM:
-    return SAM(small_ckpt)
-
-
 def test_an_embedding_of_other_encoder_weights_is_refused(img_path, tmp_path):
     """Same architecture, same shapes, other weights (a fine-tuned or another size of SAM at the
     same input size): the masks would be wrong, so the file is refused. Other decoder weights

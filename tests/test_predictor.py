@@ -26,18 +26,6 @@ from segany.errors import ConfigError, ImageError, ImageNotFoundError, PromptErr
 H, W = 180, 240
 
 
-@pytest.fixture()
-def img_path(tmp_path) -> str:
-    path = tmp_path / "scene.png"
-    cv2.imwrite(str(path), test_image(H, W))
-    return str(path)
-
-
-@pytest.fixture()
-def model(small_ckpt) -> SAM:
-    return SAM(small_ckpt)
-
-
 def _check(results, n_masks: int, shape=(H, W)) -> Results:
     assert isinstance(results, list) and len(results) == 1
     r = results[0]
