@@ -182,7 +182,7 @@ def parse_options(tokens: list[str], valid: dict[str, Any], aliases: dict[str, s
 
 # ----------------------------------------------------------------------------- commands
 
-COMMANDS = ("predict", "info", "benchmark", "annotate", "serve", "train", "val")
+COMMANDS = ("predict", "info", "benchmark", "annotate", "serve", "train", "val", "export")
 # A failed download is a runtime failure (exit 1), like an unreadable image: the command line was right.
 USAGE_ERRORS = (UsageError, ConfigError, PromptError, ImageNotFoundError, CheckpointNotFoundError)
 
@@ -200,6 +200,7 @@ commands:
   serve       a JSON API and a click-to-segment web page on 127.0.0.1 (segany[serve])
   train       fine-tune SAM on COCO / YOLO-seg / synthetic data with simulated prompts
   val         box / point / multi-point mIoU of a model on a dataset
+  export      ONNX files of a SAM / MobileSAM model: image encoder and prompt decoder (segany[export])
 
 examples:
   segany predict model=sam_b.pt source=path/to/image.jpg
@@ -302,13 +303,15 @@ def _dispatch(args: list[str]) -> int:
                          "(segany --help)")
     from . import benchmark as b
     from . import cli_commands as c
+    from . import onnx_export as x
 
     runners = dict(predict=(c.predict_help, c.run_predict), info=(lambda: c.INFO_HELP, c.run_info),
                    benchmark=(lambda: b.BENCHMARK_HELP, b.run_cli),
                    annotate=(lambda: c.ANNOTATE_HELP, c.run_annotate),
                    serve=(lambda: c.serve_command().SERVE_HELP, lambda t: c.serve_command().run_serve(t)),
                    train=(lambda: c.train_command().TRAIN_HELP, lambda t: c.train_command().run_train(t)),
-                   val=(lambda: c.train_command().VAL_HELP, lambda t: c.train_command().run_val(t)))
+                   val=(lambda: c.train_command().VAL_HELP, lambda t: c.train_command().run_val(t)),
+                   export=(lambda: x.EXPORT_HELP, x.run_export))
     help_text, run = runners[cmd]
     if _wants_help(rest):
         print(help_text())

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -76,6 +77,29 @@ class SAM:
 
         kwargs.setdefault("device", self.device)
         return val(self.model, data, **kwargs)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the weights as a checkpoint (a plain state dict with the official key names),
+        atomically; ``SAM(path)`` loads it back. Returns the path."""
+        from .onnx_export import save_checkpoint
+
+        return save_checkpoint(self.model, path)
+
+    def export(self, format: str = "onnx", file: str | os.PathLike | None = None,
+               parts: str | Sequence[str] = ("encoder", "decoder"), opset: int | None = None,
+               return_single_mask: bool = False) -> dict[str, Path]:
+        """Export SAM / MobileSAM to ONNX: ``<stem>_encoder.onnx`` (preprocessed ``(1, 3, S, S)``
+        image → embedding) and ``<stem>_decoder.onnx`` (the layout of Meta's ONNX decoder: see
+        :class:`segany.onnx_export.OnnxDecoder`). ``file``: the stem (default: the checkpoint's name,
+        in the current folder), or with one part, the ``.onnx`` file itself. ``parts``: "encoder",
+        "decoder" or both. Returns ``{part: path}``. Needs ``pip install 'segany[export]'``."""
+        from .errors import ConfigError
+        from .onnx_export import OPSET, export_onnx
+
+        if format != "onnx":
+            raise ConfigError(f"format={format!r}: segany exports to 'onnx' only (model.save() writes a checkpoint)")
+        return export_onnx(self.model, self.config.family, file if file is not None else Path(self.ckpt_path).stem,
+                           parts, opset or OPSET, return_single_mask)
 
     def __repr__(self) -> str:
         return f"SAM({self.config.name!r}, device={self.device})"

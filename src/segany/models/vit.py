@@ -225,7 +225,9 @@ class Attention(nn.Module):
         if self.use_rel_pos and _by_parts(q, h, w):
             return self._attention_in_parts(q, k, v, h, w, scratch)
         # (getattr: an Attention pickled whole before ``kind`` existed takes the global policy)
-        mode, first = GPU_ATTENTION[getattr(self, "kind", "global")] if _gpu_half(q) else ("bias", None)
+        # Exported (ONNX), the relative terms ride in q and k: one op, no H*W × H*W bias.
+        cpu_mode = "augmented" if torch.compiler.is_exporting() else "bias"
+        mode, first = GPU_ATTENTION[getattr(self, "kind", "global")] if _gpu_half(q) else (cpu_mode, None)
         if mode == "fused" and torch.is_grad_enabled():
             mode = "augmented"  # the fused kernel is forward only
         if self.use_rel_pos and mode == "fused":
@@ -367,7 +369,7 @@ class Attention(nn.Module):
 
 def _by_parts(q: torch.Tensor, h: int, w: int) -> bool:
     """Whether a CPU attention over an ``h × w`` grid goes by :meth:`Attention._attention_in_parts`."""
-    if q.device.type != "cpu":
+    if q.device.type != "cpu" or torch.compiler.is_exporting():  # an export would unroll the loop over parts
         return False
     # Under torch.compile windows stay on SDPA: the compiler would unroll the loop over parts.
     return h * w >= CPU_PARTS_ALWAYS_TOKENS or (
