@@ -270,7 +270,7 @@ def test_custom_sam2_size_warns_what_was_assumed_and_a_config_gives_the_real_val
     path = tmp_path / "custom_sam2.pt"
     torch.save({"model": model.state_dict()}, path)
     with pytest.warns(UserWarning, match=r"custom-size SAM 2.*num_heads=1, global_att_blocks=\(3,\), "
-                                         r"window_spec=\(8, 4, 14, 7\), img_size=1024.*load_model\(path, config="
+                                         r"window_spec=\(8, 4, 14, 7\), img_size=1024.*SAM\(path, config="
                       ) as record:
         load_model(path)
     assert len([w for w in record if "custom-size SAM 2" in str(w.message)]) == 1  # once per load
@@ -278,4 +278,6 @@ def test_custom_sam2_size_warns_what_was_assumed_and_a_config_gives_the_real_val
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loaded, found = load_model(path, config=real)
+        sam = SAM(str(path), config=real)  # the same through the user-facing class
     assert found.params["encoder"] == cfg.params["encoder"] and _same_weights(loaded, model)
+    assert sam.config.params["encoder"] == cfg.params["encoder"] and _same_weights(sam.model, model)

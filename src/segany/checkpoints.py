@@ -395,8 +395,8 @@ def load_model(path: str | os.PathLike, name: str | None = None,
         warn(f"'{path}' is a custom-size SAM 2 (Hiera width {enc['embed_dim']}, stages {enc['stages']}): its "
              f"head count, global-attention blocks, window sizes (but the first) and input size are not in the "
              f"tensors, so Hiera-T's pattern was assumed: {given}. If the model was made with other values, "
-             f"its outputs are wrong: load it with segany.checkpoints.load_model(path, config=config_with("
-             f"infer_config(read_state_dict(path)), num_heads=..., global_att_blocks=..., img_size=...)).")
+             f"its outputs are wrong: load it with SAM(path, config=config_with(infer_config(read_state_dict(path)), "
+             f"num_heads=..., global_att_blocks=..., img_size=...)) (from segany.checkpoints).")
     return model.eval(), config
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .config import DEFAULT_MODEL
+from .models import ModelConfig
 from .engine.predictor import Predictor
 from .engine.profile import format_summary, layer_table, summarize
 
@@ -21,9 +22,13 @@ class SAM:
     >>> results = model("bus.jpg", bboxes=[439, 437, 524, 709])
     """
 
-    def __init__(self, model: str | os.PathLike | None = DEFAULT_MODEL, device: str = "") -> None:
+    def __init__(self, model: str | os.PathLike | None = DEFAULT_MODEL, device: str = "",
+                 config: ModelConfig | None = None) -> None:
+        """``config`` replaces recognising the architecture from the tensors, for what they cannot
+        tell (a custom-size SAM 2's heads, global blocks and input size; see ``checkpoints.load_model``)."""
         # None: the default model, as when nothing is named
-        self.predictor = Predictor(overrides=dict(model=DEFAULT_MODEL if model is None else model, device=device))
+        self.predictor = Predictor(overrides=dict(model=DEFAULT_MODEL if model is None else model, device=device),
+                                   config=config)
         self.ckpt_path: str = self.predictor.args["model"]  # the resolved file
         self.config = self.predictor.model_config
 

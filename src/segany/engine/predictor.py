@@ -67,7 +67,7 @@ class Predictor:
         if model is not None:
             self._use_model(model, config)
         elif self.args["model"] is not None:
-            self.setup_model(self.args["model"])
+            self.setup_model(self.args["model"], config)
         if self.model is not None:  # bad values fail here, not at every later call
             self._options({})
         if set(self.overrides) & set(EVERYTHING_DEFAULTS):
@@ -89,13 +89,14 @@ class Predictor:
         self._image = state
 
     # -- model -------------------------------------------------------------------------------
-    def setup_model(self, model: str | Path) -> None:
-        """Resolve (download if needed) and load a checkpoint by name or path."""
+    def setup_model(self, model: str | Path, config: ModelConfig | None = None) -> None:
+        """Resolve (download if needed) and load a checkpoint by name or path; ``config``, when
+        given, replaces recognition (what a custom SAM 2's tensors cannot tell: heads, size)."""
         from ..checkpoints import load_model
         from ..hub import resolve_weights
 
         path = resolve_weights(model)
-        net, config = load_model(path, name=Path(str(model)).stem)
+        net, config = load_model(path, name=Path(str(model)).stem, config=config)
         self._use_model(net, config)
         self.args["model"] = str(path)
 
