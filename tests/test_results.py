@@ -293,6 +293,9 @@ def test_run_file_names_of_frames_urls_and_odd_names() -> None:
     assert image_file_name("http://h/a/%C3%BC.png?x=1&y=2") == ("ü", ".png")  # decoded, no query
     assert image_file_name("http://h/b%20b.jpg#top") == ("b_b", ".jpg")
     assert image_file_name("http://example.com/") == ("example", ".jpg")  # the host, when no file name
+    from segany.engine.saving import source_name
+
+    assert source_name("http://h/a.jpg?x=1&y=2") == "a.jpg"  # as the verbose line shows it
 
 
 def test_colours_stay_distinct_past_the_palette() -> None:

@@ -4,10 +4,10 @@ Ultralytics prints it, and the mean speed per image at the end."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 from .results import Results
+from .saving import source_name
 
 SPEED_KEYS = ("preprocess", "inference", "postprocess")
 
@@ -42,7 +42,7 @@ class RunReport:
         """``image 2/5 bus.jpg: 768x1024 3 masks, 41.0ms`` for the result just added."""
         h, w = self.input_size(*r.orig_shape)
         of = "?" if self.total is None else self.total
-        return f"image {self.images}/{of} {Path(r.path).name}: {h}x{w} {r.verbose()}, {sum(ms.values()):.1f}ms"
+        return f"image {self.images}/{of} {source_name(r.path)}: {h}x{w} {r.verbose()}, {sum(ms.values()):.1f}ms"
 
     def speed_line(self) -> str:
         n = self.images

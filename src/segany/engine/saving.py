@@ -26,16 +26,22 @@ if TYPE_CHECKING:
 SAVE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
+def source_name(path: str) -> str:
+    """The file name of an image source: a URL's last path part, decoded (``%C3%BC.png`` → ``ü.png``)
+    and without its query, else its host name."""
+    if "://" in path:
+        url = urllib.parse.urlsplit(path)
+        return Path(urllib.parse.unquote(url.path)).name or url.hostname or ""
+    return Path(path).name
+
+
 def image_file_name(path: str) -> tuple[str, str]:
     """A file name stem and image suffix for the plot of a result whose image is ``path``:
     ``bus.jpg`` → ``("bus", ".jpg")``, ``clip.mp4:frame_3`` → ``("clip_frame_3", ".jpg")``,
     a URL's query and characters a file name should not hold are left out."""
     video_frame = re.fullmatch(r"(.*):frame_(\d+)", path)  # (a file named x:frame_1.png is no frame)
     base, frame = video_frame.groups() if video_frame else (path, "")
-    if "://" in base:  # a URL: its path's last part, decoded (%C3%BC.png → ü.png), else its host
-        url = urllib.parse.urlsplit(base)
-        base = Path(urllib.parse.unquote(url.path)).name or url.hostname or ""
-    name = Path(base).name or "image"
+    name = source_name(base) or "image"
     suffix = Path(name).suffix.lower()
     stem = Path(name).stem + (f"_frame_{frame}" if frame else "")
     stem = re.sub(r"[^\w.-]", "_", stem) or "image"
