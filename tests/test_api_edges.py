@@ -171,3 +171,9 @@ def test_segment_everything_shows_a_bar_with_verbose(model, img_path, capsys):
     model(img_path, points_per_side=4, points_per_batch=4)  # not verbose, and stderr is no terminal here
     model(img_path, points_per_side=4, points_per_batch=8, verbose=True)  # 2 batches: too short for a bar
     assert "segment everything" not in capsys.readouterr().err
+
+
+def test_a_predictor_without_a_model_takes_the_default_one_as_sam_does():
+    assert Predictor().model_config.name == SAM().config.name == "segany_tiny"
+    with pytest.raises(ConfigError, match="imgsz=1024: this model works at imgsz=256"):
+        Predictor(overrides=dict(imgsz=1024))  # checked at once, not at the first image

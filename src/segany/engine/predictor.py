@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import DEFAULTS, EVERYTHING_DEFAULTS, check_options
+from ..config import DEFAULT_MODEL, DEFAULTS, EVERYTHING_DEFAULTS, check_options
 from ..errors import ConfigError, PromptError, warn
 from ..models.registry import ModelConfig
 from .decoding import decode_in_chunks
@@ -38,7 +38,8 @@ MANY_RESULTS = 100
 
 
 class Predictor:
-    """``Predictor(overrides=dict(model="mobile_sam.pt", imgsz=1024, conf=0.25))``.
+    """``Predictor(overrides=dict(model="mobile_sam.pt", imgsz=1024, conf=0.25))`` (no model: the
+    embedded default model, as ``SAM()``).
 
     ``set_image`` encodes; calling with prompts decodes on the cached embedding; calling with a
     ``source`` encodes that source first; calling with no prompts runs segment-everything.
@@ -66,10 +67,9 @@ class Predictor:
         self._compiled: tuple[nn.Module, Any] | None = None  # (model, its compiled encode_image)
         if model is not None:
             self._use_model(model, config)
-        elif self.args["model"] is not None:
-            self.setup_model(self.args["model"], config)
-        if self.model is not None:  # bad values fail here, not at every later call
-            self._options({})
+        else:  # no model named: the embedded default model, as SAM() takes
+            self.setup_model(self.args["model"] or DEFAULT_MODEL, config)
+        self._options({})  # bad values fail here, not at every later call
         if set(self.overrides) & set(EVERYTHING_DEFAULTS):
             from .everything import check_everything_options
 
