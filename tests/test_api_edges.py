@@ -103,6 +103,8 @@ def test_options_that_were_ignored(small_ckpt, img_path):
     model = SAM(small_ckpt)
     with pytest.raises(ConfigError, match="model='sam_b.pt': this predictor holds .*SAM\\('sam_b.pt'\\)"):
         model(img_path, bboxes=BOX, model="sam_b.pt")
+    assert len(model(img_path, bboxes=BOX, model=small_ckpt)[0]) == 1  # the model it holds: fine (Ultralytics style)
+    assert len(SAM()(img_path, bboxes=BOX, model="segany_tiny.pt")[0]) == 1  # by name, held as a resolved path
     # Segment-everything values are checked when prompts make them unused, too.
     with pytest.raises(ConfigError, match="points_stride"):
         model(img_path, bboxes=BOX, points_stride="x")
@@ -110,6 +112,11 @@ def test_options_that_were_ignored(small_ckpt, img_path):
         model(img_path, bboxes=BOX, crop_n_layers=-1)
     with pytest.raises(ConfigError, match="point_grids and points_stride"):
         model(img_path, point_grids=[[[0.5, 0.5]]], points_per_side=4)
+    grids = Predictor(overrides=dict(model=small_ckpt, point_grids=[[[0.5, 0.5]]]))
+    with pytest.raises(ConfigError, match="point_grids and points_stride"):
+        grids(img_path, points_stride=4)  # grids in the overrides, a stride in the call
+    with pytest.raises(ConfigError, match="point_grids and points_stride"):
+        Predictor(overrides=dict(model=small_ckpt, point_grids=[[[0.5, 0.5]]], points_stride=4))
 
 
 def test_a_failure_while_saving_leaves_the_current_image(model, img_path, tmp_path):
@@ -173,7 +180,13 @@ def test_segment_everything_shows_a_bar_with_verbose(model, img_path, capsys):
     assert "segment everything" not in capsys.readouterr().err
 
 
-def test_a_predictor_without_a_model_takes_the_default_one_as_sam_does():
-    assert Predictor().model_config.name == SAM().config.name == "segany_tiny"
+def test_a_predictor_without_a_model_checks_its_options_when_one_is_set_up(small_ckpt, img_path):
+    pred = Predictor(overrides=dict(imgsz=1024, conf=0.25))  # as Ultralytics: setup_model comes later
+    with pytest.raises(ConfigError, match="no model loaded.*setup_model"):
+        pred.set_image(img_path)
     with pytest.raises(ConfigError, match="imgsz=1024: this model works at imgsz=256"):
-        Predictor(overrides=dict(imgsz=1024))  # checked at once, not at the first image
+        pred.setup_model(small_ckpt)  # checked against the model at once, not at the first image
+    assert pred.model is None  # and not kept
+    pred = Predictor(overrides=dict(imgsz=256))
+    pred.setup_model(small_ckpt)
+    assert len(pred(img_path, bboxes=BOX)[0]) == 1

@@ -165,6 +165,12 @@ def test_download_failures_leave_nothing(server, tmp_path, path, sha, words):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_web_page_is_named_before_the_published_size(server, tmp_path):
+    with pytest.raises(DownloadError, match="not a PyTorch checkpoint"):
+        download_file(server + "/page", tmp_path / "w.pth", GOOD_SHA, progress=False, size=len(GOOD))
+    assert os.listdir(tmp_path) == []
+
+
 def test_download_checks_the_published_size_and_digest(server, tmp_path):
     dest = tmp_path / "w.pth"
     assert download_file(server + "/good", dest, GOOD_SHA, progress=False, size=len(GOOD)) == dest

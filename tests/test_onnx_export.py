@@ -232,3 +232,14 @@ def test_bad_options(small_ckpt, tmp_path):
     with pytest.raises(ConfigError, match="encoder"):
         sam.export(file=tmp_path / "x", parts="neck")
     assert main(["export", f"model={small_ckpt}", "format=engine"]) == 2
+
+
+def test_default_file_names_follow_the_name_given_not_the_cache_file(small_ckpt, tmp_path, monkeypatch):
+    import shutil
+
+    from segany.hub import weights_dir
+
+    shutil.copy(small_ckpt, weights_dir() / "sam_vit_b_01ec64.pth")  # the cache's name for sam_b.pt
+    monkeypatch.chdir(tmp_path)
+    paths = SAM("sam_b.pt").export(parts="decoder")
+    assert paths["decoder"] == Path("sam_b_decoder.onnx") and (tmp_path / "sam_b_decoder.onnx").is_file()

@@ -305,6 +305,15 @@ def test_url_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 # ---------------------------------------------------------------- errors
 
 
+def test_urls_are_sent_encoded_as_a_browser_does() -> None:
+    from segany.engine.sources import _encoded_url
+
+    assert _encoded_url("http://h:81/b b/ü.png?q=ä b#x y") == "http://h:81/b%20b/%C3%BC.png?q=%C3%A4%20b#x%20y"
+    assert _encoded_url("http://bücher.de/a.png") == "http://xn--bcher-kva.de/a.png"  # the host in IDNA form
+    already = "https://x.org/a%20b.png?x=1&y=2#f"
+    assert _encoded_url(already) == already
+
+
 def test_a_cut_off_url_download_is_an_image_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
 

@@ -67,7 +67,8 @@ def _number(s: str) -> int | float | None:
 
 
 # Options that name files, folders or runs: their text is kept as typed (a folder "0123" or a run
-# "007" must not become the number 123 or 7), except None/none/null for "no value".
+# "007" must not become the number 123 or 7). The words true/false/none and JSON lists (class_names=
+# ["person","car"]) are still read as such; a name that only looks like a list ([1].jpg) stays text.
 TEXT_OPTIONS = frozenset({"model", "source", "project", "name", "data", "output_dir", "det_model", "sam_model",
                           "class_names", "masks", "val_data", "save_dir", "save_json"})
 
@@ -81,8 +82,8 @@ def parse_value(text: str, key: str = "value", as_text: bool = False) -> Any:
     if len(s) >= 2 and s[0] == s[-1] and s[0] in "'\"":
         return s[1:-1]  # quoted by the user on purpose: keep it a string
     if s in _WORDS:
-        return s if as_text and _WORDS[s] is not None else _WORDS[s]
-    if as_text:
+        return _WORDS[s]  # (a name option given True is refused by its type check, as before)
+    if as_text and s[:1] not in "[(":
         return s
     num = _number(s)
     if num is not None:
@@ -94,6 +95,8 @@ def parse_value(text: str, key: str = "value", as_text: bool = False) -> Any:
         try:
             value = json.loads(js)
         except json.JSONDecodeError as e:
+            if as_text:
+                return s  # a name that starts with a bracket: [1].jpg
             raise UsageError(f"{key}={text}: malformed list ({e.msg} at character {e.pos + 1}); "
                              f"write it like [439,437,524,709] or [[400,370],[900,370]]") from None
         if not isinstance(value, list):

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from .errors import CheckpointNotFoundError, ConfigError, DownloadError
 from .models.registry import MODELS, find_config
 
-__all__ = ["weights_dir", "resolve_weights", "download_file"]
+__all__ = ["weights_dir", "resolve_weights", "download_file", "same_checkpoint"]
 
 ENV_VAR = "SEGANY_WEIGHTS_DIR"
 DEFAULT_TIMEOUT = 60.0  # seconds without data before a stalled connection counts as failed
@@ -128,6 +128,17 @@ def resolve_weights(model: str | os.PathLike, download: bool = True, progress: b
     return download_file(cfg.weights.url, target, cfg.weights.sha256, progress=progress, size=cfg.weights.size)
 
 
+def same_checkpoint(name: str | os.PathLike, path: str | os.PathLike | None) -> bool:
+    """Whether the checkpoint ``name`` (a name or path, as typed) resolves to the file ``path``,
+    without downloading anything."""
+    if path is None:
+        return False
+    try:
+        return resolve_weights(name, download=False).resolve() == Path(path).resolve()
+    except (CheckpointNotFoundError, ConfigError, OSError):
+        return False
+
+
 def _reason(exc: BaseException, timeout: float) -> str:
     """A short human reason for a failed download."""
     if isinstance(exc, urllib.error.HTTPError):
@@ -212,6 +223,14 @@ def _check_download(url: str, dest: Path, received: int, expected: int | None, s
             f"Could not download {url}: the download was cut off "
             f"({received} of {expected} bytes received).{_by_hand(url, dest)}"
         )
+    # A web page in place of the file (a proxy's or network login page) is named as such, before
+    # the size and digest checks that it also fails.
+    if not head.startswith(_CHECKPOINT_STARTS):
+        shown = head[:16].decode("ascii", "replace").replace("\n", " ")
+        raise DownloadError(
+            f"What {url} sent is not a PyTorch checkpoint (it starts with {shown!r}: a web page, "
+            f"such as a proxy's or network login page?). It was not kept.{_by_hand(url, dest)}"
+        )
     if size is not None and received != size:
         raise DownloadError(
             f"The file downloaded from {url} is not the published one: {received} bytes instead of "
@@ -221,12 +240,6 @@ def _check_download(url: str, dest: Path, received: int, expected: int | None, s
         raise DownloadError(
             f"The file downloaded from {url} is corrupt: its SHA-256 is {actual_sha256[:16]}..., "
             f"expected {sha256[:16]}.... It was not kept.{_by_hand(url, dest)}"
-        )
-    if not head.startswith(_CHECKPOINT_STARTS):
-        shown = head[:16].decode("ascii", "replace").replace("\n", " ")
-        raise DownloadError(
-            f"What {url} sent is not a PyTorch checkpoint (it starts with {shown!r}: a web page, "
-            f"such as a proxy's or network login page?). It was not kept.{_by_hand(url, dest)}"
         )
 
 

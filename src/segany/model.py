@@ -30,6 +30,8 @@ class SAM:
         self.predictor = Predictor(overrides=dict(model=DEFAULT_MODEL if model is None else model, device=device),
                                    config=config)
         self.ckpt_path: str = self.predictor.args["model"]  # the resolved file
+        # The name as typed ("sam_b.pt" → "sam_b"), not the cache's file name: exported files are named after it.
+        self._stem = Path(str(DEFAULT_MODEL if model is None else model)).stem
         self.config = self.predictor.model_config
 
     @property
@@ -95,15 +97,15 @@ class SAM:
                return_single_mask: bool = False) -> dict[str, Path]:
         """Export SAM / MobileSAM to ONNX: ``<stem>_encoder.onnx`` (preprocessed ``(1, 3, S, S)``
         image → embedding) and ``<stem>_decoder.onnx`` (the layout of Meta's ONNX decoder: see
-        :class:`segany.onnx_export.OnnxDecoder`). ``file``: the stem (default: the checkpoint's name,
-        in the current folder), or with one part, the ``.onnx`` file itself. ``parts``: "encoder",
-        "decoder" or both. Returns ``{part: path}``. Needs ``pip install 'segany[export]'``."""
+        :class:`segany.onnx_export.OnnxDecoder`). ``file``: the stem (default: the model's name as
+        given to ``SAM``, e.g. ``sam_b`` for ``"sam_b.pt"``, in the current folder), or with one part,
+        the ``.onnx`` file itself. ``parts``: "encoder", "decoder" or both. Returns ``{part: path}``. Needs ``pip install 'segany[export]'``."""
         from .errors import ConfigError
         from .onnx_export import OPSET, export_onnx
 
         if format != "onnx":
             raise ConfigError(f"format={format!r}: segany exports to 'onnx' only (model.save() writes a checkpoint)")
-        return export_onnx(self.model, self.config.family, file if file is not None else Path(self.ckpt_path).stem,
+        return export_onnx(self.model, self.config.family, file if file is not None else self._stem,
                            parts, opset or OPSET, return_single_mask)
 
     def __repr__(self) -> str:

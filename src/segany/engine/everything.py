@@ -154,23 +154,23 @@ def segment_everything(predictor, state, opts: dict[str, Any]) -> Results:
     batches = sum(math.ceil(len(p.point_grids[layer]) / p.points_batch_size) for layer in layer_idxs)
     bar = tqdm(total=batches, desc="segment everything", unit="batch", leave=False,
                disable=True if batches < MIN_BATCHES_FOR_BAR else (False if opts.get("verbose") else None))
-    for ci, (box, layer) in enumerate(zip(crop_boxes, layer_idxs)):
-        x0, y0, x1, y1 = box
-        if x1 <= x0 or y1 <= y0:
-            bar.update(math.ceil(len(p.point_grids[layer]) / p.points_batch_size))
-            continue  # crop layers of a tiny image can produce empty crops
-        if layer == 0:
-            feats, input_size = state.for_decoder(), state.input_size
-        else:
-            t0 = time.perf_counter()
-            (feats, input_size, prep_ms), = predictor.encode([state.orig_img[y0:y1, x0:x1]], half=half,
-                                                             compile=bool(opts.get("compile", False)))
-            feats = predictor.decoder_input(feats)
-            timing["preprocess"] += prep_ms
-            timing["inference"] += (time.perf_counter() - t0) * 1000 - prep_ms
-        _process_crop(model, feats, box, ci, input_size, (h, w), p.point_grids[layer], p, half,
-                      predictor.device, found, timing, bar)
-    bar.close()
+    with bar:  # closed (and cleared) whatever happens
+        for ci, (box, layer) in enumerate(zip(crop_boxes, layer_idxs)):
+            x0, y0, x1, y1 = box
+            if x1 <= x0 or y1 <= y0:
+                bar.update(math.ceil(len(p.point_grids[layer]) / p.points_batch_size))
+                continue  # crop layers of a tiny image can produce empty crops
+            if layer == 0:
+                feats, input_size = state.for_decoder(), state.input_size
+            else:
+                t0 = time.perf_counter()
+                (feats, input_size, prep_ms), = predictor.encode([state.orig_img[y0:y1, x0:x1]], half=half,
+                                                                 compile=bool(opts.get("compile", False)))
+                feats = predictor.decoder_input(feats)
+                timing["preprocess"] += prep_ms
+                timing["inference"] += (time.perf_counter() - t0) * 1000 - prep_ms
+            _process_crop(model, feats, box, ci, input_size, (h, w), p.point_grids[layer], p, half,
+                          predictor.device, found, timing, bar)
     found = found.merged()
     if len(crop_boxes) > 1 and len(found):
         # Prefer masks from smaller crops (Meta: score = 1 / crop area).

@@ -55,7 +55,8 @@ def feature_slice(feats: Features, i: int) -> Features:
 def encoder_fingerprint(model: nn.Module) -> str:
     """A short digest of the image encoder's weights (names, shapes, and the first values of each
     tensor, rounded to bf16): an embedding is valid for models whose encoders share it, whatever
-    their decoders, and a model cast to another precision keeps it."""
+    their decoders. An fp32 model and its bf16 copy share it (half=True runs under autocast, the
+    weights stay fp32); an fp16 cast rounds other bits and changes it."""
     digest = hashlib.sha256()
     for name, t in model.image_encoder.state_dict().items():
         digest.update(f"{name}{tuple(t.shape)}".encode())

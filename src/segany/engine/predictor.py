@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import DEFAULT_MODEL, DEFAULTS, EVERYTHING_DEFAULTS, check_options
+from ..config import DEFAULTS, EVERYTHING_DEFAULTS, check_options
+from ..hub import same_checkpoint
 from ..errors import ConfigError, PromptError, warn
 from ..models.registry import ModelConfig
 from .decoding import decode_in_chunks
@@ -38,8 +39,8 @@ MANY_RESULTS = 100
 
 
 class Predictor:
-    """``Predictor(overrides=dict(model="mobile_sam.pt", imgsz=1024, conf=0.25))`` (no model: the
-    embedded default model, as ``SAM()``).
+    """``Predictor(overrides=dict(model="mobile_sam.pt", imgsz=1024, conf=0.25))``; without a model,
+    :meth:`setup_model` loads one (the option values are checked against it then).
 
     ``set_image`` encodes; calling with prompts decodes on the cached embedding; calling with a
     ``source`` encodes that source first; calling with no prompts runs segment-everything.
@@ -67,9 +68,8 @@ class Predictor:
         self._compiled: tuple[nn.Module, Any] | None = None  # (model, its compiled encode_image)
         if model is not None:
             self._use_model(model, config)
-        else:  # no model named: the embedded default model, as SAM() takes
-            self.setup_model(self.args["model"] or DEFAULT_MODEL, config)
-        self._options({})  # bad values fail here, not at every later call
+        elif self.args["model"] is not None:
+            self.setup_model(self.args["model"], config)
         if set(self.overrides) & set(EVERYTHING_DEFAULTS):
             from .everything import check_everything_options
 
@@ -101,8 +101,13 @@ class Predictor:
         self.args["model"] = str(path)
 
     def _use_model(self, model: nn.Module, config: ModelConfig | None) -> None:
-        self.model = model.to(self.device).eval()
-        self.model_config = config
+        before = self.model, self.model_config
+        self.model, self.model_config = model.to(self.device).eval(), config
+        try:
+            self._options({})  # bad values for this model fail here, not at every later call
+        except ConfigError:
+            self.model, self.model_config = before
+            raise
         self.image = None
 
     def _require_model(self) -> nn.Module:
@@ -117,10 +122,11 @@ class Predictor:
         own = self.model_config.extra.get("defaults", {}) if self.model_config else {}
         own = {k: v for k, v in own.items() if k not in self.overrides}
         given = check_options(kwargs)
-        if given.get("model") not in (None, self.args["model"]):
+        if given.get("model") is not None and not same_checkpoint(given["model"], self.args["model"]):
             raise ConfigError(f"model={given['model']!r}: this predictor holds {self.args['model']!r}; "
                               f"load the other one with SAM({given['model']!r})")
-        if given.get("point_grids") is not None and "points_stride" in {**self.overrides, **given}:
+        explicit = {**self.overrides, **given}
+        if explicit.get("point_grids") is not None and "points_stride" in explicit:
             raise ConfigError("point_grids and points_stride (points_per_side) both given: give only one "
                               "(the grids replace the regular grid)")
         opts = {**self.args, **own, **given}

@@ -83,10 +83,7 @@ def _load_path(s: str) -> np.ndarray:
 
 
 def _load_url(url: str) -> np.ndarray:
-    # Spaces and non-ASCII letters as a browser or curl sends them (percent-encoded); what is
-    # already encoded, and the URL's own delimiters, stay as they are.
-    quoted = urllib.parse.quote(url, safe=":/?#[]@!$&'()*+,;=%~")
-    request = urllib.request.Request(quoted, headers={"User-Agent": "segany"})
+    request = urllib.request.Request(_encoded_url(url), headers={"User-Agent": "segany"})
     try:
         with urllib.request.urlopen(request, timeout=URL_TIMEOUT) as response:
             data = response.read()
@@ -95,6 +92,23 @@ def _load_url(url: str) -> np.ndarray:
                   if isinstance(e, http.client.IncompleteRead) else str(e) or type(e).__name__)
         raise ImageError(f"could not download image {url}: {reason}") from e
     return decode_bytes(data, url)
+
+
+def _encoded_url(url: str) -> str:
+    """``url`` as a browser or curl sends it: spaces and non-ASCII letters of the path, query and
+    fragment percent-encoded (what is already encoded, and the delimiters, stay), a non-ASCII
+    host name in IDNA form (bücher.de → xn--bcher-kva.de)."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc
+    if parts.hostname and not parts.hostname.isascii():
+        try:
+            netloc = netloc.replace(parts.hostname, parts.hostname.encode("idna").decode("ascii"))
+        except UnicodeError:
+            pass  # left as it is: the download reports the failure
+    safe = "/?#[]@!$&'()*+,;=%~:"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, urllib.parse.quote(parts.path, safe=safe),
+                                    urllib.parse.quote(parts.query, safe=safe),
+                                    urllib.parse.quote(parts.fragment, safe=safe)))
 
 
 def load_image(source: Any) -> np.ndarray:
