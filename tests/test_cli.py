@@ -283,3 +283,14 @@ def test_in_process_runs_each_show_their_warnings(small_ckpt, tmp_path, image, c
         assert main(["predict", f"model={small_ckpt}", f"source={image}", "bboxes=[-20,10,100,100]",
                      "save=False"]) == 0
         assert "segany: warning: bboxes extend past" in capsys.readouterr().err
+
+
+def test_name_options_parse_as_typed_but_lists_and_words_still_parse():
+    from segany.cli import parse_options
+    from segany.errors import ConfigError
+
+    valid = dict(source=None, name=None, class_names=None, save_json="")
+    got = parse_options(["source=[1].jpg", "name=007", 'class_names=["person","car"]'], valid)
+    assert got == dict(source="[1].jpg", name="007", class_names=["person", "car"])
+    with pytest.raises(ConfigError, match="save_json=True: expected a single value"):
+        parse_options(["save_json=True"], valid)  # a word, refused by the type check, as before
