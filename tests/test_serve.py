@@ -382,3 +382,42 @@ def test_the_server_keeps_the_callers_current_image(small_ckpt):
         image_id = c.post("/api/images", content=PNG).json()["id"]
         assert c.post(f"/api/images/{image_id}/prompt", json={"points": [[5, 5]]}).status_code == 200
     assert model.predictor.image is mine  # the server's jobs ran on a predictor of their own
+
+
+def test_uploads_decoding_in_other_threads_do_not_eat_a_prompts_warnings():
+    """Request threads decode uploads while the model thread records a prompt's warnings:
+    ``warnings.catch_warnings`` in both raced (it is not thread-safe), and a prompt lost its note."""
+    import threading
+    import warnings
+
+    import cv2
+
+    from segany import SAM
+    from segany.serve.app import _load_model
+    from segany.serve.service import SegmentService
+
+    svc = SegmentService(*_load_model(SAM(), "cpu"))
+    entry = svc.encode("a" * 32, np.random.default_rng(0).integers(0, 255, (150, 200, 3), np.uint8))
+    big = cv2.imencode(".png", np.random.default_rng(1).integers(0, 255, (600, 800, 3), np.uint8))[1].tobytes()
+    filters = list(warnings.filters)
+    stop = threading.Event()
+
+    def decode_uploads():
+        while not stop.is_set():
+            svc.decode_upload(big)
+
+    thread = threading.Thread(target=decode_uploads)
+    thread.start()
+    try:
+        answers = [svc.prompt(entry, dict(bboxes=[-10, -10, 500, 500]), False, False, False) for _ in range(40)]
+    finally:
+        stop.set()
+        thread.join()
+    assert all(any("clipped" in w for w in a["warnings"]) for a in answers)
+    assert warnings.filters == filters
+
+
+def test_cli_serve_refuses_a_bad_log_level_before_loading():
+    from segany.cli import main
+
+    assert main(["serve", "log_level=bogus"]) == 2

@@ -27,6 +27,9 @@ Needs the optional extra: pip install segany[serve]
   max_pixels    largest image accepted (40000000)    max_body_mb   largest request body in MB (32)"""
 
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+
+
 def is_loopback(host: str) -> bool:
     """True for localhost and 127.0.0.0/8 / ::1."""
     if host == "localhost":
@@ -53,6 +56,8 @@ def run_serve(tokens: list[str]) -> int:
     for key in ("max_images", "max_cache_mb", "max_pixels", "max_body_mb"):
         if opts[key] < 1:
             raise UsageError(f"{key}={opts[key]}: expected a positive integer")
+    if str(opts["log_level"]).lower() not in LOG_LEVELS:  # before the model loads, not in uvicorn
+        raise UsageError(f"log_level={opts['log_level']}: use one of {', '.join(LOG_LEVELS)}")
     require_serve_deps()
     import uvicorn
 
@@ -66,5 +71,5 @@ def run_serve(tokens: list[str]) -> int:
                      max_cache_bytes=opts["max_cache_mb"] << 20, max_pixels=opts["max_pixels"],
                      max_body_bytes=opts["max_body_mb"] << 20)
     print(f"segany serve: http://{host}:{opts['port']}/ (API docs at /docs)", flush=True)
-    uvicorn.run(app, host=host, port=int(opts["port"]), log_level=str(opts["log_level"]))
+    uvicorn.run(app, host=host, port=int(opts["port"]), log_level=str(opts["log_level"]).lower())
     return 0

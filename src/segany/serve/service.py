@@ -81,6 +81,12 @@ class SegmentService:
         self.predictor = predictor
         self.name = name
         self.max_pixels = int(max_pixels)
+        from PIL import Image
+
+        # Pillow refuses images over twice its own limit (~179 MP) whatever the server's cap: a
+        # higher cap raises that limit, once, for this server process.
+        if Image.MAX_IMAGE_PIXELS is not None and self.max_pixels > Image.MAX_IMAGE_PIXELS:
+            Image.MAX_IMAGE_PIXELS = self.max_pixels
         self.images: LRU[CachedImage] = LRU(max_images, max_cache_bytes, lambda e: e.nbytes)
         # Low-res logits of returned masks, for refinement prompts (mask_input); 4 bytes a pixel.
         self.logits: LRU[tuple[str, torch.Tensor]] = LRU(max_logits, max_logits << 18,
@@ -103,12 +109,10 @@ class SegmentService:
         except Exception:  # not something Pillow knows: OpenCV may still read it (checked after)
             w = h = 0
         self._check_pixels(w, h)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            try:
-                img = decode_bytes(data, "the upload")
-            except Image.DecompressionBombWarning as e:
-                raise TooLargeError(f"image over the pixel cap: {e}") from None
+        # No warnings.catch_warnings here: it is not thread-safe, and uploads decode in request
+        # threads while the model thread records a prompt's warnings. What Pillow could not size
+        # is checked after decoding.
+        img = decode_bytes(data, "the upload")
         self._check_pixels(img.shape[1], img.shape[0])
         return img
 
