@@ -85,3 +85,73 @@ def test_load_dataset_errors(tmp_path):
     with pytest.raises(ConfigError, match="synthetic:N:SEED"):
         load_dataset("synthetic:abc")
     assert len(load_dataset("synthetic:5:1")) == 5
+
+
+def _coco(tmp_path, annotations, **doc):
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((40, 50, 3), np.uint8))
+    doc = dict(dict(images=[dict(id=1, file_name="a.png", height=40, width=50)], annotations=annotations), **doc)
+    (tmp_path / "ann.json").write_text(json.dumps(doc))
+    return tmp_path / "ann.json"
+
+
+@pytest.mark.parametrize("ann,match", [
+    (dict(id=5, image_id=1), r"annotation id=5 \(annotations\[0\]\) lacks 'image_id' or 'segmentation'"),
+    (dict(id=6, image_id=1, segmentation=[10, 10, 30, 10, 30, 20]), "annotation id=6 .*flat list of numbers"),
+    (dict(id=7, image_id=1, segmentation=[[10, 10, 30, 10, 30]]), "annotation id=7 .*polygon of 5 values"),
+    (dict(id=8, image_id=1, segmentation=dict(size=[60, 80], counts=[4800])),
+     r"annotation id=8 .*RLE of size \[60, 80\] on an image of 40×50")])
+def test_bad_coco_annotations_name_file_and_id(tmp_path, ann, match):
+    path = _coco(tmp_path, [ann])
+    with pytest.raises(ConfigError, match=match) as e:
+        load_dataset(path)
+    assert str(path) in str(e.value)
+
+
+def test_bad_coco_files(tmp_path):
+    path = _coco(tmp_path, [])
+    path.write_text(json.dumps(dict(annotations=[])))
+    with pytest.raises(ConfigError, match="no 'images' list"):
+        load_dataset(path)
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="not a valid JSON file"):
+        load_dataset(path)
+    # the JSON's size is right but the image file differs: caught when the image is read
+    path = _coco(tmp_path, [dict(id=9, image_id=1, segmentation=dict(size=[40, 50], counts=[2000]))])
+    doc = json.loads(path.read_text())
+    doc["images"][0].pop("height")
+    doc["annotations"][0]["segmentation"]["size"] = [20, 100]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match=r"annotation id=9 on .*a.png.*RLE of size \[20, 100\]"):
+        load_dataset(path)[0]
+    # an empty segmentation is not malformed: an annotation without a mask
+    assert len(load_dataset(_coco(tmp_path, [dict(id=1, image_id=1, segmentation=[])]))[0].masks) == 0
+
+
+@pytest.mark.parametrize("line,match", [("0 0.1 0.1 0.5 0.1 0.5 0.5 0.3", "7 coordinates, an odd number"),
+                                        ("person 0.1 0.1 0.5 0.1 0.5 0.5", "class 'person' is not a whole"),
+                                        ("0 nan 0.1 0.5 0.1 0.5 0.5", r"outside \[0, 1\] or not finite"),
+                                        ("0 1e12 0.1 0.5 0.1 0.5 0.5", r"outside \[0, 1\]"),
+                                        ("0 10 10 50 10 50 50", r"outside \[0, 1\]")])
+def test_bad_yolo_lines_name_file_and_line(tmp_path, line, match):
+    import cv2
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    cv2.imwrite(str(tmp_path / "images" / "a.png"), np.zeros((40, 50, 3), np.uint8))
+    (tmp_path / "labels" / "a.txt").write_text("0 0.1 0.1 0.5 0.1 0.5 0.5\n" + line + "\n")
+    with pytest.raises(ConfigError, match=match) as e:
+        load_dataset(tmp_path)[0]
+    assert "a.txt:2" in str(e.value)
+
+
+def test_yolo_box_lines_give_no_masks(tmp_path):
+    import cv2
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    cv2.imwrite(str(tmp_path / "images" / "a.png"), np.zeros((40, 50, 3), np.uint8))
+    (tmp_path / "labels" / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n2.0 0.1 0.1 0.5 0.1 0.5 0.5\n")
+    s = load_dataset(tmp_path)[0]
+    assert s.masks.shape == (1, 40, 50) and s.classes.tolist() == [2]  # the box line is no mask

@@ -18,6 +18,7 @@ from segany.train import OracleRunner, train, val
 from segany.train.losses import sam_loss
 from segany.train.prompts_sim import (center_point, corrective_point, corrective_points, mask_boxes,
                                      noisy_boxes, random_points)
+from segany.train.validate import format_table
 
 from conftest import meta_twin
 
@@ -120,19 +121,23 @@ def test_resume_continues_exactly(tmp_path):
         train(tiny_model(), DATA, epochs=2, project=tmp_path, name="cut", on_epoch_end=stop, **FAST)
     state = torch.load(tmp_path / "cut" / "last_state.pt", weights_only=True)
     assert state["epoch"] == 1 and state["step"] == 3
-    resumed = train(tiny_model(seed=5), DATA, epochs=2, project=tmp_path, name="cut",
+    # epochs left out: the run's own 2, not the default 10
+    resumed = train(tiny_model(seed=5), DATA, project=tmp_path, name="cut",
                     resume=str(tmp_path / "cut" / "last.pt"), **FAST)
+    assert resumed["epochs"] == 2 and resumed["args"]["epochs"] == 2
     assert resumed["steps"] == 6 and [h["epoch"] for h in resumed["history"]] == [1, 2]
     a, b = straight["model"].state_dict(), resumed["model"].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     # a setting other than the run's is refused (a default one takes the run's value)
+    with pytest.raises(ConfigError, match=r"epochs=3 \(the run has 2\)"):
+        train(tiny_model(), DATA, epochs=3, project=tmp_path, name="cut", resume=True, **FAST)
     with pytest.raises(ConfigError, match=r"lr=0.05 \(the run has"):
-        train(tiny_model(), DATA, epochs=3, project=tmp_path, name="cut", resume=True, **{**FAST, "lr": 0.05})
+        train(tiny_model(), DATA, project=tmp_path, name="cut", resume=True, **{**FAST, "lr": 0.05})
     sd = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)  # as if stopped between the two files
     next(iter(sd.values())).add_(1.0)
     torch.save(sd, tmp_path / "cut" / "last.pt")
     with pytest.raises(ConfigError, match="from different epochs"):
-        train(tiny_model(), DATA, epochs=3, project=tmp_path, name="cut", resume=True, **FAST)
+        train(tiny_model(), DATA, project=tmp_path, name="cut", resume=True, **FAST)
     with pytest.raises(ConfigError, match="holds no run to continue"):
         train(tiny_model(), DATA, epochs=3, project=tmp_path, name="never", resume=True, **FAST)
 
@@ -140,10 +145,21 @@ def test_resume_continues_exactly(tmp_path):
 @pytest.mark.parametrize("bad,match", [(dict(epochs=0), "epochs=0: expected a whole number >= 1"),
                                        (dict(batch=0), "batch=0"), (dict(lr=-1.0), "lr=-1.0: expected a positive"),
                                        (dict(warmup=-1.0), r"warmup=-1.0: expected a number in \[0.0, 1.0\]"),
-                                       (dict(box_prob=7), "box_prob=7")])
+                                       (dict(box_prob=7), "box_prob=7"),
+                                       (dict(val_max_images=0), "val_max_images=0: expected a whole number >= 1"),
+                                       (dict(seed=-1), "seed=-1: expected a whole number >= 0"),
+                                       (dict(seed=1.5), "seed=1.5"), (dict(threads=-2), "threads=-2"),
+                                       (dict(workers=-1), "workers=-1: expected a whole number >= 0"),
+                                       (dict(val_data="synthetic:abc"), "synthetic:N:SEED")])
 def test_bad_training_settings_fail_before_anything_is_written(tmp_path, bad, match):
     with pytest.raises(ConfigError, match=match):
         train(tiny_model(), DATA, project=tmp_path, name="bad", **{**FAST, **bad})
+    assert not (tmp_path / "bad").exists()
+
+
+def test_missing_val_data_fails_before_anything_is_written(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no segmentation dataset"):
+        train(tiny_model(), DATA, project=tmp_path, name="bad", val_data=tmp_path / "nowhere", **FAST)
     assert not (tmp_path / "bad").exists()
 
 
@@ -202,3 +218,29 @@ def test_cli_train_and_val(tmp_path, capsys):
     assert main(["train", "model=sam_b", "data=synthetic:2", "epochs=0"]) == 2
     assert main(["val", "model=sam_b", "data=synthetic:abc"]) == 2
     assert "trainable" in (main(["train", "--help"]) or capsys.readouterr().out)
+
+
+def test_images_without_instances_are_skipped_and_counted(tmp_path, capsys):
+    import numpy as np
+
+    from segany.data import ListDataset, Sample
+    from segany.errors import SkippedImageWarning
+
+    real = [s for s in SyntheticDataset(6, seed=0, size=(80, 120), max_objects=2) if len(s.masks)][:3]
+    # Not square, so the input frame is resized: the padding of no masks used to miss the size.
+    bare = Sample(np.zeros((80, 120, 3), np.uint8), np.zeros((0, 80, 120), bool), np.zeros(0, np.int64))
+    data = ListDataset([bare, *real, bare])
+    with pytest.warns(SkippedImageWarning, match="2 of 5 training images have no usable instance masks") as got:
+        out = train(tiny_model(), data, epochs=2, project=tmp_path, name="run", val_data=data, **FAST)
+    assert len([w for w in got if issubclass(w.category, SkippedImageWarning)]) == 1  # said once, not per epoch
+    assert [h["images_without_instances"] for h in out["history"]] == [2, 2]
+    assert out["history"][0]["val_images_without_instances"] == 2
+    res = val(data=data, runner=OracleRunner("perfect"))
+    assert res["images_without_instances"] == 2 and res["box"] == pytest.approx(1.0)
+    assert "5 images, " in capsys.readouterr().out and "(2 images without instances, skipped)" in format_table(res)
+
+
+def test_mobile_sam_at_another_size_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="MobileSAM trains at imgsz=1024 only, not 512"):
+        train("mobile_sam", DATA, imgsz=512, project=tmp_path, name="m", **FAST)
+    assert not (tmp_path / "m").exists()

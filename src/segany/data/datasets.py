@@ -8,6 +8,7 @@ Images are BGR uint8 ``(H, W, 3)`` as everywhere in segany (OpenCV's order); mas
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,9 @@ def decode_segmentation(seg: Any, h: int, w: int) -> np.ndarray:
     """A COCO ``segmentation`` (polygon list, uncompressed or compressed RLE) → ``(h, w)`` bool."""
     from pycocotools import mask as mask_utils
 
+    problem = segmentation_problem(seg, h, w)
+    if problem:
+        raise ValueError(problem)
     if isinstance(seg, list):  # polygons [[x1, y1, x2, y2, ...], ...]
         polys = [p for p in seg if len(p) >= 6]
         if not polys:
@@ -82,6 +86,29 @@ def decode_segmentation(seg: Any, h: int, w: int) -> np.ndarray:
     return mask_utils.decode(rle).astype(bool)
 
 
+def segmentation_problem(seg: Any, h: int | None = None, w: int | None = None) -> str | None:
+    """Why a COCO ``segmentation`` cannot be read (for an image of ``h × w`` if given), or None.
+    An empty list is fine: an annotation without a mask, skipped like a crowd."""
+    if isinstance(seg, list):
+        if any(not isinstance(p, (list, tuple)) for p in seg):
+            return ("a flat list of numbers; polygons are a list of lists, "
+                    "[[x1, y1, x2, y2, ...], ...]")
+        for p in seg:
+            if len(p) % 2 or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in p):
+                return f"a polygon of {len(p)} values that are not x, y pairs of finite numbers"
+        return None
+    if isinstance(seg, dict):
+        if "counts" not in seg or "size" not in seg:
+            return "an RLE without 'counts' and 'size'"
+        size = seg["size"]
+        if not (isinstance(size, (list, tuple)) and len(size) == 2):
+            return f"an RLE of size {size!r}; expected [height, width]"
+        if h is not None and w is not None and list(size) != [h, w]:
+            return f"an RLE of size {list(size)} on an image of {h}×{w} (height, width)"
+        return None
+    return f"a segmentation of type {type(seg).__name__}; expected polygons or an RLE"
+
+
 class CocoDataset(SegDataset):
     """A COCO instance-segmentation JSON; images are looked up beside it (``file_name`` relative to
     ``images_dir``, default: the JSON's folder, then its ``images/`` subfolder). Crowd annotations
@@ -90,12 +117,34 @@ class CocoDataset(SegDataset):
     def __init__(self, json_path: str | os.PathLike, images_dir: str | os.PathLike | None = None,
                  keep_empty: bool = False) -> None:
         self.json_path = Path(json_path)
-        doc = json.loads(self.json_path.read_text())
+        # Malformed content is an error naming the file and annotation, raised here, before any
+        # training: skipping it would train on a silently smaller or wrong set. (An annotation with
+        # an empty segmentation is not malformed: it has no mask, and training skips that image.)
+        try:
+            doc = json.loads(self.json_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{self.json_path}: not a valid JSON file ({e})") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+            raise ConfigError(f"{self.json_path}: no 'images' list; not a COCO instance-segmentation file")
         self.images_dir = Path(images_dir) if images_dir else None
+        sizes = {}
+        for k, im in enumerate(doc["images"]):
+            if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
+                raise ConfigError(f"{self.json_path}: images[{k}] lacks 'id' or 'file_name'")
+            sizes[im["id"]] = (im.get("height"), im.get("width"))
         anns: dict[int, list[dict]] = {}
-        for a in doc.get("annotations", []):
-            if not a.get("iscrowd", 0):
-                anns.setdefault(a["image_id"], []).append(a)
+        for k, a in enumerate(doc.get("annotations", [])):
+            where = f"{self.json_path}: annotation id={a.get('id', '?')} (annotations[{k}])" if isinstance(a, dict) \
+                else f"{self.json_path}: annotations[{k}]"
+            if not isinstance(a, dict) or "image_id" not in a or "segmentation" not in a:
+                raise ConfigError(f"{where} lacks 'image_id' or 'segmentation' (segany trains on instance masks; "
+                                  "a detection-only file has boxes alone)")
+            if a.get("iscrowd", 0):
+                continue
+            problem = segmentation_problem(a["segmentation"], *sizes.get(a["image_id"], (None, None)))
+            if problem:
+                raise ConfigError(f"{where}: segmentation is {problem}")
+            anns.setdefault(a["image_id"], []).append(a)
         self.images = [im for im in doc["images"] if keep_empty or anns.get(im["id"])]
         self.anns = anns
 
@@ -116,7 +165,11 @@ class CocoDataset(SegDataset):
         h, w = image.shape[:2]
         masks, classes = [], []
         for a in self.anns.get(im["id"], []):
-            m = decode_segmentation(a["segmentation"], h, w)
+            try:  # the JSON's height/width were checked; the file itself may differ
+                m = decode_segmentation(a["segmentation"], h, w)
+            except ValueError as e:
+                raise ConfigError(f"{self.json_path}: annotation id={a.get('id', '?')} on '{path}': "
+                                  f"segmentation is {e}") from None
             if m.any():
                 masks.append(m)
                 classes.append(int(a.get("category_id", 0)))
@@ -150,11 +203,14 @@ class YoloSegDataset(SegDataset):
         h, w = image.shape[:2]
         masks, classes = [], []
         lines = label.read_text().splitlines() if label.is_file() else []
-        for line in lines:
+        for n, line in enumerate(lines, 1):
             vals = line.split()
-            if len(vals) < 7:  # class + at least 3 points
+            # Fewer than 3 points (a detection box line, "cls x y w h") is no mask: the image is
+            # skipped by training like an empty one. A line that cannot be read is an error naming
+            # it: guessing would train on wrong masks.
+            if len(vals) < 7:
                 continue
-            xy = np.asarray(vals[1:], np.float64).reshape(-1, 2) * np.array([w, h])
+            xy = _yolo_polygon(vals, f"{label}:{n}") * np.array([w, h])
             m = np.zeros((h, w), np.uint8)
             cv2.fillPoly(m, [np.round(xy * 4).astype(np.int32)], 1, shift=2)
             if m.any():
@@ -162,6 +218,27 @@ class YoloSegDataset(SegDataset):
                 classes.append(int(float(vals[0])))
         stack = np.stack(masks) if masks else np.zeros((0, h, w), bool)
         return Sample(image, stack, np.asarray(classes, np.int64), str(path))
+
+
+def _yolo_polygon(vals: list[str], where: str) -> np.ndarray:
+    """A YOLO-seg line's normalised polygon ``(K, 2)``, or a :class:`ConfigError` naming ``where``."""
+    try:
+        cls = float(vals[0])
+    except ValueError:
+        cls = math.nan
+    if not (cls.is_integer() and cls >= 0):  # "0" and "0.0" are class 0; "person" is not
+        raise ConfigError(f"{where}: class {vals[0]!r} is not a whole number >= 0 (YOLO labels hold class indices)")
+    if len(vals[1:]) % 2:
+        raise ConfigError(f"{where}: {len(vals) - 1} coordinates, an odd number; expected x y pairs")
+    try:
+        xy = np.asarray(vals[1:], np.float64).reshape(-1, 2)
+    except ValueError:
+        raise ConfigError(f"{where}: coordinates that are not numbers") from None
+    # Normalised coordinates: a little outside [0, 1] is rounding, more is pixels or garbage.
+    if not np.isfinite(xy).all() or (xy < -0.01).any() or (xy > 1.01).any():
+        raise ConfigError(f"{where}: coordinates outside [0, 1] or not finite; YOLO-seg coordinates are "
+                          "normalised by the image width and height")
+    return xy.clip(0, 1)
 
 
 def _labels_dir_for(images_dir: Path) -> Path:

@@ -24,8 +24,10 @@ def input_frame(image: np.ndarray, masks: np.ndarray, size: tuple[int, int], img
     ``(3, S, S)`` uint8 RGB and ``(N, S, S)`` bool."""
     x = image_to_tensor(np.ascontiguousarray(image), size, torch.device("cpu"))[0]
     x = F.pad(x, (0, img_size - size[1], 0, img_size - size[0])).to(torch.uint8)
+    if len(masks) == 0:  # an image without instances: interpolate refuses empty batches, so no resize
+        return x, torch.zeros((0, img_size, img_size), dtype=torch.bool)
     m = torch.from_numpy(np.ascontiguousarray(masks))[:, None].float()
-    if len(m) and tuple(m.shape[-2:]) != size:
+    if tuple(m.shape[-2:]) != size:
         m = F.interpolate(m, size, mode="bilinear", align_corners=False)
     m = F.pad(m[:, 0] > 0.5, (0, img_size - size[1], 0, img_size - size[0]))
     return x, m

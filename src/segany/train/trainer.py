@@ -30,7 +30,7 @@ from torch import nn
 from ..checkpoints import read_state_dict
 from ..data.datasets import load_dataset
 from ..engine.device import select_device
-from ..errors import ConfigError, StateDictMismatchError
+from ..errors import ConfigError, SkippedImageWarning, StateDictMismatchError, warn
 from .common import atomic_save, next_run_dir, resolve_model
 from .losses import sam_loss
 from .batch import InputFrameSamples, batch_prompts, pad_mask
@@ -146,13 +146,33 @@ def train(model: Any, data: Any, epochs: int = 10, batch: int = 2, lr: float = 1
         _check(key, value, "a number >= 0.0", lambda v: v >= 0)
     for key, value in dict(warmup=warmup, box_prob=box_prob).items():
         _check(key, value, "a number in [0.0, 1.0]", lambda v: 0 <= v <= 1)
+    # Checked now, not when first used: a bad value would otherwise surface after a whole epoch
+    # (validation) or deep inside torch / NumPy, leaving an empty run folder behind.
+    _check("seed", seed, "a whole number >= 0", lambda v: float(v).is_integer() and v >= 0)
+    for key, value, low in (("val_max_images", val_max_images, 1), ("threads", threads, 1), ("workers", workers, 0)):
+        if value is not None:
+            _check(key, value, f"a whole number >= {low} (or None)",
+                   lambda v, low=low: float(v).is_integer() and v >= low)
+    # 2.0 from a config file is 2 to torch and val, which take ints only.
+    seed = int(seed)
+    val_max_images, threads, workers = (None if v is None else int(v) for v in (val_max_images, threads, workers))
     if threads:
         torch.set_num_threads(threads)
     dev = select_device(device)
     net, config = resolve_model(model, imgsz)
+    if config.family == "mobile_sam" and net.img_size != 1024:
+        # TinyViT's input size is not in its weights: the checkpoint would reload at 1024 and give
+        # wrong masks without an error.
+        raise ConfigError(f"MobileSAM trains at imgsz=1024 only, not {net.img_size}: its checkpoints do not "
+                          "record the input size and reload at 1024; leave imgsz out")
     ds = load_dataset(data)
     if len(ds) == 0:
         raise ValueError(f"the dataset {data!r} holds no annotated images")
+    val_ds = None
+    if val_data is not None and val_data != "":  # read before training: a wrong path should not cost an epoch
+        val_ds = load_dataset(val_data)
+        if len(val_ds) == 0:
+            raise ConfigError(f"val_data={val_data!r} holds no annotated images")
     state = None
     if resume:
         run_dir = Path(project) / name if resume is True else Path(resume)
@@ -164,8 +184,10 @@ def train(model: Any, data: Any, epochs: int = 10, batch: int = 2, lr: float = 1
         # A resumed run goes on with the settings its optimizer and schedule were made with: those
         # left at their defaults take the run's values, others must agree with them.
         saved = state.get("args", {})
-        given = dict(batch=batch, lr=lr, warmup=warmup, weight_decay=weight_decay, trainable=trainable, seed=seed,
-                     max_instances=max_instances, click_rounds=click_rounds, box_prob=box_prob, grad_clip=grad_clip)
+        # epochs too: the cosine schedule was laid out over the run's epochs.
+        given = dict(epochs=epochs, batch=batch, lr=lr, warmup=warmup, weight_decay=weight_decay, trainable=trainable,
+                     seed=seed, max_instances=max_instances, click_rounds=click_rounds, box_prob=box_prob,
+                     grad_clip=grad_clip)
         defaults = {k: p.default for k, p in inspect.signature(train).parameters.items()}
         changed = {k: (v, saved[k]) for k, v in given.items() if k in saved and saved[k] != v and v != defaults[k]}
         if changed:
@@ -173,7 +195,7 @@ def train(model: Any, data: Any, epochs: int = 10, batch: int = 2, lr: float = 1
                               + ", ".join(f"{k}={v!r} (the run has {was!r})" for k, (v, was) in changed.items())
                               + "; leave them out, or start a new run")
         given.update({k: saved[k] for k in given if k in saved})
-        (batch, lr, warmup, weight_decay, trainable, seed, max_instances, click_rounds, box_prob,
+        (epochs, batch, lr, warmup, weight_decay, trainable, seed, max_instances, click_rounds, box_prob,
          grad_clip) = given.values()
         last = read_state_dict(run_dir / "last.pt")
         # The two files are written one after the other: a run stopped between them would resume
@@ -210,6 +232,7 @@ def train(model: Any, data: Any, epochs: int = 10, batch: int = 2, lr: float = 1
     if workers is None:  # the GPU would wait on one process making samples; 2 CPU cores would not
         workers = min(8, max(1, (os.cpu_count() or 1) - 1)) if dev.type == "cuda" else 0
     mean, std = net.pixel_mean.view(1, 3, 1, 1), net.pixel_std.view(1, 3, 1, 1)
+    warned_empty = False
     for epoch in range(start_epoch, epochs):
         net.train()
         order = np.random.default_rng([seed, epoch]).permutation(len(ds)).tolist()
@@ -219,8 +242,9 @@ def train(model: Any, data: Any, epochs: int = 10, batch: int = 2, lr: float = 1
         loader = torch.utils.data.DataLoader(samples, batch_size=batch, sampler=order, num_workers=workers,
                                              pin_memory=dev.type == "cuda", persistent_workers=False)
         bar = _progress(loader, f"epoch {epoch + 1}/{epochs}", verbose)
-        sums, count, t0 = {"loss": 0.0, "miou": 0.0}, 0, time.time()
+        sums, count, empty, t0 = {"loss": 0.0, "miou": 0.0}, 0, 0, time.time()
         for b in bar:
+            empty += int((b["count"] == 0).sum())  # counted on the CPU copy: no device sync
             b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
             masks, image_index = batch_prompts(b)
             if len(masks) == 0:
@@ -251,12 +275,22 @@ def train(model: Any, data: Any, epochs: int = 10, batch: int = 2, lr: float = 1
         record: dict[str, Any] = dict(epoch=epoch + 1, step=step, time_s=round(time.time() - t0, 2),
                                       loss=float(sums["loss"]) / max(count, 1),
                                       train_miou=float(sums["miou"]) / max(count, 1))
+        if empty:
+            # Images whose annotations give no mask (empty COCO segmentation, YOLO box lines) teach
+            # nothing; they are skipped, and said once, not every epoch.
+            record["images_without_instances"] = empty
+            if not warned_empty:
+                warned_empty = True
+                warn(f"{empty} of {len(ds)} training images have no usable instance masks (empty "
+                     "segmentation, box-only labels); they are skipped", SkippedImageWarning)
         fitness = -record["loss"]
-        if val_data is not None:
+        if val_ds is not None:
             from .validate import val
 
-            v = val(net, val_data, max_images=val_max_images, kinds=("box", "point"), verbose=False, device=dev)
+            v = val(net, val_ds, max_images=val_max_images, kinds=("box", "point"), verbose=False, device=dev)
             record.update({f"val_{k}": v[k] for k in ("box", "point_best3")})
+            if v["images_without_instances"]:
+                record["val_images_without_instances"] = v["images_without_instances"]
             fitness = (v["box"] + v["point_best3"]) / 2
         history.append(record)
         net.eval()

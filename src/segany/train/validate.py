@@ -121,11 +121,13 @@ def val(model: Any = None, data: Any = None, kinds: tuple[str, ...] = KINDS, n_p
 
         everything = Predictor(overrides=dict(device=str(dev), verbose=False), model=runner.model, config=config)
     ious: dict[str, list[float]] = {}
+    empty = 0
     n_img = min(len(ds), max_images) if max_images else len(ds)
     for idx in _progress(range(n_img), verbose):
         sample = ds[idx]
         keep = [j for j in range(len(sample.masks)) if sample.masks[j].any()][:max_instances]
-        if not keep:
+        if not keep:  # nothing to prompt: counted, so a summary does not hide it
+            empty += 1
             continue
         sample = Sample(sample.image, sample.masks[keep], sample.classes[keep], sample.path)
         runner.set_sample(sample)
@@ -141,6 +143,7 @@ def val(model: Any = None, data: Any = None, kinds: tuple[str, ...] = KINDS, n_p
             ious.setdefault("everything_masks", []).append(float(len(masks)))
     out: dict[str, Any] = {k: float(np.mean(v)) if v else float("nan") for k, v in ious.items()}
     out["images"] = n_img
+    out["images_without_instances"] = empty
     out["instances"] = len(next((v for k, v in ious.items() if k != "everything_masks"), []))
     if verbose:
         print(format_table(out))
@@ -189,10 +192,12 @@ def _evaluate(runner, masks_np: np.ndarray, gt: torch.Tensor, kinds, n_points: i
 
 def format_table(res: dict[str, Any]) -> str:
     """The metrics as a two-column text table."""
-    rows = [(k, v) for k, v in res.items() if k not in ("images", "instances")]
+    rows = [(k, v) for k, v in res.items() if k not in ("images", "instances", "images_without_instances")]
     lines = [f"{'prompt':<14}{'mIoU':>8}", "-" * 22]
     lines += [f"{k:<14}{v:>8.4f}" for k, v in rows]
-    lines.append(f"{res.get('images', 0)} images, {res.get('instances', 0)} instances")
+    empty = res.get("images_without_instances", 0)
+    lines.append(f"{res.get('images', 0)} images, {res.get('instances', 0)} instances"
+                 + (f" ({empty} images without instances, skipped)" if empty else ""))
     return "\n".join(lines)
 
 
