@@ -3,11 +3,13 @@ Ultralytics-style summaries and COCO RLE annotations."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import torch
@@ -20,10 +22,11 @@ if TYPE_CHECKING:
 RECORD_FIELDS = ("predicted_iou", "stability_score", "point_coords", "crop_box")
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, example_name: str = "result.jpg") -> Path:
-    """Write ``data`` to ``path`` all at once: a temporary file in the same folder, flushed and
-    fsynced, then ``os.replace``d over the target. Readers never see a half-written file and a
-    failure leaves no temporary file behind. Parent folders are created. Returns the path.
+@contextlib.contextmanager
+def _atomic_file(path: str | os.PathLike, example_name: str) -> Iterator[BinaryIO]:
+    """A binary file that becomes ``path`` all at once when the block ends: a temporary file in the
+    same folder, flushed and fsynced, then ``os.replace``d over the target. Readers never see a
+    half-written file and a failure leaves no temporary file behind. Parent folders are created.
     ``example_name``: the file name the error for a folder suggests."""
     path = Path(path)
     if path.is_dir():
@@ -35,14 +38,28 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, example_name: str =
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, example_name: str = "result.jpg") -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`_atomic_file`). Returns the path."""
+    with _atomic_file(path, example_name) as f:
+        f.write(data)
+    return Path(path)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike, example_name: str = "model.pt") -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (see :func:`_atomic_file`), streamed to the file:
+    no second copy of a large checkpoint in memory. Returns the path."""
+    with _atomic_file(path, example_name) as f:
+        torch.save(obj, f)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, example_name: str = "result.txt") -> Path:

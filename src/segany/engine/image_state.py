@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from torch import nn
 
 from ..errors import ImageNotFoundError, SegAnyError
 from ..models.sam2 import Sam2
-from .export import atomic_write_bytes
+from .export import atomic_torch_save
 
 Features = "torch.Tensor | dict[str, torch.Tensor]"
 
@@ -82,9 +81,7 @@ def save_image_state(state: ImageState, model: nn.Module, path: str | Path) -> P
         "path": _text(state.path),
         "encoder": _text(encoder_fingerprint(model)),
     }
-    buffer = io.BytesIO()
-    torch.save(data, buffer)
-    return atomic_write_bytes(path, buffer.getvalue(), "image.emb")
+    return atomic_torch_save(data, path, "image.emb")
 
 
 def load_image_state(path: str | Path, model: nn.Module) -> ImageState:

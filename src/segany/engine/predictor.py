@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ..config import DEFAULTS, EVERYTHING_DEFAULTS, check_options
-from ..hub import same_checkpoint
 from ..errors import ConfigError, PromptError, warn
+from ..hub import resolve_weights, same_checkpoint
 from ..models.registry import ModelConfig
 from .decoding import decode_in_chunks
 from .device import autocast, select_device
@@ -93,7 +93,6 @@ class Predictor:
         """Resolve (download if needed) and load a checkpoint by name or path; ``config``, when
         given, replaces recognition (what a custom SAM 2's tensors cannot tell: heads, size)."""
         from ..checkpoints import load_model
-        from ..hub import resolve_weights
 
         path = resolve_weights(model)
         net, config = load_model(path, name=Path(str(model)).stem, config=config)

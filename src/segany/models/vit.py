@@ -225,8 +225,7 @@ class Attention(nn.Module):
         if self.use_rel_pos and _by_parts(q, h, w):
             return self._attention_in_parts(q, k, v, h, w, scratch)
         # (getattr: an Attention pickled whole before ``kind`` existed takes the global policy)
-        # Exported (ONNX), the relative terms ride in q and k: one op, no H*W × H*W bias.
-        cpu_mode = "augmented" if torch.compiler.is_exporting() else "bias"
+        cpu_mode = "augmented" if torch.compiler.is_exporting() else "bias"  # exported: no H*W × H*W bias tensor
         mode, first = GPU_ATTENTION[getattr(self, "kind", "global")] if _gpu_half(q) else (cpu_mode, None)
         if mode == "fused" and torch.is_grad_enabled():
             mode = "augmented"  # the fused kernel is forward only

@@ -1,4 +1,4 @@
-"""What training and validation share: resolving ``model=``, atomic checkpoint writes, run folders."""
+"""What training and validation share: resolving ``model=``, run folders."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..errors import ConfigError
@@ -46,13 +45,6 @@ def resolve_model(model: Any, imgsz: int | None = None, training: bool = True) -
         raise ConfigError(f"imgsz={imgsz} differs from the checkpoint's input size {net.img_size}; "
                          "a checkpoint trains at its own size")
     return net, config
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file renamed into place: never a half-written checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def next_run_dir(project: str | os.PathLike, name: str, exist_ok: bool) -> Path:

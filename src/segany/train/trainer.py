@@ -30,8 +30,9 @@ from torch import nn
 from ..checkpoints import read_state_dict
 from ..data.datasets import load_dataset
 from ..engine.device import select_device
+from ..engine.export import atomic_torch_save
 from ..errors import ConfigError, SkippedImageWarning, StateDictMismatchError, warn
-from .common import atomic_save, next_run_dir, resolve_model
+from .common import next_run_dir, resolve_model
 from .losses import sam_loss
 from .batch import InputFrameSamples, batch_prompts, pad_mask
 from .prompts_sim import corrective_points, noisy_boxes, random_points
@@ -295,13 +296,13 @@ def train(model: Any, data: Any, epochs: int = 10, batch: int = 2, lr: float = 1
         history.append(record)
         net.eval()
         sd = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-        atomic_save(sd, run_dir / "last.pt")
+        atomic_torch_save(sd, run_dir / "last.pt")
         if fitness > best_fit:
             best_fit = fitness
-            atomic_save(sd, run_dir / "best.pt")
-        atomic_save(dict(optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch + 1, step=step,
-                         best_fitness=best_fit, history=history, args=args, weights_sum=_weights_sum(sd)),
-                    run_dir / "last_state.pt")
+            atomic_torch_save(sd, run_dir / "best.pt")
+        atomic_torch_save(dict(optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch + 1, step=step,
+                               best_fitness=best_fit, history=history, args=args, weights_sum=_weights_sum(sd)),
+                          run_dir / "last_state.pt")
         if verbose:
             print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
         if on_epoch_end is not None:
