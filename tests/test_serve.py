@@ -421,3 +421,48 @@ def test_cli_serve_refuses_a_bad_log_level_before_loading():
     from segany.cli import main
 
     assert main(["serve", "log_level=bogus"]) == 2
+
+
+def test_cli_serve_on_a_taken_port_fails_before_loading_the_model(monkeypatch, capsys):
+    import socket
+
+    import segany.serve.app as app_module
+
+    monkeypatch.setattr(app_module, "create_app", lambda *a, **k: pytest.fail("the model was loaded"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", f"port={port}"]) == 1
+    err = capsys.readouterr().err
+    assert f"port {port} on 127.0.0.1 is already in use" in err and "port=0" in err
+
+
+def test_cli_serve_port_0_prints_the_port_it_got_and_serves_there(small_ckpt):
+    """The banner names the real port, and the server answers there (a process of its own)."""
+    import os
+    import re
+    import subprocess
+    import sys
+    import urllib.request
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "segany", "serve", f"model={small_ckpt}", "port=0",
+                             "log_level=warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        banner = proc.stdout.readline()  # printed once the model has loaded and the port is bound
+        url = re.search(r"http://127\.0\.0\.1:(\d+)/", banner)
+        assert url and url.group(1) != "0", banner + proc.stderr.read() if proc.poll() is not None else banner
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(url.group(0) + "api/health", timeout=5) as r:
+                    assert r.status == 200 and json.load(r)
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

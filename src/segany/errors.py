@@ -82,6 +82,10 @@ class MissingDependencyError(SegAnyError, ImportError):
     """An optional package that a feature needs is not installed."""
 
 
+class ServeError(SegAnyError, OSError):
+    """The web service cannot listen on its address (the port is taken, the host is not this machine's)."""
+
+
 class BoxSourceError(SegAnyError, ValueError):
     """The boxes of one image cannot be read (malformed label line, size mismatch, ...)."""
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
+import socket
 from typing import Any
 
 from ..cli import UsageError, parse_options
 from ..config import DEFAULT_MODEL
-from ..errors import MissingDependencyError
+from ..errors import MissingDependencyError, ServeError
 
 log = logging.getLogger("segany.serve")
 
@@ -49,6 +51,34 @@ def require_serve_deps() -> None:
         raise MissingDependencyError(f"segany serve needs {' and '.join(missing)}: pip install segany[serve]")
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (port 0: a free one), made before the model loads so that a
+    taken port fails in a second with a message, not after the load with uvicorn's exit status 3."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn picks it
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ServeError(f"port {port} on {host} is already in use: stop the program using it, or pick "
+                             f"another port (port={port + 1}; port=0 takes a free one)") from None
+        fix = {errno.EACCES: f"port {port} needs administrator rights: use a port from 1024 up",
+               errno.EADDRNOTAVAIL: "host= must be an address of this machine (127.0.0.1; 0.0.0.0 for all)"}
+        reason = e.strerror or str(e)
+        raise ServeError(f"cannot listen on {host}:{port} ({reason}): "
+                         f"{fix.get(e.errno, 'check host= and port=')}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    """``http://host:port/`` of a bound socket, with the port it really got."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
 def run_serve(tokens: list[str]) -> int:
     opts = {**SERVE_DEFAULTS, **parse_options(tokens, SERVE_DEFAULTS, command="serve")}
     if not 0 <= opts["port"] <= 65535:
@@ -64,12 +94,15 @@ def run_serve(tokens: list[str]) -> int:
     from .app import create_app
 
     host = str(opts["host"])
+    sock = listen(host, int(opts["port"]))
     if not is_loopback(host):
         log.warning("segany serve: binding %s makes the server reachable from other machines; "
                     "it has no authentication", host)
-    app = create_app(str(opts["model"]), device=str(opts["device"]), max_images=opts["max_images"],
-                     max_cache_bytes=opts["max_cache_mb"] << 20, max_pixels=opts["max_pixels"],
-                     max_body_bytes=opts["max_body_mb"] << 20)
-    print(f"segany serve: http://{host}:{opts['port']}/ (API docs at /docs)", flush=True)
-    uvicorn.run(app, host=host, port=int(opts["port"]), log_level=str(opts["log_level"]).lower())
+    with sock:
+        app = create_app(str(opts["model"]), device=str(opts["device"]), max_images=opts["max_images"],
+                         max_cache_bytes=opts["max_cache_mb"] << 20, max_pixels=opts["max_pixels"],
+                         max_body_bytes=opts["max_body_mb"] << 20)
+        print(f"segany serve: {url_of(sock)} (API docs at /docs)", flush=True)
+        config = uvicorn.Config(app, log_level=str(opts["log_level"]).lower())
+        uvicorn.Server(config).run(sockets=[sock])
     return 0
