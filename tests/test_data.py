@@ -142,7 +142,7 @@ def test_bad_yolo_lines_name_file_and_line(tmp_path, line, match):
     cv2.imwrite(str(tmp_path / "images" / "a.png"), np.zeros((40, 50, 3), np.uint8))
     (tmp_path / "labels" / "a.txt").write_text("0 0.1 0.1 0.5 0.1 0.5 0.5\n" + line + "\n")
     with pytest.raises(ConfigError, match=match) as e:
-        load_dataset(tmp_path)[0]
+        load_dataset(tmp_path)  # when the dataset is opened, not when training reaches the image
     assert "a.txt:2" in str(e.value)
 
 
@@ -155,3 +155,6 @@ def test_yolo_box_lines_give_no_masks(tmp_path):
     (tmp_path / "labels" / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n2.0 0.1 0.1 0.5 0.1 0.5 0.5\n")
     s = load_dataset(tmp_path)[0]
     assert s.masks.shape == (1, 40, 50) and s.classes.tolist() == [2]  # the box line is no mask
+    # a file saved with a byte-order mark (Windows editors) reads the same
+    (tmp_path / "labels" / "a.txt").write_text("3 0.1 0.1 0.5 0.1 0.5 0.5\n", encoding="utf-8-sig")
+    assert load_dataset(tmp_path)[0].classes.tolist() == [3]

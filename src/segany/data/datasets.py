@@ -190,6 +190,10 @@ class YoloSegDataset(SegDataset):
         self.items = [(p, self._label(p)) for p in files]
         if not keep_empty:
             self.items = [(p, lab) for p, lab in self.items if lab.is_file() and lab.stat().st_size > 0]
+        for _, label in self.items:  # a malformed line fails here, before training, not mid-epoch
+            if label.is_file():
+                for n, vals in self._polygon_lines(label):
+                    _yolo_polygon(vals, f"{label}:{n}")
 
     def _label(self, image: Path) -> Path:
         return (self.labels_dir / image.relative_to(self.images_dir)).with_suffix(".txt")
@@ -197,19 +201,20 @@ class YoloSegDataset(SegDataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    @staticmethod
+    def _polygon_lines(label: Path) -> list[tuple[int, list[str]]]:
+        """The polygon lines of a label file as (line number, values). Fewer than 3 points (a
+        detection box line, "cls x y w h") is no mask: the image is skipped by training like an
+        empty one. A line that cannot be read is an error naming it: guessing would train on wrong masks."""
+        lines = enumerate(label.read_text(encoding="utf-8-sig").splitlines(), 1)
+        return [(n, vals) for n, line in lines if len(vals := line.split()) >= 7]
+
     def __getitem__(self, i: int) -> Sample:
         path, label = self.items[i]
         image = _read_image(path)
         h, w = image.shape[:2]
         masks, classes = [], []
-        lines = label.read_text().splitlines() if label.is_file() else []
-        for n, line in enumerate(lines, 1):
-            vals = line.split()
-            # Fewer than 3 points (a detection box line, "cls x y w h") is no mask: the image is
-            # skipped by training like an empty one. A line that cannot be read is an error naming
-            # it: guessing would train on wrong masks.
-            if len(vals) < 7:
-                continue
+        for n, vals in self._polygon_lines(label) if label.is_file() else ():
             xy = _yolo_polygon(vals, f"{label}:{n}") * np.array([w, h])
             m = np.zeros((h, w), np.uint8)
             cv2.fillPoly(m, [np.round(xy * 4).astype(np.int32)], 1, shift=2)
