@@ -460,3 +460,88 @@ def test_expand_once_leaves_generators_to_be_iterated_lazily() -> None:
     assert expand_once(reader) is reader and expand_once([reader]) == [reader]
     arrays = [np.zeros((8, 8, 3), np.uint8)] * 2
     assert isinstance(expand_once(arrays), ExpandedSources) and len(expand_once(arrays)) == 2
+
+
+# ---------------------------------------------------------------- review: limits, noise, URLs
+
+
+def test_a_decompression_bomb_is_refused_not_handed_to_opencv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow refuses an image far above its pixel limit; the OpenCV fallback (which has none of
+    its own below 2**30 pixels) must not decode it anyway. The message says how to allow it."""
+    cv2.imwrite(str(tmp_path / "big.png"), np.zeros((50, 50, 3), np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 2500 pixels > 2 × 1000: a "bomb"
+    with pytest.raises(ImageError, match=r"big\.png: 2,500 pixels, over .* limit of 2,000; .*MAX_IMAGE_PIXELS = None") as info:
+        load_image(tmp_path / "big.png")
+    assert not isinstance(info.value, ImageNotFoundError)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # the documented way to allow it
+    assert load_image(tmp_path / "big.png").shape == (50, 50, 3)
+
+
+def test_a_corrupt_file_gives_one_error_and_no_opencv_log_lines(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    """Pillow fails on a truncated TIFF, and so does OpenCV's fallback: the user gets the ImageError,
+    not also OpenCV's C++ log lines on stderr (four per file: noise over a folder of photos)."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 120, 3), np.uint8)).save(tmp_path / "a.tif")
+    data = (tmp_path / "a.tif").read_bytes()
+    (tmp_path / "cut.tif").write_bytes(data[: len(data) // 2])
+    capfd.readouterr()
+    with pytest.raises(ImageError, match=r"cut\.tif is not a readable image"):
+        load_image(tmp_path / "cut.tif")
+    err = capfd.readouterr().err
+    assert "TIFF" not in err and "imdecode" not in err, err
+    assert cv2.utils.logging.getLogLevel() != cv2.utils.logging.LOG_LEVEL_SILENT  # restored
+
+
+def test_an_empty_string_is_not_the_current_directory() -> None:
+    """``source=""`` (an unset variable, an empty CLI value) is an error that says so, not a run
+    over the working directory or "directory  holds no image files"."""
+    for call in (load_image, lambda s: list(iter_sources(s)), count_sources, lambda s: list(iter_sources([s]))):
+        with pytest.raises(ImageError, match="empty string"):
+            call("")
+        with pytest.raises(ImageError, match="empty string"):
+            call("   ")
+
+
+def test_pil_premultiplied_modes() -> None:
+    """Pillow's premultiplied-alpha modes (La, RGBa) are read like LA and RGBA."""
+    la = Image.fromarray(np.dstack([_bgr()[..., 1], np.full((H, W), 255, np.uint8)]), "LA")
+    np.testing.assert_array_equal(load_image(la.convert("La")), np.dstack([_bgr()[..., 1]] * 3))
+    rgba = Image.fromarray(np.dstack([_bgr()[..., ::-1], np.full((H, W), 255, np.uint8)]), "RGBA")
+    np.testing.assert_array_equal(load_image(rgba.convert("RGBa")), _bgr())
+
+
+def test_a_video_url_is_downloaded_and_read_frame_by_frame(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As Ultralytics does, a URL whose path names a video is downloaded and read frame by frame
+    (a query string does not hide the extension); frames are named after the URL; the download
+    is removed afterwards; a URL that is not a video gives an ImageError naming it."""
+    import tempfile
+
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    served, scratch = tmp_path / "served", tmp_path / "scratch"
+    served.mkdir()
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    _write_video(served / "v.avi", 4)
+    (served / "bad.mp4").write_bytes(b"not a video" * 10)
+    handler = functools.partial(_QuietHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        for url in (f"{base}/v.avi", f"{base}/v.avi?token=1"):
+            frames = list(iter_sources(url, vid_stride=2))
+            assert [n for n, _ in frames] == [f"{url}:frame_0", f"{url}:frame_2"]
+            assert all(f.shape == (48, 64, 3) for _, f in frames)
+            assert count_sources(url) is None  # unknown until downloaded
+        assert [n for n, _ in iter_sources([f"{base}/v.avi"])][-1] == f"{base}/v.avi:frame_3"
+        with pytest.raises(ImageError, match=r"bad\.mp4 is not a readable video"):
+            list(iter_sources(f"{base}/bad.mp4"))
+        with pytest.raises(ImageError, match=r"could not download video .*missing\.mp4: HTTP Error 404"):
+            list(iter_sources(f"{base}/missing.mp4"))
+        assert list(scratch.iterdir()) == []  # every download removed
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

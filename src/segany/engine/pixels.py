@@ -4,8 +4,11 @@ float 0..1, refusals instead of guesses) are listed in that module's docstring."
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
+import threading
+from collections.abc import Iterator
 
 import cv2
 import numpy as np
@@ -22,6 +25,7 @@ TENSOR_LAYOUTS = (
     "expected a torch.Tensor of shape (3,H,W) or (1,3,H,W) (or (B,3,H,W) with iter_sources), "
     "RGB channel order, float in 0..1 or uint8 in 0..255"
 )
+_OPENCV_LOG_LOCK = threading.Lock()
 
 
 def _to_uint8(a: np.ndarray, what: str) -> np.ndarray:
@@ -95,7 +99,9 @@ def pil_to_bgr(im: Image.Image, what: str = "PIL image") -> np.ndarray:
             return array_to_bgr(a.astype(np.uint16), what)
         if mode == "F":
             return array_to_bgr(np.asarray(im), what)
-        if mode in ("1", "L", "LA"):
+        if mode == "La":
+            im = im.convert("LA")  # premultiplied: Pillow converts La only to LA
+        if im.mode in ("1", "L", "LA"):
             return array_to_bgr(np.asarray(im.convert("L")), what)
         if mode in ("P", "PA"):
             # palette transparency must go through RGBA or Pillow warns; alpha is dropped anyway
@@ -158,16 +164,44 @@ def decode_bytes(data: bytes, name: str) -> np.ndarray:
         pil_error = e
     except ImageError:
         raise  # Pillow read it, and its values are refused (the message says why)
+    except Image.DecompressionBombError as e:
+        # Not handed to OpenCV: it would decode what Pillow's limit is there to refuse.
+        raise ImageError(_bomb_message(name, e)) from None
     except Exception as e:
         pil_error = e
     buf = np.frombuffer(data, np.uint8)
-    raw = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-    if raw is not None and raw.dtype.kind == "f":  # PFM, HDR, float TIFF: IMREAD_COLOR would not scale them
-        return array_to_bgr(raw, name)
-    arr = cv2.imdecode(buf, cv2.IMREAD_COLOR)  # applies EXIF too
+    with _quiet_opencv():  # OpenCV logs its own failures on stderr; the ImageError below says it all
+        raw = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+        if raw is not None and raw.dtype.kind == "f":  # PFM, HDR, float TIFF: IMREAD_COLOR would not scale them
+            return array_to_bgr(raw, name)
+        arr = cv2.imdecode(buf, cv2.IMREAD_COLOR)  # applies EXIF too
     if arr is None or arr.size == 0:
         raise ImageError(
             f"{name} is not a readable image (neither Pillow nor OpenCV could decode it; "
             f"Pillow said: {re.sub(r' <_io.BytesIO object at 0x[0-9a-f]+>', '', str(pil_error))})"
         )
     return arr
+
+
+def _bomb_message(name: str, error: Exception) -> str:
+    """An image over Pillow's decompression-bomb limit: its size, the limit, and how to allow it."""
+    # Pillow refuses from the header, before decoding: "Image size (N pixels) exceeds limit of M pixels, ..."
+    found = re.search(r"\((\d+) pixels\) exceeds limit of (\d+) pixels", str(error))
+    what = (f"{int(found[1]):,} pixels, over Pillow's decompression-bomb limit of {int(found[2]):,}" if found
+            else f"over Pillow's decompression-bomb limit ({error})")
+    return (f"{name}: {what}; if you trust the file, allow it with "
+            "PIL.Image.MAX_IMAGE_PIXELS = None (or a larger number) before the call")
+
+
+@contextlib.contextmanager
+def _quiet_opencv() -> Iterator[None]:
+    """OpenCV's logging off for a block (restored after; a lock keeps threads from restoring
+    each other's silence)."""
+    logging = cv2.utils.logging
+    with _OPENCV_LOG_LOCK:
+        level = logging.getLogLevel()
+        logging.setLogLevel(logging.LOG_LEVEL_SILENT)
+        try:
+            yield
+        finally:
+            logging.setLogLevel(level)

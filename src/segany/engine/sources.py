@@ -12,7 +12,8 @@ Choices worth knowing:
 - 16-bit data is scaled to 8 bits by /257 (65535 → 255); float data must lie in 0..1 and is
   scaled by 255; other integer dtypes must hold 0..255. Anything else is refused with a
   message instead of being guessed at (Pillow "I" images are read as 16-bit data).
-- URLs (http/https) are downloaded with urllib, ``URL_TIMEOUT`` seconds per connect/read.
+- URLs (http/https) are downloaded with urllib, ``URL_TIMEOUT`` seconds per connect/read; one
+  whose path ends in a video extension goes to a temporary file, read frame by frame, then removed.
 - Tensors follow Ultralytics' layout: ``(3,H,W)``, ``(1,3,H,W)`` or a batch ``(B,3,H,W)``,
   **RGB**, float in 0..1 (uint8 0..255 also accepted).
 - An ``H×W×3`` uint8 ndarray is copied: the results keep their image, and the caller's later
@@ -29,13 +30,15 @@ from __future__ import annotations
 
 import glob
 import http.client
+import io
 import os
+import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import cv2
 import numpy as np
@@ -64,6 +67,20 @@ def _suffix(s: str) -> str:
     return os.path.splitext(s)[1].lower()
 
 
+def _is_video(s: str) -> bool:
+    """Whether a path, or the path part of a URL (not its query), names a video file."""
+    return _suffix(urllib.parse.urlsplit(s).path if _is_url(s) else s) in VIDEO_EXTENSIONS
+
+
+def _source_string(source: str | os.PathLike) -> str:
+    """A path or URL as a string with ``~`` expanded; a blank string is refused (as a path it
+    would be the working directory)."""
+    s = os.fspath(source)
+    if isinstance(s, str) and not s.strip():
+        raise ImageError(f"the source {s!r} is an empty string: give an image path, URL, directory, glob or video")
+    return os.path.expanduser(s)
+
+
 # ---------------------------------------------------------------- files and URLs
 
 
@@ -73,7 +90,7 @@ def _load_path(s: str) -> np.ndarray:
         raise ImageNotFoundError(f"image file not found: {s}")
     if path.is_dir():
         raise ImageError(f"{s} is a directory; load_image reads one image, use iter_sources()")
-    if _suffix(s) in VIDEO_EXTENSIONS:
+    if _is_video(s):
         raise ImageError(f"{s} is a video; load_image reads one image, use iter_sources()")
     try:
         data = path.read_bytes()
@@ -82,16 +99,33 @@ def _load_path(s: str) -> np.ndarray:
     return decode_bytes(data, s)
 
 
-def _load_url(url: str) -> np.ndarray:
+def _download(url: str, out: BinaryIO, what: str) -> None:
+    """Copy ``url`` into ``out`` a chunk at a time; any failure, a cut-off body included, is an
+    ImageError naming the URL (``what``: "image" or "video")."""
     request = urllib.request.Request(_encoded_url(url), headers={"User-Agent": "segany"})
+    reason = None
     try:
         with urllib.request.urlopen(request, timeout=URL_TIMEOUT) as response:
-            data = response.read()
+            expected, got = response.headers.get("Content-Length", ""), 0
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                got += len(chunk)
+        # read(n) ends quietly where the connection closed, short of Content-Length or not
+        if expected.isdigit() and got < int(expected):
+            reason = f"the connection closed after {got} bytes, {int(expected) - got} more were expected"
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
         reason = (f"the connection closed after {len(e.partial)} bytes, {e.expected} more were expected"
                   if isinstance(e, http.client.IncompleteRead) else str(e) or type(e).__name__)
-        raise ImageError(f"could not download image {url}: {reason}") from e
-    return decode_bytes(data, url)
+    if reason is not None:
+        raise ImageError(f"could not download {what} {url}: {reason}")
+
+
+def _load_url(url: str) -> np.ndarray:
+    if _is_video(url):
+        raise ImageError(f"{url} is a video; load_image reads one image, use iter_sources()")
+    buffer = io.BytesIO()
+    _download(url, buffer, "image")
+    return decode_bytes(buffer.getvalue(), url)
 
 
 def _encoded_url(url: str) -> str:
@@ -129,7 +163,7 @@ def load_image(source: Any) -> np.ndarray:
     if isinstance(source, Image.Image):
         return pil_to_bgr(source)
     if isinstance(source, (str, os.PathLike)):
-        s = os.path.expanduser(os.fspath(source))
+        s = _source_string(source)
         return _load_url(s) if _is_url(s) else _load_path(s)
     raise ImageError(
         f"unsupported image source of type {type(source).__name__}; expected a path, URL, "
@@ -203,7 +237,7 @@ def _expand(source: Any) -> Iterator[Any]:
     if isinstance(source, ExpandedSources):
         yield from source
     elif isinstance(source, (str, os.PathLike)):
-        yield from _expand_path(os.path.expanduser(os.fspath(source)))
+        yield from _expand_path(_source_string(source))
     elif isinstance(source, (np.ndarray, torch.Tensor, Image.Image)):
         yield source
     elif isinstance(source, Iterable) and not isinstance(source, (bytes, bytearray, Mapping)):
@@ -226,8 +260,10 @@ def expand_sources(source: Any) -> list[Any]:
     return [str(item) if isinstance(item, _Listed) else item for item in _expand(source)]
 
 
-def _iter_video(s: str, vid_stride: int) -> Iterator[tuple[str, np.ndarray]]:
+def _iter_video(s: str, vid_stride: int, name: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Frames of the video file ``s``, named (and errors worded) after ``name`` (default ``s``)."""
     cap = cv2.VideoCapture(s)
+    s = name or s
     try:
         if not cap.isOpened():
             raise ImageError(f"{s} is not a readable video (OpenCV could not open it)")
@@ -249,11 +285,22 @@ def _iter_video(s: str, vid_stride: int) -> Iterator[tuple[str, np.ndarray]]:
         cap.release()
 
 
+def _iter_video_url(url: str, vid_stride: int) -> Iterator[tuple[str, np.ndarray]]:
+    """A video URL, downloaded to a temporary file (OpenCV reads files) that is removed after."""
+    fd, tmp = tempfile.mkstemp(prefix="segany-", suffix=_suffix(urllib.parse.urlsplit(url).path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _download(url, f, "video")
+        yield from _iter_video(tmp, vid_stride, name=url)
+    finally:
+        os.unlink(tmp)
+
+
 def _load_item(item: Any, vid_stride: int) -> Iterator[tuple[str | None, np.ndarray]]:
     """One expanded item → (name or None for in-memory images, BGR image) pairs."""
     if isinstance(item, str):
-        if not _is_url(item) and _suffix(item) in VIDEO_EXTENSIONS:
-            yield from _iter_video(item, vid_stride)
+        if _is_video(item):
+            yield from (_iter_video_url if _is_url(item) else _iter_video)(item, vid_stride)
         else:
             yield item, load_image(item)
     elif isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 4:
@@ -272,7 +319,7 @@ def iter_sources(source: Any, vid_stride: int = 1, on_skip: Callable[[str], None
                  ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(name, BGR image)`` for every image ``source`` stands for, lazily and in order.
 
-    ``source``: anything ``load_image`` takes, a directory, a glob, a video file (frames named
+    ``source``: anything ``load_image`` takes, a directory, a glob, a video file or URL (frames named
     ``path:frame_N``), a batch tensor ``(B,3,H,W)`` / array ``(B,H,W,C)``, or a list of these.
     In-memory images are named ``image0``, ``image1``, ... by their position in the stream.
     A file that a directory or glob lists but that cannot be read is skipped with a
@@ -314,8 +361,8 @@ def count_sources(source: Any, vid_stride: int = 1) -> int | None:
         return None if None in counts else sum(counts)  # type: ignore[arg-type]
     total = 0
     for item in _expand(source):  # raises what iter_sources would: missing, empty, bad type
-        if isinstance(item, str) and not _is_url(item) and _suffix(item) in VIDEO_EXTENSIONS:
-            n = _video_frames(item, vid_stride)
+        if isinstance(item, str) and _is_video(item):
+            n = None if _is_url(item) else _video_frames(item, vid_stride)  # a URL: not downloaded to count
             if n is None:
                 return None
             total += n
