@@ -339,3 +339,98 @@ def test_input_variants_and_validation() -> None:
     with pytest.raises(ValueError, match="low_res_logits"):
         Results(img, "a.jpg", m, low_res_logits=torch.zeros(2, 256, 256))
     assert len(Masks(m, (H, W))) == 5 and Boxes(np.zeros(6, np.float32), (H, W)).shape == (1, 6)
+
+
+def test_save_txt_to_a_folder_name_ending_in_a_slash_is_an_error(res: Results, tmp_path) -> None:
+    # "labels/" names a folder even before it exists: no file called "labels" may appear.
+    with pytest.raises(IsADirectoryError, match="is a folder: give a file name"):
+        res.save_txt(f"{tmp_path}/labels/")
+    assert os.listdir(tmp_path) == []
+
+
+def test_new_is_an_empty_result_of_the_same_image(res: Results) -> None:
+    empty = res.new()  # Ultralytics' Results.new()
+    assert isinstance(empty, Results) and len(empty) == 0 and empty.masks.data.shape == (0, H, W)
+    assert empty.boxes.data.shape == (0, 6) and empty.low_res_logits is None and empty.records is None
+    assert empty.orig_img is res.orig_img and empty.path == res.path and empty.orig_shape == res.orig_shape
+    assert empty.names == res.names and empty.speed == res.speed
+    empty.names[0], empty.speed["inference"] = "changed", 0.0
+    assert res.names[0] == "0" and res.speed["inference"] == 2.0  # copies, not shared
+
+
+def test_polygons_are_merged_once_and_returned_as_copies(res: Results, monkeypatch) -> None:
+    from segany.engine import containers
+
+    calls = []
+    real = containers.merge_contours
+    monkeypatch.setattr(containers, "merge_contours", lambda c: calls.append(1) or real(c))
+    first = [p.copy() for p in res.masks.xy]
+    for i in range(len(res)):  # indexing xy in a loop must not re-merge every mask each time
+        res.masks.xy[i]
+    res.masks.xyn, res.summary(), res.to_json()
+    assert len(calls) == len(res)
+    res.masks.xy[0][:] = -1  # editing a returned polygon leaves the cached one alone
+    res.masks.contours(0)[0][:] = -1
+    assert all(np.array_equal(a, b) for a, b in zip(res.masks.xy, first))
+    assert res.masks.contours(0)[0].min() >= 0
+
+
+def test_masks_and_image_are_checked(res: Results) -> None:
+    with pytest.raises(ValueError, match=r"orig_shape"):
+        Masks(synthetic_masks(), (H // 2, W // 2))  # polygons would be normalised by the wrong size
+    with pytest.raises(ValueError, match="uint8"):
+        Results(synthetic_image().astype(np.float32) / 255, "a.jpg", synthetic_masks())
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        Results(np.zeros((H, W, 5), np.uint8), "a.jpg", synthetic_masks())
+
+
+def test_boxes_is_track_and_names_as_a_list() -> None:
+    assert Boxes(np.zeros((2, 6), np.float32), (H, W)).is_track is False
+    assert Boxes(np.zeros((2, 7), np.float32), (H, W)).is_track is True
+    r = Results(synthetic_image(), "a.jpg", synthetic_masks()[:2], names=["car", "bus"])
+    assert r.names == {0: "car", 1: "bus"} and r.summary()[1]["name"] == "bus"
+
+
+def test_plot_on_an_image_that_is_not_8_bit_bgr_is_an_error(res: Results) -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        res.plot(img=np.ones((H, W, 3), np.float32))  # would be drawn on a black image
+    with pytest.raises(ValueError, match="uint8"):
+        res.plot(img=np.full((H, W, 3), 300, np.uint16))  # would wrap around
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        res.plot(img=np.zeros((H, W, 5), np.uint8))
+    assert res.plot(img=np.zeros((H, W), np.uint8)).shape == (H, W, 3)  # grayscale is fine
+
+
+def test_other_task_outputs_are_none_as_in_ultralytics(res: Results) -> None:
+    # Code written for any Ultralytics Results checks these before using boxes and masks.
+    assert res.probs is None and res.keypoints is None and res.obb is None
+    assert res[0].obb is None and res.numpy().probs is None
+
+
+@pytest.mark.parametrize("kwargs", [{"line_width": -1}, {"line_width": 0.4}, {"font_size": -3}])
+def test_plot_rejects_widths_and_font_sizes_below_one_pixel(res: Results, kwargs) -> None:
+    # line_width=-1 would be OpenCV's "filled": solid boxes over the image.
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        res.plot(**kwargs)
+    assert np.array_equal(res.plot(line_width=0, font_size=0), res.plot())  # 0: automatic, as in Ultralytics
+
+
+def test_first_mask_label_is_drawn_on_top() -> None:
+    from segany.engine.plotting import color
+
+    m = np.zeros((3, H, W), bool)
+    m[0, 40:80, 30:90], m[1, 40:100, 30:130], m[2, 40:110, 30:150] = True, True, True  # one top-left corner
+    out = Results(synthetic_image(), "a.png", m).plot(masks=False, font_size=12, line_width=2)
+    assert tuple(out[39, 30]) == color(0)  # the label box above the shared corner is mask 0's
+
+
+def test_json_and_coco_stay_valid_json_with_a_non_finite_score_or_a_numpy_id():
+    img = np.zeros((8, 10, 3), np.uint8)
+    m = np.zeros((2, 8, 10), bool)
+    m[:, 2:5, 3:7] = True
+    r = Results(img, "a.png", m, scores=[float("nan"), float("inf")])
+    assert [d["confidence"] for d in json.loads(r.to_json())] == [None, None]
+    anns = r.to_coco(image_id=np.int64(3), category_id=np.int32(1))
+    text = json.dumps(anns, allow_nan=False)  # NaN/Infinity are not JSON; np.int64 is not serialisable
+    assert [a["score"] for a in json.loads(text)] == [None, None]
+    assert [(a["image_id"], a["category_id"]) for a in anns] == [(3, 1), (3, 1)]

@@ -43,7 +43,7 @@ class Masks:
 
     ``xy`` / ``xyn``: one ``(K, 2)`` float32 polygon per mask in pixels / normalised to 0..1
     (parts of a multi-part mask merged with zero-width bridges; empty mask → ``(0, 2)``).
-    Polygons are traced once and cached.
+    Polygons are traced and merged once and cached; callers get copies.
     """
 
     def __init__(self, masks: ArrayLike, orig_shape: tuple[int, int]) -> None:
@@ -53,12 +53,18 @@ class Masks:
             masks = masks[None]
         if masks.ndim != 3:
             raise ValueError(f"masks must be (N, H, W) or (H, W), got shape {tuple(masks.shape)}")
+        if tuple(masks.shape[1:]) != tuple(int(s) for s in orig_shape):
+            # Polygons are in the masks' pixels: xyn and boxes would be normalised by the wrong size.
+            raise ValueError(f"masks are {tuple(masks.shape[1:])} but orig_shape is {tuple(orig_shape)}: "
+                             "upsample the masks to the original image size first")
         is_bool = masks.dtype == torch.bool if isinstance(masks, torch.Tensor) else masks.dtype == np.bool_
         if not is_bool:
             masks = masks > 0  # logits threshold at 0.0; 0/1 and 0/255 masks too
         self.data = masks
         self.orig_shape = tuple(int(s) for s in orig_shape)
-        self._cache: list[list[np.ndarray] | None] = [None] * len(masks)
+        # Per mask: (outer contours, merged polygon) once traced; merging a mask of many parts
+        # is slow, and xy[i] in a loop over masks would otherwise re-merge every mask each time.
+        self._cache: list[tuple[list[np.ndarray], np.ndarray] | None] = [None] * len(masks)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -88,17 +94,22 @@ class Masks:
     def cuda(self) -> Masks:
         return self.to("cuda")
 
-    def contours(self, i: int) -> list[np.ndarray]:
-        """Separate outer contours of mask ``i``: ``(K, 2)`` float32 pixel arrays, largest first."""
+    def _traced(self, i: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """The cached ``(contours, merged polygon)`` of mask ``i`` (not to be modified)."""
         i = range(len(self))[i]  # negative indices, and IndexError when out of range
         if self._cache[i] is None:
-            self._cache[i] = mask_contours(to_numpy(self.data[i]))
+            contours = mask_contours(to_numpy(self.data[i]))
+            self._cache[i] = (contours, merge_contours(contours))
         return self._cache[i]
+
+    def contours(self, i: int) -> list[np.ndarray]:
+        """Separate outer contours of mask ``i``: ``(K, 2)`` float32 pixel arrays, largest first."""
+        return [c.copy() for c in self._traced(i)[0]]
 
     @property
     def xy(self) -> list[np.ndarray]:
         """One merged ``(K, 2)`` float32 polygon per mask, in pixels."""
-        return [merge_contours(self.contours(i)) for i in range(len(self))]
+        return [self._traced(i)[1].copy() for i in range(len(self))]
 
     @property
     def xyn(self) -> list[np.ndarray]:
@@ -128,6 +139,11 @@ class Boxes:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.data.shape)
+
+    @property
+    def is_track(self) -> bool:
+        """Whether the boxes carry track ids (7 columns), as in Ultralytics."""
+        return self.data.shape[1] == 7
 
     def __len__(self) -> int:
         return int(self.data.shape[0])
@@ -165,7 +181,7 @@ class Boxes:
     @property
     def id(self) -> ArrayLike | None:
         """``(N,)`` track ids, or ``None`` without them."""
-        return self.data[:, -3] if self.data.shape[1] == 7 else None
+        return self.data[:, -3] if self.is_track else None
 
     @property
     def xywh(self) -> ArrayLike:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import uuid
 from collections.abc import Iterator
@@ -111,7 +112,7 @@ def summary(results: Results, normalize: bool = False, decimals: int = 5) -> lis
             {
                 "name": results.name_of(c),
                 "class": c,
-                "confidence": round(float(conf[i]), decimals),
+                "confidence": _finite(round(float(conf[i]), decimals)),
                 "box": {
                     "x1": round(x1 / w, decimals),
                     "y1": round(y1 / h, decimals),
@@ -129,7 +130,12 @@ def summary(results: Results, normalize: bool = False, decimals: int = 5) -> lis
 
 def to_json(results: Results, normalize: bool = False, decimals: int = 5) -> str:
     """:func:`summary` as an indented JSON string."""
-    return json.dumps(summary(results, normalize=normalize, decimals=decimals), indent=2)
+    return json.dumps(summary(results, normalize=normalize, decimals=decimals), indent=2, allow_nan=False)
+
+
+def _finite(x: float) -> float | None:
+    """``x``, or None for NaN and ±inf, which JSON cannot hold (a score from a model gone wrong)."""
+    return x if math.isfinite(x) else None
 
 
 def encode_rle(mask: np.ndarray) -> dict[str, Any]:
@@ -160,18 +166,19 @@ def to_coco(
         x1, y1, x2, y2 = (float(v) for v in xyxy[i])
         ann: dict[str, Any] = {
             "id": start_id + i,
-            "image_id": image_id,
-            "category_id": int(cls[i]) if category_id is None else category_id,
+            "image_id": int(image_id),  # numpy integers (an id taken from an array) are not JSON
+            "category_id": int(cls[i]) if category_id is None else int(category_id),
             "segmentation": encode_rle(masks[i]),
             "area": int(masks[i].sum()),
             "bbox": [x1, y1, x2 - x1, y2 - y1],
             "iscrowd": 0,
-            "score": float(conf[i]),
+            "score": _finite(float(conf[i])),
         }
         if records is not None:
             for key in RECORD_FIELDS:
                 if key in records[i]:
-                    ann[key] = jsonable(records[i][key])
+                    value = jsonable(records[i][key])
+                    ann[key] = _finite(value) if isinstance(value, float) else value
             if "crop_box" in ann:  # pixel offsets: always ints (Meta's records drift to floats)
                 ann["crop_box"] = [int(round(v)) for v in ann["crop_box"]]
         anns.append(ann)

@@ -39,6 +39,10 @@ def color(i: int) -> tuple[int, int, int]:
 def as_bgr(img: np.ndarray) -> np.ndarray:
     """``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)`` uint8 → a new ``(H, W, 3)`` BGR copy."""
     img = np.asarray(img)
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 3, 4)):
+        raise ValueError(f"cannot draw on an image of shape {img.shape}: give an (H, W, 3) BGR image")
+    if img.dtype != np.uint8:  # a cast would silently darken a 0..1 float image or wrap 16-bit values
+        raise ValueError(f"cannot draw on a {img.dtype} image: give a uint8 (0..255) BGR image")
     if img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 1):
         return cv2.cvtColor(np.ascontiguousarray(img.reshape(img.shape[:2])), cv2.COLOR_GRAY2BGR)
     if img.ndim == 3 and img.shape[2] == 4:
@@ -68,12 +72,18 @@ def plot(
     """
     if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha={alpha}: the masks' opacity is from 0 (invisible) to 1 (opaque)")
+    # None or 0: automatic, as in Ultralytics. OpenCV reads a negative thickness as "fill", so
+    # line_width=-1 would paint solid boxes over the image.
+    if line_width and not round(float(line_width)) >= 1:
+        raise ValueError(f"line_width={line_width}: give a width of 1 pixel or more (None: from the image size)")
+    if font_size and not float(font_size) > 0:
+        raise ValueError(f"font_size={font_size}: give a text height above 0 pixels (None: from the line width)")
     img = as_bgr(results.orig_img if img is None else img)
     h, w = img.shape[:2]
     if (h, w) != tuple(results.orig_shape):
         raise ValueError(f"img is {w}x{h} but the masks are {results.orig_shape[1]}x{results.orig_shape[0]}: "
                          "draw on an image of the original size")
-    lw = int(line_width) if line_width else max(round((h + w) / 2 * 0.003), 2)
+    lw = round(float(line_width)) if line_width else max(round((h + w) / 2 * 0.003), 2)
     n = len(results)
     if n == 0:
         return img
@@ -96,11 +106,13 @@ def plot(
             cv2.drawContours(img, outline, -1, color(i), max(lw // 2, 1), cv2.LINE_AA)
 
     if boxes:
-        for i in range(n):
+        # Last mask first, as Ultralytics draws, so where labels overlap (boxes sharing a corner)
+        # the first mask's (the first prompt's, the best candidate's) stays readable on top.
+        for i in reversed(range(n)):
             if areas[i] == 0:  # an empty mask has no box to draw
                 continue
             # Pixel-edge box → inclusive pixel corners for cv2.rectangle.
-            x1, y1, x2, y2 = (int(round(float(v))) for v in xyxy[i])
+            x1, y1, x2, y2 = (round(float(v)) for v in xyxy[i])
             p1, p2 = (x1, y1), (max(x2 - 1, x1), max(y2 - 1, y1))
             cv2.rectangle(img, p1, p2, color(i), lw, cv2.LINE_AA)
             if labels:
@@ -113,7 +125,7 @@ def plot(
 def _label(img: np.ndarray, text: str, p1: tuple[int, int], bg: tuple[int, int, int], lw: int,
            font_size: float | None = None) -> None:
     """Filled label box with ``text`` above ``p1`` (inside the box when there is no room above)."""
-    h, w = img.shape[:2]
+    w = img.shape[1]
     tf = max(lw - 1, 1)  # font thickness
     # Font scale; Hershey simplex capitals are ~22 px tall at scale 1.
     sf = font_size / 22 if font_size else lw / 3

@@ -29,9 +29,15 @@ class Results:
     ``orig_img``: ``(H, W, 3)`` uint8 BGR. ``masks``: ``(N, H, W)`` (bool, or thresholded at > 0),
     ``None`` → no masks. ``scores``: ``(N,)`` predicted IoU (default 1.0). ``cls``: ``(N,)`` ints
     (default the prompt index ``0..N-1``). ``low_res_logits``: ``(N, s, s)`` (s = 256 for the official models) kept for refinement
-    prompts. ``names``: class names (default ``{i: "i"}``). ``speed``: ms per stage.
+    prompts. ``names``: class names, a dict or a list (default ``{i: "i"}``). ``speed``: ms per stage.
     ``records``: optional SA-1B dicts from segment-everything, one per mask.
     """
+
+    # Outputs of Ultralytics' other tasks: SAM never has them, but code written for any Ultralytics
+    # Results tests ``r.obb is not None`` (and the like) before reading boxes and masks.
+    probs: None = None
+    keypoints: None = None
+    obb: None = None
 
     def __init__(
         self,
@@ -41,13 +47,17 @@ class Results:
         scores: ArrayLike | None = None,
         cls: ArrayLike | None = None,
         low_res_logits: ArrayLike | None = None,
-        names: dict[int, str] | None = None,
+        names: dict[int, str] | list[str] | None = None,
         speed: dict[str, float | None] | None = None,
         records: list[dict] | None = None,
     ) -> None:
         orig_img = np.asarray(orig_img)
-        if orig_img.ndim not in (2, 3) or orig_img.shape[0] == 0 or orig_img.shape[1] == 0:
+        if (orig_img.ndim not in (2, 3) or orig_img.shape[0] == 0 or orig_img.shape[1] == 0
+                or (orig_img.ndim == 3 and orig_img.shape[2] not in (1, 3, 4))):
             raise ValueError(f"orig_img must be an (H, W, 3) BGR image, got shape {orig_img.shape}")
+        if orig_img.dtype != np.uint8:  # plot() and save() draw on 8-bit pixels
+            raise ValueError(f"orig_img must be uint8 (0..255), got {orig_img.dtype}; convert it first, "
+                             "e.g. (img * 255).round().astype(np.uint8) for a float image in 0..1")
         h, w = orig_img.shape[:2]
         if masks is None:
             masks = torch.zeros((0, h, w), dtype=torch.bool)
@@ -79,7 +89,11 @@ class Results:
         self.orig_img = orig_img
         self.orig_shape = (h, w)
         self.path = str(path)
-        self.names = dict(names) if names is not None else {i: str(i) for i in range(n)}
+        if names is None:
+            names = {i: str(i) for i in range(n)}
+        elif isinstance(names, (list, tuple)):  # ["car", "bus"] → {0: "car", 1: "bus"}
+            names = dict(enumerate(names))
+        self.names = dict(names)
         self.speed = {"preprocess": None, "inference": None, "postprocess": None, **(speed or {})}
         self.low_res_logits = low_res_logits if low_res_logits is None or callable(low_res_logits) else (
             torch.as_tensor(low_res_logits))
@@ -120,6 +134,10 @@ class Results:
             None if self.low_res_logits is None else take(self.low_res_logits, sel),
             None if self.records is None else [self.records[i] for i in sel],
         )
+
+    def new(self) -> Results:
+        """A Results of the same image, path, names and speed with no masks (Ultralytics' ``new()``)."""
+        return Results(self.orig_img, self.path, None, names=self.names, speed=self.speed)
 
     def _new(self, masks: Masks, boxes: Boxes, low_res: ArrayLike | None, records: list | None) -> Results:
         out = Results.__new__(Results)
@@ -232,6 +250,10 @@ class Results:
         """Write YOLO-seg labels ``cls x1 y1 x2 y2 ... [conf]`` (normalised, 6 decimals), one line
         per mask whose polygon has at least 3 vertices. The whole file is written atomically and
         replaces any old one (no appending); no masks → an empty file. Returns the path."""
+        example = f"{Path(self.path).stem or 'labels'}.txt"
+        if str(txt_file).endswith(("/", os.sep)):  # Path() would drop the slash and write a file
+            raise IsADirectoryError(f"{txt_file} is a folder: give a file name to write to "
+                                    f"(e.g. {Path(txt_file) / example})")
         lines = export.yolo_lines(self, save_conf=save_conf)
-        export.atomic_write_text(txt_file, "".join(line + "\n" for line in lines), f"{Path(self.path).stem or 'labels'}.txt")
+        export.atomic_write_text(txt_file, "".join(line + "\n" for line in lines), example)
         return str(txt_file)
