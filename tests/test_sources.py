@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -276,17 +278,26 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def test_url_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@contextlib.contextmanager
+def _http_server(handler, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A server on 127.0.0.1 (an ephemeral port, no proxy in the way) → its base URL; stopped after."""
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    cv2.imwrite(str(tmp_path / "a.png"), _bgr())
-    handler = functools.partial(_QuietHandler, directory=str(tmp_path))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        base = f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_url_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cv2.imwrite(str(tmp_path / "a.png"), _bgr())
+    with _http_server(functools.partial(_QuietHandler, directory=str(tmp_path)), monkeypatch) as base:
         np.testing.assert_array_equal(load_image(f"{base}/a.png"), _bgr())
         # Spaces and non-ASCII letters, as a browser or curl sends them; and already encoded.
         for name in ("b b.png", "ü.png"):
@@ -296,10 +307,6 @@ def test_url_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert [n for n, _ in iter_sources([f"{base}/a.png"])] == [f"{base}/a.png"]
         with pytest.raises(ImageError, match="missing.png"):
             load_image(f"{base}/missing.png")
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 # ---------------------------------------------------------------- errors
@@ -315,8 +322,6 @@ def test_urls_are_sent_encoded_as_a_browser_does() -> None:
 
 
 def test_a_cut_off_url_download_is_an_image_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-
     class CutOff(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.0"
 
@@ -329,17 +334,9 @@ def test_a_cut_off_url_download_is_an_image_error(tmp_path: Path, monkeypatch: p
             self.end_headers()
             self.wfile.write(b"\x89PNG" + b"\0" * 996)  # a fifth of what was promised
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutOff)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/a.png"
+    with _http_server(CutOff, monkeypatch) as base:
         with pytest.raises(ImageError, match=r"could not download image .*/a\.png: the connection closed after 1000 bytes"):
-            load_image(url)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+            load_image(f"{base}/a.png")
 
 
 def test_missing_empty_and_corrupt_files(tmp_path: Path) -> None:
@@ -515,21 +512,13 @@ def test_a_video_url_is_downloaded_and_read_frame_by_frame(tmp_path: Path, monke
     is removed afterwards; a URL that is not a video gives an ImageError naming it."""
     import tempfile
 
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     served, scratch = tmp_path / "served", tmp_path / "scratch"
     served.mkdir()
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     _write_video(served / "v.avi", 4)
     (served / "bad.mp4").write_bytes(b"not a video" * 10)
-    handler = functools.partial(_QuietHandler, directory=str(served))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        base = f"http://127.0.0.1:{server.server_address[1]}"
+    with _http_server(functools.partial(_QuietHandler, directory=str(served)), monkeypatch) as base:
         for url in (f"{base}/v.avi", f"{base}/v.avi?token=1"):
             frames = list(iter_sources(url, vid_stride=2))
             assert [n for n, _ in frames] == [f"{url}:frame_0", f"{url}:frame_2"]
@@ -541,7 +530,3 @@ def test_a_video_url_is_downloaded_and_read_frame_by_frame(tmp_path: Path, monke
         with pytest.raises(ImageError, match=r"could not download video .*missing\.mp4: HTTP Error 404"):
             list(iter_sources(f"{base}/missing.mp4"))
         assert list(scratch.iterdir()) == []  # every download removed
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
