@@ -61,18 +61,30 @@ PARITY = {
                                 box_nms_thresh=1.0)),
     "small regions": (3, dict(points_per_side=8, min_mask_region_area=100, pred_iou_thresh=0.0,
                               stability_score_thresh=0.0)),
+    # Odd, non-square size; layers of 1, 4 and 16 crops with 8, 4 and 2 points a side; batches of 7.
+    "crop layers 2, downscale 2": (2, dict(points_per_side=8, crop_n_layers=2, crop_n_points_downscale_factor=2,
+                                           points_per_batch=7, pred_iou_thresh=0.0, stability_score_thresh=0.0),
+                                   (187, 253)),
+    "crops and small regions": (3, dict(points_per_side=6, crop_n_layers=1, min_mask_region_area=50,
+                                        pred_iou_thresh=0.0, stability_score_thresh=0.0), (187, 253)),
+    "user grids": (2, dict(point_grids=[np.random.default_rng(0).random((13, 2)),
+                                        np.random.default_rng(1).random((7, 2))], crop_n_layers=1,
+                           pred_iou_thresh=0.0, stability_score_thresh=0.0), (150, 199)),
+    "tiny image": (3, dict(points_per_side=4, crop_n_layers=1, pred_iou_thresh=0.0, stability_score_thresh=0.0),
+                   (20, 30)),
 }
 
 
 @pytest.mark.parametrize("case", list(PARITY))
-def test_parity_with_meta(models, case):
+def test_parity_with_meta(models, case, one_thread):
     from segment_anything import SamAutomaticMaskGenerator
 
-    seed, kw = PARITY[case]
+    seed, kw, *shape = PARITY[case]
     pred, ref = models[seed]
-    img = test_image(180, 240)
+    img = test_image(*(shape[0] if shape else (180, 240)))
     res = pred(source=img, **kw)[0]  # Meta's names are accepted as aliases
-    meta = SamAutomaticMaskGenerator(ref, output_mode="uncompressed_rle", **kw).generate(img[..., ::-1].copy())
+    meta_kw = dict(kw, points_per_side=None) if "point_grids" in kw else kw  # Meta: exactly one of them
+    meta = SamAutomaticMaskGenerator(ref, output_mode="uncompressed_rle", **meta_kw).generate(img[..., ::-1].copy())
     assert len(res) == len(meta) > 0
     masks = res.masks.data.numpy()
     cols, ious = _match(masks, res.records, meta)
@@ -90,7 +102,7 @@ def test_parity_with_meta(models, case):
             assert r["bbox"] == [m["bbox"][0], m["bbox"][1], m["bbox"][2] + 1, m["bbox"][3] + 1]
         elif r["area"] == 0:
             assert r["bbox"] == [0, 0, 0, 0] and m["area"] == 0
-    if case == "crop layer":
+    if "crop" in case:
         assert len({tuple(r["crop_box"]) for r in res.records}) > 1, "no crop mask survived: weak test"
 
 
@@ -190,6 +202,34 @@ def test_sam2_family_runs_the_same_pipeline():
     pred = Predictor(overrides=dict(device="cpu"), model=randomize(build_model(cfg)))
     res = pred(source=test_image(60, 80), points_stride=2, conf_thres=0, stability_score_thresh=0, iou=1.0)[0]
     assert len(res) == 12 and res.masks.data.shape == (12, 60, 80)  # 4 points x 3 masks, nothing suppressed
+
+
+@pytest.mark.parametrize("version", ["2", "2.1"])
+def test_sam2_parity_with_sam2_generator(version, one_thread):
+    """SAM 2 against sam2's SAM2AutomaticMaskGenerator at its multimask_output=True, use_m2m=False,
+    min_mask_region_area=0 (its other extras): direct low-res → image upsampling, batches of 5."""
+    pytest.importorskip("sam2", reason="Meta's sam2 package is a test-only reference")
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+    from test_sam2 import Pair
+
+    pair = Pair(version, small=True, seed=3)
+    img = test_image(123, 161)
+    kw = dict(points_per_side=4, points_per_batch=5, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+              box_nms_thresh=1.0)  # random SAM 2 weights give image-wide masks: keep them all
+    res = Predictor(overrides=dict(device="cpu"), model=pair.ours, config=pair.config)(source=img, **kw)[0]
+    gen = SAM2AutomaticMaskGenerator(pair.ref, output_mode="uncompressed_rle", **kw)
+    s = pair.size
+    gen.predictor._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]  # set for 1024
+    meta = gen.generate(np.ascontiguousarray(img[..., ::-1]))
+    assert len(res) == len(meta) == 48
+    cols, ious = _match(res.masks.data.numpy(), res.records, meta)
+    assert ious.min() >= 0.99
+    for i, j in enumerate(cols):
+        r, m = res.records[i], meta[j]
+        assert abs(r["predicted_iou"] - m["predicted_iou"]) <= 1e-3
+        np.testing.assert_allclose(r["stability_score"], m["stability_score"], rtol=0, atol=1e-3, equal_nan=True)
+        np.testing.assert_allclose(r["point_coords"], m["point_coords"], rtol=0, atol=1e-4)  # sam2: float32
+        assert r["crop_box"] == m["crop_box"]
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -312,6 +352,24 @@ def test_upsampler_equals_postprocess_masks(orig):
         up = ops.Upsampler(m, inp, orig)
         ref = m.postprocess_masks(low[:, None], inp, orig)[:, 0]
         assert (up(low).transpose(1, 2) - ref).abs().max() <= 1e-4 and (up.rows is not None) == matrix
+
+
+def test_upsampler_stays_fp32_under_autocast():
+    """half=True decodes under bf16 autocast: the upsampling keeps its fp32 matrix form (it fell
+    back to the slow postprocess_masks, and a built one gave bf16 logits ~0.16 off)."""
+    model = random_sam(SMALL_VIT)
+    orig = (187, 253)
+    inp = model.input_size(*orig)
+    low = torch.randn(3, 64, 64) * 8
+    ref = model.postprocess_masks(low[:, None], inp, orig)[:, 0]
+    built = ops.Upsampler(model, inp, orig)
+    built(low)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        up = ops.Upsampler(model, inp, orig)
+        outs = [up(low), built(low)]
+    assert up.rows is not None
+    for got in outs:
+        assert got.dtype == torch.float32 and (got.transpose(1, 2) - ref).abs().max() <= 1e-4
 
 
 def test_stability_score_matches_meta():

@@ -19,8 +19,14 @@ Documented choices:
 - Crops of zero width or height (tiny images with crop layers) are skipped; Meta fails on them.
 - ``Results.cls`` is the mask index ``0..N-1`` (as prompted calls number their prompts);
   ``low_res_logits`` is ``None`` (crop masks have no logits in the image frame).
-- Every model family runs this (SAM 1) algorithm, SAM 2 included (``SAM2AutomaticMaskGenerator``'s
-  extras, e.g. mask-to-mask refinement, are not implemented).
+- Every model family runs this (SAM 1) algorithm, SAM 2 included: it equals sam2's
+  ``SAM2AutomaticMaskGenerator`` at ``multimask_output=True``, ``use_m2m=False`` and
+  ``min_mask_region_area=0`` (masks upsampled as the model does: SAM 2 straight from low-res to
+  the image). Not implemented: mask-to-mask refinement and single-mask output; SAM 2's own
+  defaults (``pred_iou_thresh`` 0.8, not 0.88); and its ``min_mask_region_area``, which fills
+  holes and removes sprinkles in the low-res logits with a CUDA kernel (skipped where that is
+  missing) instead of the hole/island clean-up and NMS done here. Records' ``point_coords`` are
+  float64 as in Meta's SAM 1 generator (sam2's are float32).
 - Records' ``bbox`` is COCO's true width ``x2 - x1 + 1`` (Meta's is one pixel short), and
   ``[0, 0, 0, 0]`` for an empty mask; ``segmentation`` is a compressed COCO RLE (str counts).
 """

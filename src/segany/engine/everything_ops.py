@@ -22,6 +22,7 @@ lists. Here the same filters run in the same order on the same values, but:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -97,12 +98,21 @@ def _axis_operator(kind: str, model, s: int, inp: int, out: int, device: torch.d
     return _resize_matrix(inp, out, device) @ _resize_matrix(s, img_size, device)[:inp]
 
 
+def _fp32(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off on ``device``: ``half=True`` decodes under bf16 autocast, which would turn the
+    upsampling matrix products into bf16 ones (logits off by ~0.1, and the probe failing)."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # a device type without autocast: nothing to turn off
+        return contextlib.nullcontext()
+
+
 class Upsampler:
     """Low-res logits ``(k, s, s)`` → logits at the crop size, *transposed*: ``(k, w, h)``.
 
-    Equal (to float rounding, < 1e-5) to ``model.postprocess_masks(...).transpose(-1, -2)``.
-    The matrix form is used when a probe shows it reproduces the model's upsampling; otherwise
-    the model's own ``postprocess_masks`` runs.
+    Equal (to float rounding, < 1e-5) to ``model.postprocess_masks(...).transpose(-1, -2)``
+    in fp32, also under autocast. The matrix form is used when a probe shows it reproduces the
+    model's upsampling; otherwise the model's own ``postprocess_masks`` runs.
     """
 
     def __init__(self, model, input_size: tuple[int, int], crop_hw: tuple[int, int]) -> None:
@@ -134,6 +144,10 @@ class Upsampler:
                 return
 
     def __call__(self, low: torch.Tensor) -> torch.Tensor:
+        with _fp32(low.device):
+            return self._upsample(low.float())
+
+    def _upsample(self, low: torch.Tensor) -> torch.Tensor:
         if self.size != low.shape[-1]:
             self._build(low.shape[-1], low.device)
         if self.rows is None:
