@@ -117,6 +117,12 @@ def test_options_that_were_ignored(small_ckpt, img_path):
         grids(img_path, points_stride=4)  # grids in the overrides, a stride in the call
     with pytest.raises(ConfigError, match="point_grids and points_stride"):
         Predictor(overrides=dict(model=small_ckpt, point_grids=[[[0.5, 0.5]]], points_stride=4))
+    # Meta's own form: points_per_side=None beside the grids.
+    meta_form = model(img_path, point_grids=[[[0.5, 0.5]]], points_per_side=None, conf_thres=0,
+                      stability_score_thresh=0)[0]
+    assert len(meta_form) >= 1 and [r["point_coords"] for r in meta_form.records] == [[[120.0, 90.0]]] * len(meta_form)
+    assert len(Predictor(overrides=dict(model=small_ckpt, points_per_side=None, point_grids=[[[0.5, 0.5]]]))(
+        img_path, conf_thres=0, stability_score_thresh=0)[0]) == len(meta_form)
 
 
 def test_a_failure_while_saving_leaves_the_current_image(model, img_path, tmp_path):

@@ -125,7 +125,7 @@ class Predictor:
             raise ConfigError(f"model={given['model']!r}: this predictor holds {self.args['model']!r}; "
                               f"load the other one with SAM({given['model']!r})")
         explicit = {**self.overrides, **given}
-        if explicit.get("point_grids") is not None and "points_stride" in explicit:
+        if explicit.get("point_grids") is not None and explicit.get("points_stride") is not None:
             raise ConfigError("point_grids and points_stride (points_per_side) both given: give only one "
                               "(the grids replace the regular grid)")
         opts = {**self.args, **own, **given}
