@@ -294,3 +294,49 @@ def test_name_options_parse_as_typed_but_lists_and_words_still_parse():
     assert got == dict(source="[1].jpg", name="007", class_names=["person", "car"])
     with pytest.raises(ConfigError, match="save_json=True: expected a single value"):
         parse_options(["save_json=True"], valid)  # a word, refused by the type check, as before
+
+
+def _clip(path: Path, frames: int, fps: float = 12.0) -> Path:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (240, 180))
+    assert writer.isOpened(), "this OpenCV build cannot write mp4v"
+    for i in range(frames):
+        writer.write(np.roll(test_image(), 8 * i, axis=1))
+    writer.release()
+    return path
+
+
+def test_a_video_source_is_saved_as_one_annotated_video(small_ckpt, tmp_path):
+    """As Ultralytics writes it: clip.mp4 holds the annotated frames (at the source's rate over
+    vid_stride); the masks' JSON and labels stay per frame; an image after it is saved as before."""
+    from segany import SAM
+
+    clip = _clip(tmp_path / "clip.mp4", 6)
+    cv2.imwrite(str(tmp_path / "still.png"), test_image())
+    results = SAM(small_ckpt)([str(clip), str(tmp_path / "still.png")], bboxes=[60, 45, 120, 90], save=True,
+                              save_txt=True, vid_stride=2, project=str(tmp_path / "runs"), name="v")
+    assert [Path(r.path).name for r in results] == ["clip.mp4:frame_0", "clip.mp4:frame_2", "clip.mp4:frame_4",
+                                                     "still.png"]
+    out = tmp_path / "runs" / "v"
+    assert sorted(p.name for p in out.iterdir()) == ["clip.mp4", "clip_frame_0.json", "clip_frame_2.json",
+                                                      "clip_frame_4.json", "labels", "still.json", "still.png"]
+    video = cv2.VideoCapture(str(out / "clip.mp4"))
+    frames = []
+    while (got := video.read())[0]:
+        frames.append(got[1])
+    assert len(frames) == 3 and frames[0].shape == (180, 240, 3)
+    assert video.get(cv2.CAP_PROP_FPS) == pytest.approx(6.0)
+    # the frames are the plots, not the raw frames (mp4v is lossy: compared by distance)
+    def distance(a, b):
+        return np.abs(a.astype(int) - b.astype(int)).mean()
+
+    assert distance(frames[1], results[1].plot()) < distance(frames[1], results[1].orig_img) / 2
+    assert len(list((out / "labels").iterdir())) == 4
+
+
+def test_cli_predict_on_a_video_writes_the_video(small_ckpt, tmp_path):
+    _clip(tmp_path / "clip.mp4", 3)
+    p = ok(run(["predict", f"model={small_ckpt}", "source=clip.mp4", "bboxes=[60,45,120,90]"], tmp_path))
+    out = tmp_path / "runs" / "segment" / "predict"
+    assert "images, videos and mask JSON" in p.stdout
+    assert cv2.VideoCapture(str(out / "clip.mp4")).get(cv2.CAP_PROP_FRAME_COUNT) == 3
+    assert not list(out.glob(".*"))  # no temporary file left

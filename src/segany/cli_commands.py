@@ -299,5 +299,7 @@ def _consume(results, model, total: int | None, writer: RunWriter | None, verbos
             bar.update(1)
     finally:
         bar.close()
+        if writer is not None:
+            writer.close()
     print(report.speed_line())
     print("Done (save=False: nothing written)" if writer is None else writer.summary())

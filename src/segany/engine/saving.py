@@ -1,9 +1,12 @@
 """Run folders: ``save=True`` / ``save_txt=True`` of a prediction, from Python and from the shell.
 
 Each result is written as it arrives: the annotated image and a JSON of its masks (COCO RLE) for
-``save``, YOLO-seg labels in ``labels/`` for ``save_txt``. Files are written atomically, and the
-folder is made only when the first result is written, so a call that fails first (a bad prompt,
-an unreadable image, a missing checkpoint) leaves no empty run folder behind.
+``save``, YOLO-seg labels in ``labels/`` for ``save_txt``. The frames of a video source go into one
+annotated video (``clip.mp4``, as Ultralytics writes it) instead of an image each; their JSON and
+labels are per frame (``clip_frame_3.json``). Files are written atomically (a video under a
+temporary name until its last frame), and the folder is made only when the first result is
+written, so a call that fails first (a bad prompt, an unreadable image, a missing checkpoint)
+leaves no empty run folder behind.
 """
 
 from __future__ import annotations
@@ -35,17 +38,22 @@ def source_name(path: str) -> str:
     return Path(path).name
 
 
+def video_of(path: str) -> tuple[str, int] | None:
+    """``("clip.mp4", 3)`` for the name of a video frame ``clip.mp4:frame_3``, else None."""
+    frame = re.fullmatch(r"(.*):frame_(\d+)", path)  # (a file named x:frame_1.png is no frame)
+    return (frame[1], int(frame[2])) if frame else None
+
+
 def image_file_name(path: str) -> tuple[str, str]:
     """A file name stem and image suffix for the plot of a result whose image is ``path``:
     ``bus.jpg`` → ``("bus", ".jpg")``, ``clip.mp4:frame_3`` → ``("clip_frame_3", ".jpg")``,
     a URL's query and characters a file name should not hold are left out."""
-    video_frame = re.fullmatch(r"(.*):frame_(\d+)", path)  # (a file named x:frame_1.png is no frame)
-    base, frame = video_frame.groups() if video_frame else (path, "")
-    name = source_name(base) or "image"
+    video = video_of(path)
+    name = source_name(video[0] if video else path) or "image"
     suffix = Path(name).suffix.lower()
-    stem = Path(name).stem + (f"_frame_{frame}" if frame else "")
+    stem = Path(name).stem + (f"_frame_{video[1]}" if video else "")
     stem = re.sub(r"[^\w.-]", "_", stem) or "image"
-    return stem, (suffix if suffix in SAVE_SUFFIXES and not frame else ".jpg")
+    return stem, (suffix if suffix in SAVE_SUFFIXES and not video else ".jpg")
 
 
 def run_dir(project: str | None, name: str | None, exist_ok: bool) -> Path:
@@ -67,16 +75,53 @@ def check_writable(folder: Path) -> None:
         raise ConfigError(f"cannot write results to {folder}: no write permission on {p}")
 
 
+class VideoWriter:
+    """One annotated video: frames appended as they come, written under a temporary name and
+    renamed into place by :meth:`close` (a run cut short still leaves a playable file)."""
+
+    def __init__(self, path: Path, source: str, vid_stride: int = 1) -> None:
+        import cv2
+
+        self.path, self.frames = path, 0
+        self._tmp = path.with_name(f".{path.stem}.part{path.suffix}")
+        capture = cv2.VideoCapture(source) if os.path.isfile(source) else None  # a URL's download is gone
+        fps = capture.get(cv2.CAP_PROP_FPS) if capture is not None else 0.0
+        if capture is not None:
+            capture.release()
+        self.fps = (fps if 0 < fps < 1000 else 30.0) / max(int(vid_stride), 1)
+        self._writer = None
+
+    def add(self, frame) -> None:
+        import cv2
+
+        if self._writer is None:
+            h, w = frame.shape[:2]
+            self._writer = cv2.VideoWriter(str(self._tmp), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (w, h))
+            if not self._writer.isOpened():
+                raise ConfigError(f"cannot write video {self.path}: OpenCV could not open an mp4v encoder")
+        self._writer.write(frame)
+        self.frames += 1
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
+            os.replace(self._tmp, self.path)
+
+
 class RunWriter:
     """Writes the results of one prediction run into ``folder`` (see the module docstring)."""
 
     def __init__(self, project: str | None = None, name: str | None = None, exist_ok: bool = False,
-                 save: bool = True, save_txt: bool = False, save_conf: bool = False) -> None:
+                 save: bool = True, save_txt: bool = False, save_conf: bool = False, vid_stride: int = 1) -> None:
         self.project, self.name, self.exist_ok = project, name, exist_ok
         self.folder = run_dir(project, name, exist_ok)  # the name it will get, unless taken meanwhile
         check_writable(self.folder)
         self.save, self.save_txt, self.save_conf = save, save_txt, save_conf
+        self.vid_stride = vid_stride
         self.written = 0
+        self.videos: list[Path] = []  # annotated videos written
+        self._video: tuple[str, VideoWriter] | None = None  # the video being written: (source, writer)
         self._made = False  # the folder: made at the first write
         self._stems: set[str] = set()
 
@@ -86,7 +131,7 @@ class RunWriter:
         if not (opts["save"] or opts["save_txt"]):
             return None
         return cls(opts["project"], opts["name"], bool(opts["exist_ok"]), bool(opts["save"]),
-                   bool(opts["save_txt"]), bool(opts["save_conf"]))
+                   bool(opts["save_txt"]), bool(opts["save_conf"]), int(opts.get("vid_stride") or 1))
 
     def _make_folder(self) -> None:
         """Make the run folder at the first write. Without ``exist_ok`` it is claimed by an
@@ -112,8 +157,17 @@ class RunWriter:
         except OSError as e:
             raise ConfigError(f"cannot create output folder {self.folder}: {e.strerror or e}") from None
         stem, suffix = self._stem(r.path)
-        if self.save:
+        video = video_of(r.path)
+        if self._video is not None and (video is None or video[0] != self._video[0]):
+            self.close()  # a result of another source: the video before is complete
+        if self.save and video is not None:
+            if self._video is None:
+                path = self.folder / f"{self._stem(video[0])[0]}.mp4"
+                self._video = video[0], VideoWriter(path, video[0], self.vid_stride)
+            self._video[1].add(r.plot())
+        elif self.save:
             r.save(self.folder / f"{stem}{suffix}")
+        if self.save:
             h, w = r.orig_shape
             record = dict(image=dict(file_name=Path(r.path).name, path=r.path, height=h, width=w),
                           speed=speed_ms if speed_ms is not None else dict(r.speed),
@@ -126,16 +180,28 @@ class RunWriter:
     def passing(self, results: Iterator[Results], verbose: bool = False) -> Iterator[Results]:
         """``results``, each written as it passes; with ``verbose``, where they went is printed
         after the last."""
-        for r in results:
-            self.write(r)
-            yield r
+        try:
+            for r in results:
+                self.write(r)
+                yield r
+        finally:
+            self.close()
         if verbose and self.written:
             print(self.summary())
+
+    def close(self) -> None:
+        """Finish the video being written, if any (each video is finished when a result of
+        another source arrives, and at the end of the run)."""
+        if self._video is not None:
+            writer, self._video = self._video[1], None
+            writer.close()
+            self.videos.append(writer.path)
 
     def summary(self) -> str:
         if not self.written:
             return "Nothing written: no result to save"
-        what = [w for w, on in (("images and mask JSON", self.save), ("labels in labels/", self.save_txt)) if on]
+        saved = "images, videos and mask JSON" if self.videos else "images and mask JSON"
+        what = [w for w, on in ((saved, self.save), ("labels in labels/", self.save_txt)) if on]
         return f"Results saved to {self.folder} ({', '.join(what)})"
 
     def _stem(self, path: str) -> tuple[str, str]:
