@@ -340,3 +340,56 @@ def test_cli_predict_on_a_video_writes_the_video(small_ckpt, tmp_path):
     assert "images, videos and mask JSON" in p.stdout
     assert cv2.VideoCapture(str(out / "clip.mp4")).get(cv2.CAP_PROP_FRAME_COUNT) == 3
     assert not list(out.glob(".*"))  # no temporary file left
+
+
+def _frames_written(tmp_path: Path, paths: list[str], name: str, **kw) -> Path:
+    """``paths`` (video frame names ``clip.mp4:frame_N`` and image names) through a RunWriter,
+    as a prediction would hand their results to it; returns the run folder."""
+    from segany.engine.results import Results
+    from segany.engine.saving import RunWriter
+
+    img = test_image()[:48, :64]
+    writer = RunWriter(str(tmp_path / "runs"), name, **kw)
+    list(writer.passing(Results(img, p, np.zeros((1, 48, 64), bool)) for p in paths))
+    return tmp_path / "runs" / name
+
+
+def _frame_counts(out: Path) -> dict[str, int]:
+    return {p.name: int(cv2.VideoCapture(str(p)).get(cv2.CAP_PROP_FRAME_COUNT)) for p in out.glob("*.mp4")}
+
+
+def test_the_same_video_twice_in_a_run_is_saved_as_two_videos(tmp_path):
+    # source=["clip.mp4", "clip.mp4"]: the second pass restarts at frame 0, so it is a video of its own
+    v = str(tmp_path / "clip.mp4")
+    out = _frames_written(tmp_path, [f"{v}:frame_0", f"{v}:frame_1", f"{v}:frame_0", f"{v}:frame_1"], "twice")
+    assert _frame_counts(out) == {"clip.mp4": 2, "clip_2.mp4": 2}
+
+
+def test_an_image_of_a_videos_stem_keeps_its_name(tmp_path):
+    # clip.mp4 and clip.jpg are different files: neither is renamed for the other (as before videos,
+    # and as in Ultralytics); only another video of that stem is numbered
+    v, still = str(tmp_path / "clip.mp4"), str(tmp_path / "clip.jpg")
+    out = _frames_written(tmp_path, [f"{v}:frame_0", still, f"{v}:frame_0"], "video_first")
+    assert sorted(p.name for p in out.iterdir()) == ["clip.jpg", "clip.json", "clip.mp4", "clip_2.mp4",
+                                                      "clip_frame_0.json", "clip_frame_0_2.json"]
+    out = _frames_written(tmp_path, [still, f"{v}:frame_0"], "image_first")
+    assert sorted(p.name for p in out.glob("clip*.*")) == ["clip.jpg", "clip.json", "clip.mp4", "clip_frame_0.json"]
+
+
+def test_a_video_encoder_that_cannot_open_is_the_error_reported(tmp_path, monkeypatch):
+    # the ConfigError must not be replaced by a FileNotFoundError for the temporary file never made
+    from segany.errors import ConfigError
+
+    class NoEncoder:
+        def __init__(self, *args):
+            pass
+
+        def isOpened(self):
+            return False
+
+        def release(self):
+            pass
+
+    monkeypatch.setattr(cv2, "VideoWriter", NoEncoder)
+    with pytest.raises(ConfigError, match="could not open an mp4v encoder"):
+        _frames_written(tmp_path, [f"{tmp_path}/clip.mp4:frame_0"], "no_encoder")

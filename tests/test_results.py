@@ -434,3 +434,20 @@ def test_json_and_coco_stay_valid_json_with_a_non_finite_score_or_a_numpy_id():
     text = json.dumps(anns, allow_nan=False)  # NaN/Infinity are not JSON; np.int64 is not serialisable
     assert [a["score"] for a in json.loads(text)] == [None, None]
     assert [(a["image_id"], a["category_id"]) for a in anns] == [(3, 1), (3, 1)]
+
+
+def test_coco_ids_that_are_not_numbers_stay_as_given(res: Results) -> None:
+    # before numpy ids were converted, a string id (a file name, as some datasets use) went through;
+    # int() must not refuse it, nor turn "0007" into 7
+    anns = res.to_coco(image_id="bus_0007", category_id="person")
+    assert {(a["image_id"], a["category_id"]) for a in anns} == {("bus_0007", "person")}
+    assert json.loads(json.dumps(anns))[0]["image_id"] == "bus_0007"
+
+
+def test_names_as_id_name_pairs_still_read_as_a_dict() -> None:
+    # dict(names) took (id, name) pairs before lists of names were added; they must not become names
+    pairs = [(0, "car"), (1, "bus")]
+    for names in (pairs, tuple(pairs), sorted({1: "bus", 0: "car"}.items())):
+        r = Results(synthetic_image(), "a.jpg", synthetic_masks()[:2], names=names)
+        assert r.names == {0: "car", 1: "bus"} and r.summary()[1]["name"] == "bus"
+    assert Results(synthetic_image(), "a.jpg", synthetic_masks()[:2], names=["ab", "cd"]).names == {0: "ab", 1: "cd"}

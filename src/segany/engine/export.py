@@ -166,8 +166,10 @@ def to_coco(
         x1, y1, x2, y2 = (float(v) for v in xyxy[i])
         ann: dict[str, Any] = {
             "id": start_id + i,
-            "image_id": int(image_id),  # numpy integers (an id taken from an array) are not JSON
-            "category_id": int(cls[i]) if category_id is None else int(category_id),
+            # numpy integers (an id taken from an array) are not JSON; other ids (a file-name string
+            # some datasets use) stay as given, not cast or refused by int()
+            "image_id": jsonable(image_id),
+            "category_id": int(cls[i]) if category_id is None else jsonable(category_id),
             "segmentation": encode_rle(masks[i]),
             "area": int(masks[i].sum()),
             "bbox": [x1, y1, x2 - x1, y2 - y1],

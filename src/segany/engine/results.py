@@ -91,8 +91,9 @@ class Results:
         self.path = str(path)
         if names is None:
             names = {i: str(i) for i in range(n)}
-        elif isinstance(names, (list, tuple)):  # ["car", "bus"] → {0: "car", 1: "bus"}
-            names = dict(enumerate(names))
+        elif isinstance(names, (list, tuple)) and not all(isinstance(n, (list, tuple)) and len(n) == 2
+                                                           for n in names):
+            names = dict(enumerate(names))  # ["car", "bus"] → {0: "car", 1: "bus"}; [(0, "car")] as before
         self.names = dict(names)
         self.speed = {"preprocess": None, "inference": None, "postprocess": None, **(speed or {})}
         self.low_res_logits = low_res_logits if low_res_logits is None or callable(low_res_logits) else (

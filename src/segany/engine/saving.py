@@ -82,7 +82,8 @@ class VideoWriter:
     def __init__(self, path: Path, source: str, vid_stride: int = 1) -> None:
         import cv2
 
-        self.path, self.frames = path, 0
+        self.path, self.source, self.frames = path, source, 0
+        self.last_frame = -1  # the source's number of the frame added last
         self._tmp = path.with_name(f".{path.stem}.part{path.suffix}")
         capture = cv2.VideoCapture(source) if os.path.isfile(source) else None  # a URL's download is gone
         fps = capture.get(cv2.CAP_PROP_FPS) if capture is not None else 0.0
@@ -91,16 +92,20 @@ class VideoWriter:
         self.fps = (fps if 0 < fps < 1000 else 30.0) / max(int(vid_stride), 1)
         self._writer = None
 
-    def add(self, frame) -> None:
+    def add(self, frame, number: int) -> None:
+        """Append ``frame`` (BGR), the source's frame ``number``."""
         import cv2
 
         if self._writer is None:
             h, w = frame.shape[:2]
-            self._writer = cv2.VideoWriter(str(self._tmp), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (w, h))
-            if not self._writer.isOpened():
+            writer = cv2.VideoWriter(str(self._tmp), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (w, h))
+            if not writer.isOpened():  # kept off self._writer: close() would rename a file never made
+                writer.release()
                 raise ConfigError(f"cannot write video {self.path}: OpenCV could not open an mp4v encoder")
+            self._writer = writer
         self._writer.write(frame)
         self.frames += 1
+        self.last_frame = number
 
     def close(self) -> None:
         if self._writer is not None:
@@ -121,9 +126,10 @@ class RunWriter:
         self.vid_stride = vid_stride
         self.written = 0
         self.videos: list[Path] = []  # annotated videos written
-        self._video: tuple[str, VideoWriter] | None = None  # the video being written: (source, writer)
+        self._video: VideoWriter | None = None  # the video being written
         self._made = False  # the folder: made at the first write
-        self._stems: set[str] = set()
+        self._stems: set[str] = set()  # of images and their JSON and labels
+        self._video_stems: set[str] = set()  # of videos: clip.mp4 and clip.jpg do not collide
 
     @classmethod
     def from_options(cls, opts: dict[str, Any]) -> RunWriter | None:
@@ -158,13 +164,16 @@ class RunWriter:
             raise ConfigError(f"cannot create output folder {self.folder}: {e.strerror or e}") from None
         stem, suffix = self._stem(r.path)
         video = video_of(r.path)
-        if self._video is not None and (video is None or video[0] != self._video[0]):
-            self.close()  # a result of another source: the video before is complete
+        # A result of another source, or the same video from its start again (a list naming it
+        # twice): the video before is complete.
+        if self._video is not None and (video is None or video[0] != self._video.source
+                                        or video[1] <= self._video.last_frame):
+            self.close()
         if self.save and video is not None:
             if self._video is None:
-                path = self.folder / f"{self._stem(video[0])[0]}.mp4"
-                self._video = video[0], VideoWriter(path, video[0], self.vid_stride)
-            self._video[1].add(r.plot())
+                path = self.folder / f"{self._stem(video[0], self._video_stems)[0]}.mp4"
+                self._video = VideoWriter(path, video[0], self.vid_stride)
+            self._video.add(r.plot(), video[1])
         elif self.save:
             r.save(self.folder / f"{stem}{suffix}")
         if self.save:
@@ -193,9 +202,10 @@ class RunWriter:
         """Finish the video being written, if any (each video is finished when a result of
         another source arrives, and at the end of the run)."""
         if self._video is not None:
-            writer, self._video = self._video[1], None
+            writer, self._video = self._video, None
             writer.close()
-            self.videos.append(writer.path)
+            if writer.frames:  # not one whose encoder failed to open
+                self.videos.append(writer.path)
 
     def summary(self) -> str:
         if not self.written:
@@ -204,13 +214,15 @@ class RunWriter:
         what = [w for w, on in ((saved, self.save), ("labels in labels/", self.save_txt)) if on]
         return f"Results saved to {self.folder} ({', '.join(what)})"
 
-    def _stem(self, path: str) -> tuple[str, str]:
-        """A file name stem and image suffix for one result, unique within the run."""
+    def _stem(self, path: str, taken: set[str] | None = None) -> tuple[str, str]:
+        """A file name stem and image suffix for one result, unique within the run (among the
+        stems ``taken``, default those of images)."""
+        taken = self._stems if taken is None else taken
         stem, suffix = image_file_name(path)
         unique = stem
         for k in count(2):
-            if unique not in self._stems:
+            if unique not in taken:
                 break
             unique = f"{stem}_{k}"
-        self._stems.add(unique)
+        taken.add(unique)
         return unique, suffix
