@@ -264,6 +264,24 @@ def test_image_over_pixel_cap_is_413(client):
     check_error(client.post("/api/images", content=big), 413, "file")
 
 
+def test_size_cap_errors_name_the_fix(client, monkeypatch):
+    """A 413 says what to do: downscale / send less, or raise the server's cap (by its option name)."""
+    from PIL import Image
+
+    big = cv2.imencode(".png", np.zeros((300, 300, 3), np.uint8))[1].tobytes()  # 90k pixels > 80k cap
+    body = check_error(client.post("/api/images", content=big), 413, "file")
+    assert "300x300" in body["detail"] and "downscale" in body["detail"] and "max_pixels=" in body["detail"]
+    # Over twice Pillow's own limit, Pillow refuses from the header: the same message, not Pillow's
+    # "decompression bomb DOS attack".
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)
+    body = check_error(client.post("/api/images", content=big), 413, "file")
+    assert "90000 pixels" in body["detail"] and "max_pixels=" in body["detail"] and "DOS" not in body["detail"]
+    blob = b"\0" * ((1 << 20) + 1)
+    assert "max_body_mb=" in check_error(client.post("/api/images", content=blob), 413, "body")["detail"]
+    chunked = (b"\0" * (1 << 16) for _ in range(20))
+    assert "max_body_mb=" in check_error(client.post("/api/images", content=chunked), 413, "body")["detail"]
+
+
 def test_body_over_size_cap_is_413(client, image_id):
     blob = b"\0" * ((1 << 20) + 1)
     check_error(client.post("/api/images", content=blob), 413, "body")

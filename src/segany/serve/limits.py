@@ -8,6 +8,10 @@ from fastapi import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+# What a client over the body cap can do, and what the server's operator can.
+FIX = ("send a smaller file, or start the server with a larger cap "
+       "(segany serve max_body_mb=, create_app(max_body_bytes=))")
+
 
 class ApiError(HTTPException):
     """An error answered as JSON ``{"detail": ..., "field": ...}`` with an HTTP status.
@@ -37,7 +41,7 @@ class BodyLimitMiddleware:
 
             bad = not length.isdigit()
             resp = JSONResponse({"detail": "bad Content-Length" if bad else
-                                 f"body of {int(length)} bytes is over the cap of {self.max_bytes} bytes",
+                                 f"body of {int(length)} bytes is over the cap of {self.max_bytes} bytes; {FIX}",
                                  "field": "body"}, status_code=400 if bad else 413)
             await resp(scope, receive, send)
             return
@@ -49,7 +53,7 @@ class BodyLimitMiddleware:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.max_bytes:  # chunked upload without a length: stop reading
-                    raise ApiError(413, f"body over the cap of {self.max_bytes} bytes", "body")
+                    raise ApiError(413, f"body over the cap of {self.max_bytes} bytes; {FIX}", "body")
             return msg
 
         await self.app(scope, limited, send)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import re
 import secrets
 import time
 import warnings
@@ -104,8 +105,9 @@ class SegmentService:
         try:
             with Image.open(io.BytesIO(data)) as im:
                 w, h = im.size
-        except Image.DecompressionBombError as e:
-            raise TooLargeError(f"image over the pixel cap: {e}") from None
+        except Image.DecompressionBombError as e:  # over twice Pillow's limit: refused from the header
+            found = re.search(r"\((\d+) pixels\)", str(e))
+            raise TooLargeError(self._too_large(f"{int(found[1])} pixels" if found else "larger than Pillow reads")) from None
         except Exception:  # not something Pillow knows: OpenCV may still read it (checked after)
             w = h = 0
         self._check_pixels(w, h)
@@ -118,7 +120,12 @@ class SegmentService:
 
     def _check_pixels(self, w: int, h: int) -> None:
         if w * h > self.max_pixels:
-            raise TooLargeError(f"the image is {w}x{h} = {w * h} pixels, over the cap of {self.max_pixels} pixels")
+            raise TooLargeError(self._too_large(f"{w}x{h} = {w * h} pixels"))
+
+    def _too_large(self, size: str) -> str:
+        # The fix is named: the client can downscale, the operator can raise the cap.
+        return (f"the image is {size}, over this server's cap of {self.max_pixels} pixels: downscale it, "
+                "or start the server with a larger max_pixels=")
 
     def logits_for(self, image_id: str, ids: list[str]) -> torch.Tensor:
         """Stacked low-res logits ``(N, h, w)`` for ``mask_input`` ids returned earlier for this image."""

@@ -1,8 +1,8 @@
 // segany click-to-segment page: plain JavaScript, no build step, nothing fetched but this server's API.
 "use strict";
 const $ = (id) => document.getElementById(id);
-const S = { id: null, name: "image", w: 0, h: 0, points: [], box: null, history: [], mode: "prompt",
-            masks: [], candidates: [], pick: 0, seq: 0, version: 0 };
+const S = { id: null, file: null, name: "image", w: 0, h: 0, points: [], box: null, history: [], mode: "prompt",
+            masks: [], candidates: [], pick: 0, seq: 0, version: 0, opening: 0 };
 const imageCanvas = $("image"), overlay = $("overlay");
 const COLOURS = [[30, 144, 255], [255, 99, 71], [50, 205, 50], [255, 215, 0], [186, 85, 211], [0, 206, 209],
                  [255, 140, 0], [199, 21, 133], [127, 255, 0], [70, 130, 180], [244, 164, 96], [152, 251, 152]];
@@ -12,8 +12,31 @@ function status(text, error = false) { $("status").textContent = text; $("status
 async function api(path, options) {
   const r = await fetch(path, options);
   const body = await r.json().catch(() => ({ detail: r.statusText }));
-  if (!r.ok) throw new Error(`${r.status}: ${body.detail}${body.field ? ` (field ${body.field})` : ""}`);
+  if (!r.ok) {
+    const e = new Error(`${r.status}: ${body.detail}${body.field ? ` (field ${body.field})` : ""}`);
+    e.status = r.status; e.field = body.field;
+    throw e;
+  }
   return body;
+}
+
+function upload(file) {
+  const form = new FormData();
+  form.append("file", file);
+  return api("/api/images", { method: "POST", body: form });
+}
+
+// POST JSON to /api/images/{id}/{action}. The server's embedding cache is an LRU shared by every
+// client: when it has evicted this image (404 on image_id), upload the file again once and retry,
+// instead of leaving the page failing on every click until the user reopens the file.
+async function onImage(action, body) {
+  const call = () => api(`/api/images/${S.id}/${action}`, { method: "POST", headers: { "Content-Type": "application/json" },
+                                                            body: JSON.stringify(body) });
+  try { return await call(); } catch (e) {
+    if (e.status !== 404 || e.field !== "image_id" || !S.file) throw e;
+    S.id = (await upload(S.file)).id;
+    return await call();
+  }
 }
 
 // COCO compressed RLE (column-major counts) → Uint8Array(h*w), row-major; as pycocotools' rleFrString.
@@ -41,20 +64,26 @@ function decodeRle(rle) {
 
 async function openFile(file) {
   if (!file) return;
+  const mine = ++S.opening; // a file opened after this one wins, whichever upload ends first
+  // Decoded here first (EXIF orientation applied, as the server does): a file the browser cannot
+  // show (TIFF, ...) is refused with that reason rather than encoded on the server for nothing.
+  let bitmap;
+  try { bitmap = await createImageBitmap(file); } catch (e) {
+    if (mine === S.opening) status(`${file.name}: this browser cannot display it (${e.message}); open a PNG, JPEG or WebP image`, true);
+    return;
+  }
   status(`uploading ${file.name}…`);
-  const form = new FormData();
-  form.append("file", file);
   try {
-    const info = await api("/api/images", { method: "POST", body: form });
-    const bitmap = await createImageBitmap(file);
-    Object.assign(S, { id: info.id, name: file.name.replace(/\.[^.]*$/, "") || "image", w: info.width, h: info.height });
+    const info = await upload(file);
+    if (mine !== S.opening) return;
+    Object.assign(S, { id: info.id, file, name: file.name.replace(/\.[^.]*$/, "") || "image", w: info.width, h: info.height });
     for (const c of [imageCanvas, overlay]) { c.width = info.width; c.height = info.height; }
     imageCanvas.getContext("2d").drawImage(bitmap, 0, 0);
     $("hint").hidden = true; $("stage").hidden = false;
     clearAll();
     for (const b of ["everything", "clear"]) $(b).disabled = false;
     status(`${file.name}: ${info.width}×${info.height}, embedding cached (id ${info.id.slice(0, 8)}…)`);
-  } catch (e) { status(`upload failed: ${e.message}`, true); }
+  } catch (e) { if (mine === S.opening) status(`upload failed: ${e.message}`, true); }
 }
 
 function clearAll() {
@@ -90,26 +119,30 @@ async function segment() {
   if (S.box) body.boxes = [S.box];
   status("segmenting…");
   try {
-    const res = await api(`/api/images/${S.id}/prompt`, { method: "POST", headers: { "Content-Type": "application/json" },
-                                                          body: JSON.stringify(body) });
+    const res = await onImage("prompt", body);
     if (seq !== S.seq) return; // a newer click already asked again
     S.mode = "prompt"; S.candidates = res.masks; S.pick = 0; S.masks = res.masks.slice(0, 1);
     draw(); updateButtons();
     status(`${res.masks.length} mask(s) in ${res.time_ms} ms${res.warnings.length ? " · " + res.warnings.join("; ") : ""}`);
-  } catch (e) { status(e.message, true); }
+  } catch (e) {
+    if (seq !== S.seq) return; // an older request's error must not overwrite a newer answer
+    // The previous mask no longer matches the prompts on screen: neither shown nor downloadable.
+    S.masks = []; S.candidates = []; draw(); updateButtons();
+    status(e.message, true);
+  }
 }
 
 async function everything() {
   const seq = ++S.seq;
   status("segmenting everything… (this takes a while)");
   try {
-    const res = await api(`/api/images/${S.id}/everything`, { method: "POST", headers: { "Content-Type": "application/json" },
-                                                              body: JSON.stringify({ polygons: true }) });
+    const res = await onImage("everything", { polygons: true });
     if (seq !== S.seq) return;
+    S.history.push({ points: S.points, box: S.box }); // undo brings back the prompts it replaced
     Object.assign(S, { mode: "everything", masks: res.masks, candidates: [], points: [], box: null });
     draw(); updateButtons();
     status(`${res.masks.length} masks in ${res.time_ms} ms`);
-  } catch (e) { status(e.message, true); }
+  } catch (e) { if (seq === S.seq) status(e.message, true); }
 }
 
 function draw(drag) {
@@ -153,22 +186,27 @@ function toImage(ev) {
 
 let down = null;
 overlay.addEventListener("contextmenu", (ev) => ev.preventDefault());
-overlay.addEventListener("mousedown", (ev) => { if (S.id) down = { at: toImage(ev), sx: ev.clientX, sy: ev.clientY, button: ev.button }; });
-overlay.addEventListener("mousemove", (ev) => {
+// Left (0) and right (2) buttons only: a middle click is for scrolling, not a positive point.
+overlay.addEventListener("mousedown", (ev) => {
+  if (S.id && (ev.button === 0 || ev.button === 2)) down = { at: toImage(ev), sx: ev.clientX, sy: ev.clientY, button: ev.button };
+});
+// Move and release are followed on the window: a box dragged past the image's edge ends there
+// (toImage clamps), instead of being lost with the drag left half-open.
+window.addEventListener("mousemove", (ev) => {
   if (!down || down.button !== 0) return;
   const [x, y] = toImage(ev);
   if (Math.hypot(ev.clientX - down.sx, ev.clientY - down.sy) > 5) draw([down.at[0], down.at[1], x, y].map(Math.round));
 });
-overlay.addEventListener("mouseup", (ev) => {
-  if (!down) return;
+window.addEventListener("mouseup", (ev) => {
+  if (!down || ev.button !== down.button) return;
   const start = down; down = null;
   const [x, y] = toImage(ev);
   S.history.push({ points: S.points.slice(), box: S.box });
   if (start.button === 0 && Math.hypot(ev.clientX - start.sx, ev.clientY - start.sy) > 5) {
     S.box = [Math.min(start.at[0], x), Math.min(start.at[1], y), Math.max(start.at[0], x), Math.max(start.at[1], y)];
-  } else {
+  } else { // a point goes where the button went down
     const label = start.button === 2 || $("negative").checked ? 0 : 1;
-    S.points = S.points.concat([{ x, y, label }]);
+    S.points = S.points.concat([{ x: start.at[0], y: start.at[1], label }]);
   }
   if (S.mode === "everything") { S.masks = []; S.mode = "prompt"; }
   draw(); updateButtons(); segment();
@@ -177,7 +215,9 @@ overlay.addEventListener("mouseup", (ev) => {
 $("undo").onclick = () => { const h = S.history.pop(); if (h) { S.points = h.points; S.box = h.box; segment(); updateButtons(); } };
 $("clear").onclick = () => { clearAll(); status("cleared"); };
 $("everything").onclick = everything;
-$("file").onchange = (ev) => openFile(ev.target.files[0]);
+$("multimask").onchange = () => { if (S.mode === "prompt") segment(); }; // show the choice at once
+// Emptied after each pick: choosing the same file again (e.g. to start over) fires change again.
+$("file").onchange = (ev) => { const f = ev.target.files[0]; ev.target.value = ""; openFile(f); };
 const drop = $("drop");
 drop.addEventListener("dragover", (ev) => { ev.preventDefault(); drop.classList.add("dragging"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("dragging"));
@@ -204,7 +244,7 @@ $("dl-png").onclick = () => {
 };
 
 $("dl-coco").onclick = () => {
-  const coco = { images: [{ id: 1, file_name: S.name, width: S.w, height: S.h }],
+  const coco = { images: [{ id: 1, file_name: S.file ? S.file.name : S.name, width: S.w, height: S.h }],
                  categories: [{ id: 1, name: "object" }],
                  annotations: S.masks.map((m, i) => ({ id: i + 1, image_id: 1, category_id: 1, segmentation: m.rle,
                                                       area: m.area, bbox: m.bbox, iscrowd: 0, score: m.score })) };
@@ -212,8 +252,11 @@ $("dl-coco").onclick = () => {
 };
 
 $("dl-yolo").onclick = () => {
-  const lines = S.masks.filter((m) => m.polygon && m.polygon.length >= 3)
-    .map((m) => "0 " + m.polygon.map(([x, y]) => `${(x / S.w).toFixed(6)} ${(y / S.h).toFixed(6)}`).join(" "));
+  // As segany's own YOLO-seg export: a thin mask's 1- or 2-vertex polygon is closed back on itself
+  // to the 3 vertices a YOLO polygon needs ([a, b] → [a, b, a]), not dropped.
+  const lines = S.masks.filter((m) => m.polygon && m.polygon.length)
+    .map((m) => Array.from({ length: Math.max(3, m.polygon.length) }, (_, i) => m.polygon[i % m.polygon.length]))
+    .map((poly) => "0 " + poly.map(([x, y]) => `${(x / S.w).toFixed(6)} ${(y / S.h).toFixed(6)}`).join(" "));
   download(`${S.name}.txt`, new Blob([lines.join("\n") + (lines.length ? "\n" : "")], { type: "text/plain" }));
 };
 
