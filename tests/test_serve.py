@@ -484,3 +484,8 @@ def test_cli_serve_port_0_prints_the_port_it_got_and_serves_there(small_ckpt):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_cli_serve_takes_an_ipv6_host_in_brackets_as_text(capsys):
+    assert main(["serve", "host=[::1]", "port=70000"]) == 2  # the port is the error, not the host
+    assert "port=70000" in capsys.readouterr().err

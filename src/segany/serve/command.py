@@ -8,7 +8,7 @@ import logging
 import socket
 from typing import Any
 
-from ..cli import UsageError, parse_options
+from ..cli import TEXT_OPTIONS, UsageError, parse_options
 from ..config import DEFAULT_MODEL
 from ..errors import MissingDependencyError, ServeError
 
@@ -65,7 +65,8 @@ def listen(host: str, port: int) -> socket.socket:
             raise ServeError(f"port {port} on {host} is already in use: stop the program using it, or pick "
                              f"another port (port={port + 1}; port=0 takes a free one)") from None
         fix = {errno.EACCES: f"port {port} needs administrator rights: use a port from 1024 up",
-               errno.EADDRNOTAVAIL: "host= must be an address of this machine (127.0.0.1; 0.0.0.0 for all)"}
+               errno.EADDRNOTAVAIL: "host= must be an address of this machine (" + (
+                   "::1; :: for all)" if family == socket.AF_INET6 else "127.0.0.1; 0.0.0.0 for all)")}
         reason = e.strerror or str(e)
         raise ServeError(f"cannot listen on {host}:{port} ({reason}): "
                          f"{fix.get(e.errno, 'check host= and port=')}") from None
@@ -80,7 +81,7 @@ def url_of(sock: socket.socket) -> str:
 
 
 def run_serve(tokens: list[str]) -> int:
-    opts = {**SERVE_DEFAULTS, **parse_options(tokens, SERVE_DEFAULTS, command="serve")}
+    opts = {**SERVE_DEFAULTS, **parse_options(tokens, SERVE_DEFAULTS, command="serve", texts=TEXT_OPTIONS | {"host"})}
     if not 0 <= opts["port"] <= 65535:
         raise UsageError(f"port={opts['port']}: expected 0..65535")
     for key in ("max_images", "max_cache_mb", "max_pixels", "max_body_mb"):
@@ -94,6 +95,8 @@ def run_serve(tokens: list[str]) -> int:
     from .app import create_app
 
     host = str(opts["host"])
+    if host.startswith("[") and host.endswith("]"):  # [::1], as in a URL: the address inside
+        host = host[1:-1]
     sock = listen(host, int(opts["port"]))
     if not is_loopback(host):
         log.warning("segany serve: binding %s makes the server reachable from other machines; "
@@ -103,6 +106,8 @@ def run_serve(tokens: list[str]) -> int:
                          max_cache_bytes=opts["max_cache_mb"] << 20, max_pixels=opts["max_pixels"],
                          max_body_bytes=opts["max_body_mb"] << 20)
         print(f"segany serve: {url_of(sock)} (API docs at /docs)", flush=True)
-        config = uvicorn.Config(app, log_level=str(opts["log_level"]).lower())
+        # host and port only for uvicorn's "running on" line, which would say 127.0.0.1:8000 whatever
+        # the socket is bound to
+        config = uvicorn.Config(app, host=host, port=sock.getsockname()[1], log_level=str(opts["log_level"]).lower())
         uvicorn.Server(config).run(sockets=[sock])
     return 0
