@@ -26,12 +26,11 @@ class SAM:
                  config: ModelConfig | None = None) -> None:
         """``config`` replaces recognising the architecture from the tensors, for what they cannot
         tell (a custom-size SAM 2's heads, global blocks and input size; see ``checkpoints.load_model``)."""
-        # None: the default model, as when nothing is named
-        self.predictor = Predictor(overrides=dict(model=DEFAULT_MODEL if model is None else model, device=device),
-                                   config=config)
+        model = DEFAULT_MODEL if model is None else model  # None: the default model, as when nothing is named
+        self.predictor = Predictor(overrides=dict(model=model, device=device), config=config)
         self.ckpt_path: str = self.predictor.args["model"]  # the resolved file
         # The name as typed ("sam_b.pt" → "sam_b"), not the cache's file name: exported files are named after it.
-        self._stem = Path(str(DEFAULT_MODEL if model is None else model)).stem
+        self._stem = Path(str(model)).stem
         self.config = self.predictor.model_config
 
     @property

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from .export import atomic_write_text
+from .sources import video_of
 
 if TYPE_CHECKING:
     from .results import Results
@@ -36,12 +37,6 @@ def source_name(path: str) -> str:
         url = urllib.parse.urlsplit(path)
         return Path(urllib.parse.unquote(url.path)).name or url.hostname or ""
     return Path(path).name
-
-
-def video_of(path: str) -> tuple[str, int] | None:
-    """``("clip.mp4", 3)`` for the name of a video frame ``clip.mp4:frame_3``, else None."""
-    frame = re.fullmatch(r"(.*):frame_(\d+)", path)  # (a file named x:frame_1.png is no frame)
-    return (frame[1], int(frame[2])) if frame else None
 
 
 def image_file_name(path: str) -> tuple[str, str]:

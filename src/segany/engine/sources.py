@@ -32,6 +32,7 @@ import glob
 import http.client
 import io
 import os
+import re
 import tempfile
 import urllib.error
 import urllib.parse
@@ -260,6 +261,17 @@ def expand_sources(source: Any) -> list[Any]:
     return [str(item) if isinstance(item, _Listed) else item for item in _expand(source)]
 
 
+def frame_name(video: str, index: int) -> str:
+    """The name of frame ``index`` of ``video`` in a stream: ``clip.mp4:frame_3``."""
+    return f"{video}:frame_{index}"
+
+
+def video_of(name: str) -> tuple[str, int] | None:
+    """``("clip.mp4", 3)`` for a frame's :func:`frame_name`, else None (a file named x:frame_1.png is no frame)."""
+    frame = re.fullmatch(r"(.*):frame_(\d+)", name)
+    return (frame[1], int(frame[2])) if frame else None
+
+
 def _iter_video(s: str, vid_stride: int, name: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """Frames of the video file ``s``, named (and errors worded) after ``name`` (default ``s``)."""
     cap = cv2.VideoCapture(s)
@@ -277,7 +289,7 @@ def _iter_video(s: str, vid_stride: int, name: str | None = None) -> Iterator[tu
                 break
             if frame is not None:
                 kept += 1
-                yield f"{s}:frame_{index}", array_to_bgr(frame, f"{s}:frame_{index}")
+                yield frame_name(s, index), array_to_bgr(frame, frame_name(s, index))
             index += 1
         if kept == 0:
             raise ImageError(f"{s} is not a readable video (no frame could be decoded)")
