@@ -138,7 +138,7 @@ def test_predict_directory_source_lines_and_named_run(small_ckpt, tmp_path):
 
 def test_predict_segment_everything(small_ckpt, tmp_path, image):
     p = ok(run(["predict", f"model={small_ckpt}", "source=img.jpg", "points_per_side=4", "conf_thres=0",
-                "stability_score_thresh=0", "conf=0"], tmp_path))
+                "stability_score_thresh=0", "conf=0", "use_m2m=True"], tmp_path))
     assert "image 1/1 img.jpg: " in p.stdout
     anns = load_coco(tmp_path / "runs" / "segment" / "predict" / "img.json")["annotations"]
     assert anns, "thresholds at 0 keep at least one mask"

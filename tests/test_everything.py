@@ -204,10 +204,11 @@ def test_sam2_family_runs_the_same_pipeline():
     assert len(res) == 12 and res.masks.data.shape == (12, 60, 80)  # 4 points x 3 masks, nothing suppressed
 
 
-@pytest.mark.parametrize("version", ["2", "2.1"])
-def test_sam2_parity_with_sam2_generator(version, one_thread):
-    """SAM 2 against sam2's SAM2AutomaticMaskGenerator at its multimask_output=True, use_m2m=False,
-    min_mask_region_area=0 (its other extras): direct low-res → image upsampling, batches of 5."""
+@pytest.mark.parametrize("version,use_m2m", [("2", False), ("2.1", False), ("2.1", True)])
+def test_sam2_parity_with_sam2_generator(version, use_m2m, one_thread):
+    """SAM 2 against sam2's SAM2AutomaticMaskGenerator at its multimask_output=True and
+    min_mask_region_area=0, with and without its mask-to-mask refinement: direct low-res → image
+    upsampling, batches of 5."""
     pytest.importorskip("sam2", reason="Meta's sam2 package is a test-only reference")
     from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
     from test_sam2 import Pair
@@ -215,7 +216,7 @@ def test_sam2_parity_with_sam2_generator(version, one_thread):
     pair = Pair(version, small=True, seed=3)
     img = test_image(123, 161)
     kw = dict(points_per_side=4, points_per_batch=5, pred_iou_thresh=0.0, stability_score_thresh=0.0,
-              box_nms_thresh=1.0)  # random SAM 2 weights give image-wide masks: keep them all
+              box_nms_thresh=1.0, use_m2m=use_m2m)  # random SAM 2 weights give image-wide masks: keep them all
     res = Predictor(overrides=dict(device="cpu"), model=pair.ours, config=pair.config)(source=img, **kw)[0]
     gen = SAM2AutomaticMaskGenerator(pair.ref, output_mode="uncompressed_rle", **kw)
     s = pair.size
@@ -253,6 +254,8 @@ def test_sam2_parity_with_sam2_generator(version, one_thread):
     (dict(iou=1.2), "iou"),
     (dict(crop_nms_thresh=-0.5), "crop_nms_thresh"),
     (dict(min_mask_region_area=-5), "min_mask_region_area"),
+    (dict(use_m2m="yes"), "use_m2m"),
+    (dict(use_m2m=1), "use_m2m"),
     (dict(point_grids=[np.zeros((4, 3))]), "point_grids"),
     (dict(point_grids=[np.full((4, 2), 2.0)]), "point_grids"),
     (dict(point_grids=[np.zeros((4, 2))], crop_n_layers=1), "point_grids"),

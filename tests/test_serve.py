@@ -146,7 +146,7 @@ def test_png_polygons_and_mask_input(client, image_id, sam):
 
 
 def test_everything_equals_sam(client, image_id, sam):
-    params = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    params = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, use_m2m=True)
     r = client.post(f"/api/images/{image_id}/everything", json={**params, "polygons": True})
     assert r.status_code == 200, r.text
     masks = r.json()["masks"]

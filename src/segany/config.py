@@ -57,6 +57,7 @@ EVERYTHING_DEFAULTS: dict[str, Any] = dict(
     iou=0.7,
     crop_nms_thresh=0.7,
     min_mask_region_area=0,
+    use_m2m=False,  # SAM 2's mask-to-mask refinement: each mask decoded again with itself as the mask prompt
 )
 META_ALIASES: dict[str, str] = dict(
     points_per_side="points_stride",

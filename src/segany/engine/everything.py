@@ -20,10 +20,10 @@ Documented choices:
 - ``Results.cls`` is the mask index ``0..N-1`` (as prompted calls number their prompts);
   ``low_res_logits`` is ``None`` (crop masks have no logits in the image frame).
 - Every model family runs this (SAM 1) algorithm, SAM 2 included: it equals sam2's
-  ``SAM2AutomaticMaskGenerator`` at ``multimask_output=True``, ``use_m2m=False`` and
-  ``min_mask_region_area=0`` (masks upsampled as the model does: SAM 2 straight from low-res to
-  the image). Not implemented: mask-to-mask refinement and single-mask output; SAM 2's own
-  defaults (``pred_iou_thresh`` 0.8, not 0.88); and its ``min_mask_region_area``, which fills
+  ``SAM2AutomaticMaskGenerator`` at ``multimask_output=True`` and ``min_mask_region_area=0``
+  (masks upsampled as the model does: SAM 2 straight from low-res to the image), with or
+  without its mask-to-mask refinement (``use_m2m``, any family). Not implemented: single-mask
+  output; SAM 2's own defaults (``pred_iou_thresh`` 0.8, not 0.88); and its ``min_mask_region_area``, which fills
   holes and removes sprinkles in the low-res logits with a CUDA kernel (skipped where that is
   missing) instead of the hole/island clean-up and NMS done here. Records' ``point_coords`` are
   float64 as in Meta's SAM 1 generator (sam2's are float32).
@@ -69,6 +69,7 @@ class EverythingOptions:
     iou: float
     crop_nms_thresh: float
     min_mask_region_area: float
+    use_m2m: bool
 
 
 def _name(key: str) -> str:
@@ -80,6 +81,13 @@ def _int(opts: dict[str, Any], key: str, lo: int) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
         raise ConfigError(f"{_name(key)} must be an integer >= {lo}, got {v!r}")
     return int(v)
+
+
+def _bool(opts: dict[str, Any], key: str) -> bool:
+    v = opts[key]
+    if not isinstance(v, (bool, np.bool_)):
+        raise ConfigError(f"{key} must be true or false, got {v!r}")
+    return bool(v)
 
 
 def _real(opts: dict[str, Any], key: str, lo: float, hi: float, hi_open: bool = False) -> float:
@@ -118,6 +126,7 @@ def check_everything_options(opts: dict[str, Any]) -> EverythingOptions:
         iou=_real(opts, "iou", 0.0, 1.0),
         crop_nms_thresh=_real(opts, "crop_nms_thresh", 0.0, 1.0),
         min_mask_region_area=_real(opts, "min_mask_region_area", 0.0, math.inf),
+        use_m2m=_bool(opts, "use_m2m"),
     )
 
 

@@ -178,9 +178,12 @@ def process_batch(
     labels = torch.ones(points_in.shape[0], 1, dtype=torch.int64, device=dev)
     t0 = time.perf_counter()
     low, iou = decode_in_chunks(model, features, points=(points_in[:, None, :], labels), multimask_output=True)
-    decode_ms = (time.perf_counter() - t0) * 1000
     k = low.shape[1]
-    low, iou = low.flatten(0, 1).float(), iou.flatten(0, 1).float()
+    low, iou = low.flatten(0, 1), iou.flatten(0, 1)
+    if p.use_m2m:
+        low, iou = refine_with_masks(model, features, points_in.repeat_interleave(k, 0), low)
+    decode_ms = (time.perf_counter() - t0) * 1000
+    low, iou = low.float(), iou.float()
     point_idx = torch.arange(points_in.shape[0], device=dev).repeat_interleave(k)
     if p.conf_thres > 0.0:  # Meta: a threshold <= 0 turns the filter off
         keep = iou > p.conf_thres
@@ -213,6 +216,18 @@ def process_batch(
         out.add(counts, area, boxes[ok], iou[sel.to(dev)], stab[ok], pts,
                 torch.full((len(counts),), crop_idx, dtype=torch.int64))
     return decode_ms
+
+
+def refine_with_masks(model, features, points_in: torch.Tensor, low: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """sam2's mask-to-mask refinement (``use_m2m``): each mask ``low`` ``(n, s, s)`` decoded
+    again, one mask out, with its point ``points_in`` ``(n, 2)`` and itself as the mask prompt
+    (clamped to ±32 as sam2's predictor returns them). → refined ``(n, s, s)`` logits and
+    ``(n,)`` predicted IoU."""
+    labels = torch.ones(points_in.shape[0], 1, dtype=torch.int64, device=points_in.device)
+    low, iou = decode_in_chunks(model, features, points=(points_in[:, None, :], labels),
+                                mask_inputs=low.clamp(-32.0, 32.0)[:, None], multimask_output=False)
+    return low[:, 0], iou[:, 0]
 
 
 def stability_score(logits: torch.Tensor, thr: float, offset: float) -> torch.Tensor:

@@ -68,6 +68,7 @@ class EverythingRequest(BaseModel):
     box_nms_thresh: float = Field(0.7, ge=0.0, le=1.0, allow_inf_nan=False)
     crop_n_layers: int = Field(0, ge=0, le=2)
     min_mask_region_area: int = Field(0, ge=0, le=1_000_000)
+    use_m2m: bool = Field(False, description="refine each mask once with itself as the mask prompt (sam2)")
     png: bool = False
     polygons: bool = Field(False, description="add each mask's polygon (pixels)")
 
