@@ -183,11 +183,18 @@ def decode_bytes(data: bytes, name: str) -> np.ndarray:
     return arr
 
 
+def bomb_sizes(error: Exception) -> tuple[int, int] | None:
+    """The image's pixels and Pillow's limit from a ``DecompressionBombError`` (Pillow refuses
+    from the header, before decoding: "Image size (N pixels) exceeds limit of M pixels, ..."),
+    or None for a message of another form."""
+    found = re.search(r"\((\d+) pixels\) exceeds limit of (\d+) pixels", str(error))
+    return (int(found[1]), int(found[2])) if found else None
+
+
 def _bomb_message(name: str, error: Exception) -> str:
     """An image over Pillow's decompression-bomb limit: its size, the limit, and how to allow it."""
-    # Pillow refuses from the header, before decoding: "Image size (N pixels) exceeds limit of M pixels, ..."
-    found = re.search(r"\((\d+) pixels\) exceeds limit of (\d+) pixels", str(error))
-    what = (f"{int(found[1]):,} pixels, over Pillow's decompression-bomb limit of {int(found[2]):,}" if found
+    sizes = bomb_sizes(error)
+    what = (f"{sizes[0]:,} pixels, over Pillow's decompression-bomb limit of {sizes[1]:,}" if sizes
             else f"over Pillow's decompression-bomb limit ({error})")
     return (f"{name}: {what}; if you trust the file, allow it with "
             "PIL.Image.MAX_IMAGE_PIXELS = None (or a larger number) before the call")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import re
 import secrets
 import time
 import warnings
@@ -98,7 +97,7 @@ class SegmentService:
         """Image bytes → BGR array. The pixel cap is checked on the header, before decoding."""
         from PIL import Image
 
-        from ..engine.pixels import decode_bytes
+        from ..engine.pixels import bomb_sizes, decode_bytes
 
         if not data:
             raise ImageError("the upload is empty (0 bytes), not an image")
@@ -106,8 +105,8 @@ class SegmentService:
             with Image.open(io.BytesIO(data)) as im:
                 w, h = im.size
         except Image.DecompressionBombError as e:  # over twice Pillow's limit: refused from the header
-            found = re.search(r"\((\d+) pixels\)", str(e))
-            raise TooLargeError(self._too_large(f"{int(found[1])} pixels" if found else "larger than Pillow reads")) from None
+            sizes = bomb_sizes(e)
+            raise TooLargeError(self._too_large(f"{sizes[0]} pixels" if sizes else "larger than Pillow reads")) from None
         except Exception:  # not something Pillow knows: OpenCV may still read it (checked after)
             w = h = 0
         self._check_pixels(w, h)
