@@ -84,6 +84,10 @@ def test_save_embedding_is_atomic_and_makes_folders(model, img_path, tmp_path):
     with pytest.raises(SegAnyError, match="not an embedding saved by") as info:
         pred.load_embedding(junk)
     assert "weights_only=False" not in str(info.value)  # torch's advice would be unsafe here
+    cv2.imwrite(str(tmp_path / "photo.jpg"), np.zeros((8, 8, 3), np.uint8))  # a file of another kind
+    with pytest.raises(SegAnyError, match=r"not an embedding saved by .*\); make one with set_image") as info:
+        pred.load_embedding(tmp_path / "photo.jpg")
+    assert "PyTorch 2.6" not in str(info.value) and len(str(info.value)) < 300  # no torch advice pasted in
 
 
 def test_the_embedding_handed_out_takes_autograd_and_in_place_updates(model, img_path):

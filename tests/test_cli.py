@@ -233,13 +233,20 @@ def test_bad_usage_exits_2_with_one_line(case, bad_usage_runs):
 def test_failed_predict_leaves_no_run_folder(tmp_path, image, small_ckpt):
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     base = ["predict", f"model={small_ckpt}", "project=out"]
-    bad_box, outside, unreadable = run_many([[*base, "source=img.jpg", "bboxes=[1,2,3]"],
-                                             [*base, "source=img.jpg", "bboxes=[-9,-9,0,0]"],
-                                             [*base, "source=bad.jpg", "bboxes=[1,1,5,5]"]], tmp_path)
+    (tmp_path / "all_bad").mkdir()
+    for name in ("a.jpg", "b.png"):
+        (tmp_path / "all_bad" / name).write_bytes(b"not an image")
+    bad_box, outside, unreadable, folder = run_many([[*base, "source=img.jpg", "bboxes=[1,2,3]"],
+                                                     [*base, "source=img.jpg", "bboxes=[-9,-9,0,0]"],
+                                                     [*base, "source=bad.jpg", "bboxes=[1,1,5,5]"],
+                                                     [*base, "source=all_bad", "bboxes=[1,1,5,5]"]], tmp_path)
     one_line_error(bad_box, 2, "bboxes must be")
     one_line_error(outside, 2, "lies outside")
     one_line_error(unreadable, 1, "bad.jpg is not a readable image")
     assert "BytesIO" not in unreadable.stderr
+    # a folder of unreadable images: each reported, no speed of nothing ("0.0ms per image")
+    assert folder.returncode == 1 and folder.stderr.count("skipped, unreadable") == 2
+    assert "Speed: no image was segmented" in folder.stdout and "0.0ms" not in folder.stdout
     assert not (tmp_path / "out").exists()
 
 
@@ -294,6 +301,14 @@ def test_name_options_parse_as_typed_but_lists_and_words_still_parse():
     assert got == dict(source="[1].jpg", name="007", class_names=["person", "car"])
     with pytest.raises(ConfigError, match="save_json=True: expected a single value"):
         parse_options(["save_json=True"], valid)  # a word, refused by the type check, as before
+
+
+def test_device_empty_as_a_shell_passes_it_is_the_default():
+    from segany.cli import parse_options
+
+    # --help shows device's default as '': typed as device='' the shell hands over "device="
+    assert parse_options(["device="], dict(device="")) == dict(device="")
+    assert parse_options(["--device", ""], dict(device="")) == dict(device="")
 
 
 def _clip(path: Path, frames: int, fps: float = 12.0) -> Path:
@@ -363,6 +378,13 @@ def test_the_same_video_twice_in_a_run_is_saved_as_two_videos(tmp_path):
     v = str(tmp_path / "clip.mp4")
     out = _frames_written(tmp_path, [f"{v}:frame_0", f"{v}:frame_1", f"{v}:frame_0", f"{v}:frame_1"], "twice")
     assert _frame_counts(out) == {"clip.mp4": 2, "clip_2.mp4": 2}
+    # each video's frames are named after it: clip_2.mp4's JSON is clip_2_frame_N.json
+    assert sorted(p.name for p in out.glob("*.json")) == ["clip_2_frame_0.json", "clip_2_frame_1.json",
+                                                           "clip_frame_0.json", "clip_frame_1.json"]
+    # so are the labels when no video is saved (save_txt only)
+    out = _frames_written(tmp_path, [f"{v}:frame_0", f"{v}:frame_0"], "labels_only", save=False, save_txt=True)
+    assert sorted(p.name for p in (out / "labels").iterdir()) == ["clip_2_frame_0.txt", "clip_frame_0.txt"]
+    assert not list(out.glob("*.mp4"))
 
 
 def test_an_image_of_a_videos_stem_keeps_its_name(tmp_path):
@@ -371,7 +393,7 @@ def test_an_image_of_a_videos_stem_keeps_its_name(tmp_path):
     v, still = str(tmp_path / "clip.mp4"), str(tmp_path / "clip.jpg")
     out = _frames_written(tmp_path, [f"{v}:frame_0", still, f"{v}:frame_0"], "video_first")
     assert sorted(p.name for p in out.iterdir()) == ["clip.jpg", "clip.json", "clip.mp4", "clip_2.mp4",
-                                                      "clip_frame_0.json", "clip_frame_0_2.json"]
+                                                      "clip_2_frame_0.json", "clip_frame_0.json"]
     out = _frames_written(tmp_path, [still, f"{v}:frame_0"], "image_first")
     assert sorted(p.name for p in out.glob("clip*.*")) == ["clip.jpg", "clip.json", "clip.mp4", "clip_frame_0.json"]
 

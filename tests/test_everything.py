@@ -257,7 +257,7 @@ def test_sam2_parity_with_sam2_generator(version, use_m2m, one_thread):
     (dict(use_m2m="yes"), "use_m2m"),
     (dict(use_m2m=1), "use_m2m"),
     (dict(point_grids=[np.zeros((4, 3))]), "point_grids"),
-    (dict(point_grids=[np.full((4, 2), 2.0)]), "point_grids"),
+    (dict(point_grids=[np.full((4, 2), 2.0)]), r"point_grids\[0\] holds the point \[2.0, 2.0\]"),
     (dict(point_grids=[np.zeros((4, 2))], crop_n_layers=1), "point_grids"),
     (dict(points_per_sid=8), "points_per_sid"),
 ])

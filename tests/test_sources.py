@@ -379,8 +379,9 @@ def test_empty_directory_and_unmatched_glob(tmp_path: Path) -> None:
         list(iter_sources(tmp_path / "empty"))
     with pytest.raises(ImageNotFoundError, match="matched no image"):
         list(iter_sources(str(tmp_path / "*.jpg")))
-    with pytest.raises(ImageError, match="is a directory"):
+    with pytest.raises(ImageError, match=r"is a directory, not one image.*model\(source\)") as info:
         load_image(tmp_path)
+    assert "iter_sources" not in str(info.value)  # an internal name means nothing to a user
     with pytest.raises(ImageError, match="empty list"):
         list(iter_sources([]))
 

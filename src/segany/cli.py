@@ -73,10 +73,16 @@ TEXT_OPTIONS = frozenset({"model", "source", "project", "name", "data", "output_
                           "class_names", "masks", "val_data", "save_dir", "save_json"})
 
 
+# Options whose default is the empty string (shown as '' by --help): device='' in a shell arrives as device=.
+EMPTY_OPTIONS = frozenset({"device"})
+
+
 def parse_value(text: str, key: str = "value", as_text: bool = False) -> Any:
     """One command-line value → a Python value (see the module docstring); never evaluates code.
     ``as_text``: the value names a file or a run (see :data:`TEXT_OPTIONS`)."""
     s = text.strip()
+    if not s and key in EMPTY_OPTIONS:
+        return ""
     if not s:
         raise UsageError(f"{key}= has no value: write {key}=VALUE")
     if len(s) >= 2 and s[0] == s[-1] and s[0] in "'\"":

@@ -141,8 +141,12 @@ def _check_grids(grids: Any, n_layers: int) -> list[np.ndarray]:
     except (TypeError, ValueError):
         raise ConfigError("point_grids must be a list of (n, 2) arrays of x, y in [0, 1], one per crop layer") from None
     for i, g in enumerate(out):
-        if g.ndim != 2 or g.shape[1] != 2 or not np.isfinite(g).all() or ((g < 0) | (g > 1)).any():
+        if g.ndim != 2 or g.shape[1] != 2:
             raise ConfigError(f"point_grids[{i}] must be an (n, 2) array of x, y in [0, 1], got shape {g.shape}")
+        if not np.isfinite(g).all() or ((g < 0) | (g > 1)).any():
+            bad = g[~(np.isfinite(g) & (g >= 0) & (g <= 1)).all(1)][0].tolist()
+            raise ConfigError(f"point_grids[{i}] holds the point {bad}: points are x, y in [0, 1], "
+                              "fractions of the width and height (divide pixels by them)")
     if len(out) < n_layers + 1:
         raise ConfigError(f"point_grids has {len(out)} grid(s); crop_n_layers={n_layers} needs {n_layers + 1}")
     return out

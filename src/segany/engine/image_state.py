@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 import dataclasses
 import hashlib
 from dataclasses import dataclass
@@ -84,6 +86,12 @@ def save_image_state(state: ImageState, model: nn.Module, path: str | Path) -> P
     return atomic_torch_save(data, path, "image.emb")
 
 
+def _first_sentence(text: str) -> str:
+    """The first sentence of an error message (torch's go on with advice for other cases)."""
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return re.split(r"(?<=[.!?])\s", first, maxsplit=1)[0][:160]
+
+
 def load_image_state(path: str | Path, model: nn.Module) -> ImageState:
     """Read a file of :func:`save_image_state` for ``model`` (features on the CPU); a missing file,
     a damaged one or one made by another model is an error that says so."""
@@ -100,7 +108,8 @@ def load_image_state(path: str | Path, model: nn.Module) -> ImageState:
     except Exception as e:  # any damage shows up as any exception inside torch.load or here
         # (not torch's own advice, which may suggest weights_only=False: unsafe for a file of unknown origin)
         raise SegAnyError(f"'{path}' is not an embedding saved by Predictor.save_embedding "
-                          f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
+                          f"({type(e).__name__}: {_first_sentence(str(e))}); make one with "
+                          "set_image(...) then save_embedding(path)") from None
     main = feats if isinstance(feats, torch.Tensor) else feats.get("image_embed")
     pe = model.prompt_encoder
     want = (1, pe.embed_dim, *pe.image_embedding_size)

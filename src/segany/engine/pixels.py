@@ -19,10 +19,10 @@ from segany.errors import ImageError
 
 ARRAY_LAYOUTS = (
     "expected a numpy image H×W×3 BGR (as cv2.imread returns), H×W grayscale, H×W×1, or "
-    "H×W×4 BGRA (alpha dropped), of dtype uint8 (0..255), uint16 (0..65535) or float (0..1)"
+    "H×W×4 BGRA (alpha dropped), of dtype uint8 (0..255), uint16 (0..65535), float (0..1) or bool (0 or 255)"
 )
 TENSOR_LAYOUTS = (
-    "expected a torch.Tensor of shape (3,H,W) or (1,3,H,W) (or (B,3,H,W) with iter_sources), "
+    "expected a torch.Tensor of shape (3,H,W) or (1,3,H,W) (a batch (B,3,H,W) as the source of a prediction), "
     "RGB channel order, float in 0..1 or uint8 in 0..255"
 )
 _OPENCV_LOG_LOCK = threading.Lock()

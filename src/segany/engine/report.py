@@ -39,13 +39,16 @@ class RunReport:
         return ms
 
     def image_line(self, r: Results, ms: dict[str, float]) -> str:
-        """``image 2/5 bus.jpg: 768x1024 3 masks, 41.0ms`` for the result just added."""
+        """``image 2/5 bus.jpg: 1024x768 3 masks, 41.0ms`` (the model's input height x width) for
+        the result just added."""
         h, w = self.input_size(*r.orig_shape)
         of = "?" if self.total is None else self.total
         return f"image {self.images}/{of} {source_name(r.path)}: {h}x{w} {r.verbose()}, {sum(ms.values()):.1f}ms"
 
     def speed_line(self) -> str:
         n = self.images
+        if n == 0:
+            return "Speed: no image was segmented"
         mean = ", ".join(f"{v / max(n, 1):.1f}ms {k}" for k, v in self.speed.items())
         return f"Speed: {mean} per image; {n} image{'s' * (n != 1)}, {self.masks} mask{'s' * (self.masks != 1)}"
 

@@ -16,6 +16,7 @@ import os
 import re
 import urllib.parse
 from collections.abc import Iterator
+from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -77,8 +78,7 @@ class VideoWriter:
     def __init__(self, path: Path, source: str, vid_stride: int = 1) -> None:
         import cv2
 
-        self.path, self.source, self.frames = path, source, 0
-        self.last_frame = -1  # the source's number of the frame added last
+        self.path, self.frames = path, 0
         self._tmp = path.with_name(f".{path.stem}.part{path.suffix}")
         capture = cv2.VideoCapture(source) if os.path.isfile(source) else None  # a URL's download is gone
         fps = capture.get(cv2.CAP_PROP_FPS) if capture is not None else 0.0
@@ -87,8 +87,8 @@ class VideoWriter:
         self.fps = (fps if 0 < fps < 1000 else 30.0) / max(int(vid_stride), 1)
         self._writer = None
 
-    def add(self, frame, number: int) -> None:
-        """Append ``frame`` (BGR), the source's frame ``number``."""
+    def add(self, frame) -> None:
+        """Append ``frame`` (BGR)."""
         import cv2
 
         if self._writer is None:
@@ -100,13 +100,24 @@ class VideoWriter:
             self._writer = writer
         self._writer.write(frame)
         self.frames += 1
-        self.last_frame = number
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.release()
             self._writer = None
             os.replace(self._tmp, self.path)
+
+
+@dataclass
+class _Clip:
+    """The video whose frames are arriving: its source, the stem of its files (``clip``, or
+    ``clip_2`` for a second video of that name), the source's number of its last frame so far, and
+    its annotated video (``save`` only)."""
+
+    source: str
+    stem: str
+    last_frame: int = -1
+    writer: VideoWriter | None = None
 
 
 class RunWriter:
@@ -121,7 +132,7 @@ class RunWriter:
         self.vid_stride = vid_stride
         self.written = 0
         self.videos: list[Path] = []  # annotated videos written
-        self._video: VideoWriter | None = None  # the video being written
+        self._clip: _Clip | None = None  # the video whose frames are arriving
         self._made = False  # the folder: made at the first write
         self._stems: set[str] = set()  # of images and their JSON and labels
         self._video_stems: set[str] = set()  # of videos: clip.mp4 and clip.jpg do not collide
@@ -157,20 +168,25 @@ class RunWriter:
                 (self.folder / "labels").mkdir(exist_ok=True)
         except OSError as e:
             raise ConfigError(f"cannot create output folder {self.folder}: {e.strerror or e}") from None
-        stem, suffix = self._stem(r.path)
         video = video_of(r.path)
         # A result of another source, or the same video from its start again (a list naming it
         # twice): the video before is complete.
-        if self._video is not None and (video is None or video[0] != self._video.source
-                                        or video[1] <= self._video.last_frame):
+        if self._clip is not None and (video is None or video[0] != self._clip.source
+                                       or video[1] <= self._clip.last_frame):
             self.close()
-        if self.save and video is not None:
-            if self._video is None:
-                path = self.folder / f"{self._stem(video[0], self._video_stems)[0]}.mp4"
-                self._video = VideoWriter(path, video[0], self.vid_stride)
-            self._video.add(r.plot(), video[1])
-        elif self.save:
-            r.save(self.folder / f"{stem}{suffix}")
+        if video is None:
+            stem, suffix = self._stem(r.path)
+            if self.save:
+                r.save(self.folder / f"{stem}{suffix}")
+        else:
+            if self._clip is None:
+                clip_stem = self._stem(video[0], self._video_stems)[0]
+                writer = VideoWriter(self.folder / f"{clip_stem}.mp4", video[0], self.vid_stride) if self.save else None
+                self._clip = _Clip(video[0], clip_stem, writer=writer)
+            self._clip.last_frame = video[1]
+            stem = self._unique(f"{self._clip.stem}_frame_{video[1]}")  # its JSON and labels
+            if self._clip.writer is not None:
+                self._clip.writer.add(r.plot())
         if self.save:
             h, w = r.orig_shape
             record = dict(image=dict(file_name=Path(r.path).name, path=r.path, height=h, width=w),
@@ -196,11 +212,12 @@ class RunWriter:
     def close(self) -> None:
         """Finish the video being written, if any (each video is finished when a result of
         another source arrives, and at the end of the run)."""
-        if self._video is not None:
-            writer, self._video = self._video, None
-            writer.close()
-            if writer.frames:  # not one whose encoder failed to open
-                self.videos.append(writer.path)
+        if self._clip is not None:
+            writer, self._clip = self._clip.writer, None
+            if writer is not None:
+                writer.close()
+                if writer.frames:  # not one whose encoder failed to open
+                    self.videos.append(writer.path)
 
     def summary(self) -> str:
         if not self.written:
@@ -212,12 +229,17 @@ class RunWriter:
     def _stem(self, path: str, taken: set[str] | None = None) -> tuple[str, str]:
         """A file name stem and image suffix for one result, unique within the run (among the
         stems ``taken``, default those of images)."""
-        taken = self._stems if taken is None else taken
         stem, suffix = image_file_name(path)
+        return self._unique(stem, taken), suffix
+
+    def _unique(self, stem: str, taken: set[str] | None = None) -> str:
+        """``stem``, or ``stem_2``, ``stem_3``, ... the first not ``taken`` (default: the stems of
+        images), which it then is."""
+        taken = self._stems if taken is None else taken
         unique = stem
         for k in count(2):
             if unique not in taken:
                 break
             unique = f"{stem}_{k}"
         taken.add(unique)
-        return unique, suffix
+        return unique

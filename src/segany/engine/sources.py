@@ -85,14 +85,18 @@ def _source_string(source: str | os.PathLike) -> str:
 # ---------------------------------------------------------------- files and URLs
 
 
+# Where one image is read (set_image, load_image), what to do with a source of many.
+ONE_IMAGE_ONLY = "one image is needed here (set_image); a prediction takes many: model(source) or predictor(source=...)"
+
+
 def _load_path(s: str) -> np.ndarray:
     path = Path(s)
     if not path.exists():
         raise ImageNotFoundError(f"image file not found: {s}")
     if path.is_dir():
-        raise ImageError(f"{s} is a directory; load_image reads one image, use iter_sources()")
+        raise ImageError(f"{s} is a directory, not one image: {ONE_IMAGE_ONLY}")
     if _is_video(s):
-        raise ImageError(f"{s} is a video; load_image reads one image, use iter_sources()")
+        raise ImageError(f"{s} is a video, not one image: {ONE_IMAGE_ONLY}")
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -123,7 +127,7 @@ def _download(url: str, out: BinaryIO, what: str) -> None:
 
 def _load_url(url: str) -> np.ndarray:
     if _is_video(url):
-        raise ImageError(f"{url} is a video; load_image reads one image, use iter_sources()")
+        raise ImageError(f"{url} is a video, not one image: {ONE_IMAGE_ONLY}")
     buffer = io.BytesIO()
     _download(url, buffer, "image")
     return decode_bytes(buffer.getvalue(), url)
