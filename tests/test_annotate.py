@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 import types
+import warnings
 from pathlib import Path
 
 import cv2
@@ -314,8 +316,9 @@ def test_killed_run_leaves_complete_files_and_resumes(tmp_path, small_ckpt):
     assert all((out / name).stat().st_mtime_ns == t for name, t in before.items())  # resumed, not redone
     # Every file the killed run left is complete: the same as a fresh run of those images.
     ref = tmp_path / "ref"
-    auto_annotate(data=[str(images / f"{Path(n).stem}.png") for n in done], det_model=None, labels=labels,
-                  sam_model=small_ckpt, output_dir=ref, write_names=False, verbose=False)
+    with pytest.warns(UserWarning, match=rf"boxes for {20 - len(done)} image\(s\) that data does not hold"):
+        auto_annotate(data=[str(images / f"{Path(n).stem}.png") for n in done], det_model=None, labels=labels,
+                      sam_model=small_ckpt, output_dir=ref, write_names=False, verbose=False)
     assert {p.name: p.read_text() for p in ref.iterdir()} == done
 
 
@@ -420,6 +423,87 @@ def test_argument_errors(tmp_path, small_ckpt):
     assert "auto_annotate" in segany.__all__
 
 
+@pytest.mark.parametrize("option,message", [
+    (dict(conf="x"), "conf='x': expected a number"),
+    (dict(conf=1.5), r"conf=1.5: expected a minimum box confidence in \[0, 1\]"),
+    (dict(iou=-0.1), r"iou=-0.1: expected an NMS IoU threshold in \[0, 1\]"),
+    (dict(imgsz=0), "imgsz=0: expected an integer >= 1"),
+    (dict(imgsz=[640, 480, 3]), r"imgsz=\[640, 480, 3\]: give one size or \[height, width\], e.g. imgsz=640"),
+    (dict(max_det=0), "max_det=0: expected an integer >= 1"),
+    (dict(max_det=2.5), "max_det=2.5: expected an integer"),
+    (dict(classes="person"), r"classes must be a class id .*, got 'person'"),
+])
+def test_detector_options_are_checked_whatever_the_box_source(tmp_path, option, message):
+    """conf/iou/imgsz/max_det only steer a detector, but a bad value is the same one-line error
+    before any work when the boxes come from labels: never silently unused."""
+    make_dataset(tmp_path, {"exact": HAND["exact"]})
+    out = tmp_path / "out"
+    detector = types.SimpleNamespace(names={0: "box"}, predict=lambda *a, **k: pytest.fail("the detector ran"))
+    sources = (dict(det_model=detector), dict(labels=tmp_path / "labels"),
+               dict(det_model=None, labels=tmp_path / "coco.json"))
+    errors = set()
+    for source in sources:
+        with pytest.raises(ConfigError) as e:
+            auto_annotate(data=tmp_path / "images", sam_model=str(tmp_path / "missing.pt"), output_dir=out,
+                          verbose=False, **source, **option)
+        errors.add(str(e.value))
+    assert len(errors) == 1 and re.fullmatch(message, errors.pop())
+    assert not out.exists()  # refused before any image was done
+
+
+def test_cli_refuses_bad_detector_options_with_labels(tmp_path, capsys):
+    from segany.cli import main
+
+    make_dataset(tmp_path, {"exact": HAND["exact"]})
+    args = ["annotate", f"data={tmp_path / 'images'}", f"labels={tmp_path / 'labels'}",
+            f"output_dir={tmp_path / 'out'}", f"sam_model={tmp_path / 'missing.pt'}"]
+    for bad, message in (("max_det=0", "max_det=0: expected an integer >= 1"),
+                         ("conf=x", "conf='x': expected a number")):
+        assert main([*args, bad]) != 0
+        assert capsys.readouterr().err.strip().splitlines() == [f"segany: error: {message}"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_takes_a_detector_size_of_height_and_width(tmp_path, small_ckpt):
+    # imgsz=[h, w] is the detector's (Ultralytics takes it); only SAM's own imgsz must be square
+    from segany.cli import main
+
+    make_dataset(tmp_path, {"exact": HAND["exact"]})
+    assert main(["annotate", f"data={tmp_path / 'images'}", f"labels={tmp_path / 'labels'}",
+                 f"output_dir={tmp_path / 'out'}", f"sam_model={small_ckpt}", "imgsz=[640,480]"]) == 0
+    assert (tmp_path / "out" / "exact.txt").is_file()
+
+
+def test_boxes_of_images_not_in_data_are_reported(tmp_path, small_ckpt, oracle):
+    """Label files and COCO images that no image of data matches: their boxes would go unused in
+    silence. A warning names the first few, the summary counts them."""
+    make_dataset(tmp_path, HAND)
+    images, labels, coco = tmp_path / "images", tmp_path / "labels", tmp_path / "coco.json"
+    (labels / "classes.txt").write_text("box\ndisc\nblob\n")  # names, not boxes: never reported
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every box file has its image: no warning
+        s = auto_annotate(data=images, labels=labels, sam_model=small_ckpt, output_dir=tmp_path / "all",
+                          verbose=False)
+    assert s.not_in_data == [] and "not in data" not in str(s)
+    (images / "shapes.png").unlink()
+    (images / "blank.png").unlink()
+    with pytest.warns(UserWarning, match=r"labels='.*labels' has boxes for 2 image\(s\) that data does not hold "
+                                         r"\(blank\.txt, shapes\.txt\): their boxes are not used; check data="):
+        s = auto_annotate(data=images, labels=labels, sam_model=small_ckpt, output_dir=tmp_path / "yolo",
+                          verbose=False)
+    assert s.not_in_data == ["blank.txt", "shapes.txt"] and len(s.written) == 2
+    assert "0 failed, 0 empty mask(s) skipped, 2 labelled image(s) not in data (boxes unused); " in str(s)
+    doc = json.loads(coco.read_text())
+    doc["images"] += [{"id": 200 + i, "file_name": f"extra{i}.png", "width": 9, "height": 9} for i in range(6)]
+    coco.write_text(json.dumps(doc))
+    with pytest.warns(UserWarning, match=r"has boxes for 8 image\(s\) that data does not hold \(shapes\.png, "
+                                         r"blank\.png, extra0\.png, extra1\.png, extra2\.png, \.\.\.\)"):
+        s = auto_annotate(data=images, det_model=None, labels=coco, sam_model=small_ckpt, format="coco",
+                          output_dir=tmp_path / "coco", verbose=False)
+    assert s.not_in_data == ["shapes.png", "blank.png"] + [f"extra{i}.png" for i in range(6)]
+    assert ", 8 labelled image(s) not in data" in str(s) and len(s.written) == 2
+
+
 def test_class_names_must_cover_the_box_classes(tmp_path, small_ckpt):
     """Names that stop short of a class the labels use would give a data.yaml whose nc is below
     that class (a YOLO trainer refuses it): refused before any image is done."""
@@ -470,7 +554,8 @@ def test_coco_boxes_ambiguous_base_name_is_an_error(tmp_path, small_ckpt, oracle
     assert "train/a.png" in s.failed[image] and "val/a.png" in s.failed[image]
     assert not (tmp_path / "out" / "a.txt").exists()
     assert list(auto_annotate(data=tmp_path / "other", output_dir=tmp_path / "out", **kw).failed) == [image]
-    s = auto_annotate(data=tmp_path / "train", output_dir=tmp_path / "out_train", **kw)
+    with pytest.warns(UserWarning, match=r"2 image\(s\) that data does not hold \(val/a\.png, b\.png\)"):
+        s = auto_annotate(data=tmp_path / "train", output_dir=tmp_path / "out_train", **kw)
     assert not s.failed and (tmp_path / "out_train" / "a.txt").read_text() == EXACT_TXT  # train/a.png's boxes
 
 

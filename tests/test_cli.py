@@ -234,18 +234,19 @@ def test_failed_predict_leaves_no_run_folder(tmp_path, image, small_ckpt):
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     base = ["predict", f"model={small_ckpt}", "project=out"]
     (tmp_path / "all_bad").mkdir()
-    for name in ("a.jpg", "b.png"):
+    for name in ("a.jpg", "b.png", "c.mp4"):
         (tmp_path / "all_bad" / name).write_bytes(b"not an image")
     bad_box, outside, unreadable, folder = run_many([[*base, "source=img.jpg", "bboxes=[1,2,3]"],
                                                      [*base, "source=img.jpg", "bboxes=[-9,-9,0,0]"],
                                                      [*base, "source=bad.jpg", "bboxes=[1,1,5,5]"],
-                                                     [*base, "source=all_bad", "bboxes=[1,1,5,5]"]], tmp_path)
+                                                     [*base, "source=all_bad/*", "bboxes=[1,1,5,5]"]], tmp_path)
     one_line_error(bad_box, 2, "bboxes must be")
     one_line_error(outside, 2, "lies outside")
     one_line_error(unreadable, 1, "bad.jpg is not a readable image")
     assert "BytesIO" not in unreadable.stderr
     # a folder of unreadable images: each reported, no speed of nothing ("0.0ms per image")
-    assert folder.returncode == 1 and folder.stderr.count("skipped, unreadable") == 2
+    assert folder.returncode == 1 and folder.stderr.count("skipped, unreadable") == 3
+    assert "moov atom" not in folder.stderr  # FFmpeg's own line for the broken video: the warning says it
     assert "Speed: no image was segmented" in folder.stdout and "0.0ms" not in folder.stdout
     assert not (tmp_path / "out").exists()
 

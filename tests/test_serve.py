@@ -218,6 +218,14 @@ def test_malformed_prompt_is_422_naming_the_field(client, image_id, body, field)
     assert "bboxes" not in detail  # the API's name for boxes is boxes
 
 
+def test_prompt_warnings_use_the_api_field_names(client, image_id):
+    """Warnings are reworded like errors: the engine's ``bboxes`` is the request's ``boxes``."""
+    r = client.post(f"/api/images/{image_id}/prompt", json={"boxes": [-10, -10, 100, 100]})
+    assert r.status_code == 200, r.text
+    warnings = r.json()["warnings"]
+    assert warnings == ["boxes extend past the 240x180 image; clipped to it"], warnings
+
+
 def test_invalid_json_is_422(client, image_id):
     check_error(client.post(f"/api/images/{image_id}/prompt", content=b"{not json", headers=JSON), 422, "body")
 

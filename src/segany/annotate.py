@@ -30,7 +30,10 @@ Choices worth knowing:
 - **Errors per image** (unreadable image, malformed label file, an ambiguous COCO match, a SAM
   failure) are reported in ``summary.failed`` and do not stop the run; they are listed on stderr
   even when ``verbose=False``. ``conf``, ``iou``, ``imgsz`` and ``max_det`` apply to the detector
-  only; ``classes`` filters every box source.
+  only, but are checked whatever the box source (a bad value is an error, not silently unused);
+  ``classes`` filters every box source.
+- **Boxes without an image are reported.** Label files, or images of a COCO JSON, that match no
+  image of ``data`` get a warning naming them and are counted in the summary (``not_in_data``).
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ import numpy as np
 from tqdm import tqdm
 
 from . import __version__
-from .annotate_boxes import DEFAULT_DET_MODEL, BoxSourceError, check_classes, make_box_source
+from .annotate_boxes import (DEFAULT_DET_MODEL, BoxSourceError, check_classes, check_detector_options,
+                             make_box_source)
 from .engine.export import atomic_write_text, encode_rle, to_numpy, yolo_line
 from .engine.sources import VIDEO_EXTENSIONS, expand_sources, load_image
 from .errors import ConfigError, ImageError, SegAnyError, warn
@@ -70,22 +74,26 @@ class EmptyMask(NamedTuple):
 @dataclass
 class AnnotateSummary:
     """What a run did. Lists hold image paths; ``written`` includes the images that got an
-    empty file (``no_detections``); ``failed`` maps image path → reason."""
+    empty file (``no_detections``); ``failed`` maps image path → reason; ``not_in_data`` holds the
+    label files / COCO ``file_name``s of the box source that match no image of ``data`` (their
+    boxes went unused; a warning names them too)."""
 
     written: list[str] = field(default_factory=list)
     skipped_existing: list[str] = field(default_factory=list)
     no_detections: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     empty_masks: list[EmptyMask] = field(default_factory=list)
+    not_in_data: list[str] = field(default_factory=list)  # label files / COCO file_names of no image in data
     output_dir: str = ""
     elapsed: float = 0.0
 
     def __str__(self) -> str:
         rate = len(self.written) / self.elapsed if self.elapsed > 0 else 0.0
+        unused = f", {len(self.not_in_data)} labelled image(s) not in data (boxes unused)" if self.not_in_data else ""
         lines = [
             f"auto_annotate: {len(self.written)} image(s) written ({len(self.no_detections)} without detections), "
             f"{len(self.skipped_existing)} skipped (labels exist), {len(self.failed)} failed, "
-            f"{len(self.empty_masks)} empty mask(s) skipped; {self.elapsed:.1f}s ({rate:.2f} images/s) "
+            f"{len(self.empty_masks)} empty mask(s) skipped{unused}; {self.elapsed:.1f}s ({rate:.2f} images/s) "
             f"→ {self.output_dir}"
         ]
         lines += self.failure_lines()
@@ -126,6 +134,7 @@ def auto_annotate(
     if format not in ("yolo", "coco"):
         raise ConfigError(f"format={format!r}: use 'yolo' (one .txt per image) or 'coco' (one JSON)")
     keep = check_classes(classes)
+    conf, iou, imgsz, max_det = check_detector_options(conf, iou, imgsz, max_det)
     summary = AnnotateSummary()
     items = expand_sources(data)
     if any(not isinstance(p, (str, os.PathLike)) for p in items):
@@ -144,6 +153,8 @@ def auto_annotate(
         raise ConfigError(f"output_dir={str(out)!r} is a file: give a folder for the labels")
     summary.output_dir = str(out)
     source = make_box_source(det_model, labels, paths, root, class_names, conf, iou, imgsz, max_det, keep, device)
+    summary.not_in_data = list(source.unmatched)
+    _warn_not_in_data(labels, summary.not_in_data)
     if out.is_dir():  # else it is made by the first file written: a run that fails first leaves none
         _remove_stale_temps(out)
 
@@ -208,6 +219,16 @@ def auto_annotate(
         print(f"auto_annotate: {len(summary.failed)} image(s) failed:", *summary.failure_lines(), sep="\n",
               file=sys.stderr)
     return summary
+
+
+def _warn_not_in_data(labels: Any, names: list[str]) -> None:
+    """Say that boxes go unused: silence would let a wrong ``data=`` (or a misnamed folder) pass
+    for a run that found fewer objects. A warning, not an error: a subset of the labelled images
+    is a fair thing to annotate."""
+    if names:
+        shown = ", ".join(names[:5]) + ", ..." * (len(names) > 5)
+        warn(f"labels={str(labels)!r} has boxes for {len(names)} image(s) that data does not hold ({shown}): "
+             "their boxes are not used; check data= (ignore this if data is a subset on purpose)")
 
 
 def _default_output_dir(data: Any) -> Path:

@@ -7,7 +7,9 @@ pixels of the decoded image and ``(N,)`` int64 class ids, in the order the sourc
 source also keeps ``category_ids`` (class id → the JSON's category id) for COCO output.
 ``found`` maps each class id that the boxes of the run's images use → where (for messages), read
 up front, so that names that miss a class are refused before any work (``None`` for a detector,
-whose classes are only known as it runs: its ``names`` stand in).
+whose classes are only known as it runs: its ``names`` stand in). ``unmatched`` lists the label
+files / COCO ``file_name``s that no image of the run matches: their boxes go unused, which the run
+reports (a wrong ``data=`` would otherwise pass for images without objects).
 A problem with one image's boxes raises :class:`BoxSourceError` (reported, the run goes on);
 a problem with the whole source raises :class:`~segany.errors.ConfigError` before any work.
 """
@@ -23,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from .config import check_type
 from .errors import BoxSourceError, ConfigError, MissingDependencyError
 
 DEFAULT_DET_MODEL = "yolo11x.pt"
@@ -91,6 +94,30 @@ def check_classes(classes: Any) -> list[int] | None:
     return out
 
 
+def check_detector_options(conf: Any, iou: Any, imgsz: Any, max_det: Any) -> tuple[float, float, Any, int]:
+    """The detector settings, checked whatever the box source: a bad value is an error before any
+    work, never silently unused because the boxes came from labels. Types are checked as the
+    command line checks them (``config.check_type``), so both give the same message."""
+    conf, iou = check_type("conf", conf, 0.25), check_type("iou", iou, 0.45)
+    for key, value, what in (("conf", conf, "a minimum box confidence"), ("iou", iou, "an NMS IoU threshold")):
+        if value is None or not 0.0 <= value <= 1.0:  # NaN fails the range test too
+            raise ConfigError(f"{key}={value}: expected {what} in [0, 1]")
+    max_det = _count("max_det", max_det)
+    # Ultralytics also takes imgsz=[h, w] (check_type's imgsz rule is SAM's square input).
+    if isinstance(imgsz, (list, tuple)):
+        if len(imgsz) not in (1, 2):
+            raise ConfigError(f"imgsz={list(imgsz)!r}: give one size or [height, width], e.g. imgsz=640")
+        return conf, iou, [_count("imgsz", v) for v in imgsz], max_det
+    return conf, iou, _count("imgsz", imgsz), max_det
+
+
+def _count(key: str, value: Any) -> int:
+    value = check_type(key, value, 1)
+    if value is None or value < 1:
+        raise ConfigError(f"{key}={value}: expected an integer >= 1")
+    return value
+
+
 class YoloDetector:
     """Boxes from an Ultralytics YOLO model (``ultralytics`` is imported only here)."""
 
@@ -114,6 +141,7 @@ class YoloDetector:
         self.category_ids: dict[int, int] | None = None
         # The classes it can emit: what class_names= must name (boxes are only seen as it runs).
         self.found: dict[int, str] | None = {c: "a class of the detector" for c in self.names} or None
+        self.unmatched: list[str] = []
 
     def __call__(self, path: str, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # The decoded BGR array is passed (Ultralytics reads numpy input as BGR): one decode per image.
@@ -137,6 +165,8 @@ class YoloLabels:
         if stems and not stems & set(files):
             raise ConfigError(f"labels={str(folder)!r} holds no <image name>.txt file for any of the "
                               f"{len(stems)} image(s); YOLO box labels are matched by file stem")
+        # classes.txt names classes (LabelImg) unless an image is called "classes".
+        self.unmatched = sorted(f.name for stem, f in files.items() if stem not in stems and stem != "classes")
         self.names_file: Path | None = None
         if class_names is None and "classes" in files and "classes" not in stems:
             self.names_file = files["classes"]  # LabelImg writes names here
@@ -221,13 +251,16 @@ class CocoBoxes:
             by_base.setdefault(name.rsplit("/", 1)[-1], []).append(e)
         self.entry: dict[str, dict] = {}
         self.ambiguous: dict[str, list[str]] = {}  # image → the file_names it could be
+        matched: set[int] = set()  # id() of the entries that some image fits
         for p in images:
             found = self._match(p, root, by_name, by_base)
+            matched.update(id(e) for e in found)
             if len(found) == 1:
                 self.entry[p] = found[0]
             elif found:
                 self.ambiguous[p] = [str(e["file_name"]) for e in found]
         self.image_ids = {p: int(e["id"]) for p, e in self.entry.items()}  # kept in COCO output
+        self.unmatched = [str(e["file_name"]) for e in entries if id(e) not in matched]
         if images and not self.entry and not self.ambiguous:
             raise ConfigError(f"labels={str(file)!r}: no image of the COCO JSON matches any of the "
                               f"{len(images)} image(s) by file_name")

@@ -253,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
             debug = True
             args.pop(i)
     args = [a for a in args if a != "--debug"]
+    if not debug:
+        # FFmpeg's own lines for a broken video ("moov atom not found") would stand beside the
+        # one-line warning that names the file; read when OpenCV first opens a video.
+        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
     _shown.clear()  # each run shows its own warnings (main may run twice in one process)
     try:
         with warnings.catch_warnings():  # restores the caller's warning display after an in-process call

@@ -89,8 +89,10 @@ FIXED = dict(task="segment", mode="predict")
 def check_type(key: str, value: Any, default: Any) -> Any:
     """``value`` as the type of ``default`` (booleans for flags, whole numbers for int options,
     numbers for float ones, single values for strings), or a :class:`ConfigError` naming the option."""
-    if key == "imgsz" and isinstance(value, (list, tuple)):
-        value = _square_size(key, value)
+    if key == "imgsz" and isinstance(value, (list, tuple)) and default is not None:
+        # [h, w] (Ultralytics' form): each a whole number here; SAM's predictor wants them equal
+        # (check_options), a detector's need not be.
+        return [check_type(key, v, default) for v in value]
     if value is None or default is None:
         return value
     if isinstance(default, bool):
@@ -137,6 +139,8 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
         given_as[canonical] = key
         if canonical in PREDICT_DEFAULTS:
             value = check_type(key, value, OPTION_TYPES.get(canonical, PREDICT_DEFAULTS[canonical]))
+            if canonical == "imgsz" and isinstance(value, list):
+                value = _square_size(key, value)
             if canonical in COUNTS and value is not None and value < 1:
                 raise ConfigError(f"{key}={value}: expected an integer >= 1")
             if canonical == "conf" and value is not None and not 0.0 <= value <= 1.0:

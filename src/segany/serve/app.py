@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ConfigError, ImageError, PromptError, SegAnyError
 from .limits import ApiError, BodyLimitMiddleware, read_body
-from .schemas import EverythingRequest, ImageInfo, PromptRequest
+from .schemas import EverythingRequest, ImageInfo, PromptRequest, api_wording
 from .service import SegmentService, TooLargeError, content_id
 from .worker import ENCODE, EVERYTHING, PROMPT, ModelWorker, QueueFullError
 
@@ -105,7 +105,7 @@ def create_app(model: Any, device: str = "", max_images: int = 16, max_cache_byt
         try:
             return await asyncio.wrap_future(fut)
         except PromptError as e:  # the engine's messages name its Python argument; the API's field is boxes
-            message = re.sub(r"\bbboxes\b", "boxes", str(e))
+            message = api_wording(str(e))
             raise ApiError(422, message, _field_of(message)) from None
         except ConfigError as e:
             raise ApiError(422, str(e), str(e).split(" ", 1)[0]) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -12,6 +13,13 @@ Points = Union[list[float], list[list[float]], list[list[list[float]]]]
 Labels = Union[int, list[int], list[list[int]]]
 Boxes = Union[list[float], list[list[float]]]
 MAX_EVERYTHING_POINTS = 64 * 64  # point prompts per segment-everything request, crops included
+_ENGINE_BOXES = re.compile(r"\bbboxes\b")
+
+
+def api_wording(message: str) -> str:
+    """An engine message (error or warning) in the API's names: the engine's argument ``bboxes``
+    is the request field ``boxes`` (see :meth:`PromptRequest.prompts`)."""
+    return _ENGINE_BOXES.sub("boxes", message)
 
 
 class ImageInfo(BaseModel):

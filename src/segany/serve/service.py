@@ -23,6 +23,7 @@ from ..engine.image_state import ImageState
 from ..engine.predictor import Predictor
 from ..errors import ImageError
 from .cache import LRU
+from .schemas import api_wording
 
 
 class TooLargeError(ImageError):
@@ -162,7 +163,7 @@ class SegmentService:
         for i, m in enumerate(masks):
             m["prompt"], m["rank"] = i // k, i % k
         return dict(image_id=entry.id, width=r.orig_shape[1], height=r.orig_shape[0], multimask_output=multimask,
-                    masks=masks, warnings=sorted({str(w.message) for w in caught}),
+                    masks=masks, warnings=sorted({api_wording(str(w.message)) for w in caught}),
                     time_ms=round((time.perf_counter() - t0) * 1000, 2))
 
     def everything(self, entry: CachedImage, options: dict[str, Any], png: bool, polygons: bool) -> dict[str, Any]:
