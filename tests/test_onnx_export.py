@@ -243,3 +243,31 @@ def test_default_file_names_follow_the_name_given_not_the_cache_file(small_ckpt,
     monkeypatch.chdir(tmp_path)
     paths = SAM("sam_b.pt").export(parts="decoder")
     assert paths["decoder"] == Path("sam_b_decoder.onnx") and (tmp_path / "sam_b_decoder.onnx").is_file()
+
+
+@pytest.fixture()
+def stub_exporter(monkeypatch):
+    """The exporter replaced by one that writes an empty file where the real one writes (what is
+    tested is where the files go)."""
+    def write(module, args, path, *rest):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+
+    monkeypatch.setattr("segany.onnx_export._export", write)
+
+
+def test_file_naming_a_folder_writes_the_default_names_into_it(small_ckpt, tmp_path, capsys, stub_exporter):
+    import os
+
+    (tmp_path / "out2").mkdir()
+    assert main(["export", f"model={small_ckpt}", f"file={tmp_path / 'out2'}", "device=cpu"]) == 0
+    inside = {part: tmp_path / "out2" / f"small_sam_{part}.onnx" for part in ("encoder", "decoder")}
+    assert capsys.readouterr().out.splitlines() == [f"{part}: {path}" for part, path in inside.items()]
+    assert all(p.is_file() for p in inside.values()) and [f.name for f in tmp_path.iterdir()] == ["out2"]
+    sam = SAM(small_ckpt, device="cpu")
+    # a path ending in a separator names a folder too (made if need be); one part takes its default name there
+    assert sam.export(file=f"{tmp_path / 'new'}{os.sep}", parts="decoder") == {
+        "decoder": tmp_path / "new" / "small_sam_decoder.onnx"}
+    # a stem and one part's .onnx file are as before
+    assert sam.export(file=tmp_path / "stem") == {p: tmp_path / f"stem_{p}.onnx" for p in ("encoder", "decoder")}
+    assert sam.export(file=tmp_path / "out2" / "e.onnx", parts="encoder") == {"encoder": tmp_path / "out2" / "e.onnx"}

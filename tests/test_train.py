@@ -113,12 +113,9 @@ def test_checkpoint_reloads_bit_identically_and_in_meta(tmp_path):
 def test_resume_continues_exactly(tmp_path):
     straight = train(tiny_model(), DATA, epochs=2, project=tmp_path, name="straight", **FAST)
 
-    def stop(epoch, record):
-        if epoch == 1:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_model(), DATA, epochs=2, project=tmp_path, name="cut", on_epoch_end=stop, **FAST)
+        train(tiny_model(), DATA, epochs=2, project=tmp_path, name="cut", on_epoch_end=stop_after_first_epoch,
+              **FAST)
     state = torch.load(tmp_path / "cut" / "last_state.pt", weights_only=True)
     assert state["epoch"] == 1 and state["step"] == 3
     # epochs left out: the run's own 2, not the default 10
@@ -140,6 +137,95 @@ def test_resume_continues_exactly(tmp_path):
         train(tiny_model(), DATA, project=tmp_path, name="cut", resume=True, **FAST)
     with pytest.raises(ConfigError, match="holds no run to continue"):
         train(tiny_model(), DATA, epochs=3, project=tmp_path, name="never", resume=True, **FAST)
+
+
+def stop_after_first_epoch(epoch, record):
+    if epoch == 1:
+        raise KeyboardInterrupt
+
+
+@pytest.fixture(scope="module")
+def disk_runs(tmp_path_factory):
+    """A dataset on disk, a checkpoint, a 2-epoch run on them and copies of that run stopped after
+    epoch 1 (started from a relative data path, so a resume elsewhere needs the recorded one)."""
+    import os
+    import shutil
+
+    from segany.data import write_synthetic
+
+    root = tmp_path_factory.mktemp("runs")
+    write_synthetic(root / "d", n=6, seed=0, size=128, format="yolo")
+    torch.save(tiny_model().state_dict(), root / "tiny.pt")
+    cwd, threads = os.getcwd(), torch.get_num_threads()
+    os.chdir(root)
+    torch.set_num_threads(1)  # as the tests' one_thread (function-scoped, not on yet): bit-identical runs
+    try:
+        straight = train("tiny.pt", "d", epochs=2, project=root, name="straight", **FAST)
+        with pytest.raises(KeyboardInterrupt):
+            train("tiny.pt", "d", epochs=2, project=root, name="cut", on_epoch_end=stop_after_first_epoch, **FAST)
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+    for copy in ("cut_api", "cut_sam", "cut_cli"):
+        shutil.copytree(root / "cut", root / copy)
+    return root, straight["model"].state_dict()
+
+
+def test_resume_takes_the_runs_model_and_data(disk_runs, tmp_path, monkeypatch):
+    root, straight = disk_runs
+    state = torch.load(root / "cut" / "last_state.pt", weights_only=True)
+    assert state["args"]["data"] == str(root / "d") and state["args"]["model"] == str(root / "tiny.pt")
+    monkeypatch.chdir(tmp_path)  # elsewhere: "d" and "tiny.pt" as typed are not here
+    resumed = train(resume=root / "cut_api", verbose=False)  # no model, no data, no settings
+    assert resumed["steps"] == 6 and resumed["args"]["data"] == str(root / "d")
+    assert resumed["args"]["model"] == str(root / "tiny.pt")  # the run's, not the last.pt it was rebuilt from
+    b = resumed["model"].state_dict()
+    assert all(torch.equal(straight[k], b[k]) for k in straight)  # as if never stopped
+    # SAM(...).train(resume=...) takes no data either, and trains that model in place
+    model = SAM(str(root / "tiny.pt"))
+    out = model.train(resume=str(root / "cut_sam" / "last.pt"), verbose=False)
+    assert out["model"] is model.model and out["steps"] == 6
+    assert all(torch.equal(straight[k], v) for k, v in model.model.state_dict().items())
+
+
+def test_cli_resume_alone(disk_runs, tmp_path, monkeypatch, capsys):
+    root, straight = disk_runs
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", f"resume={root / 'cut_cli'}", "verbose=false"]) == 0
+    assert f"checkpoints: {root / 'cut_cli' / 'last.pt'} (last)" in capsys.readouterr().out
+    sd = torch.load(root / "cut_cli" / "last.pt", weights_only=True)
+    assert all(torch.equal(straight[k], sd[k]) for k in straight)
+    assert main(["train", f"resume={tmp_path / 'nowhere'}"]) == 2
+    assert "holds no run to continue" in capsys.readouterr().err
+    assert main(["train", "data=synthetic:2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train needs model=" in err and "resume=" in err
+
+
+def test_resume_refuses_another_model_or_data(disk_runs, tmp_path):
+    from segany.data import write_synthetic
+
+    root, _ = disk_runs
+    other = write_synthetic(tmp_path / "other", n=2, seed=1, size=128, format="yolo")
+    # as epochs=3 is refused: a value other than the run's, named with the run's
+    with pytest.raises(ConfigError, match=rf"data='{other}' \(the run has '{root / 'd'}'\); leave them out"):
+        train(data=str(other), resume=root / "straight", verbose=False)
+    with pytest.raises(ConfigError, match=r"model='sam_b' \(the run has .*tiny.pt'\)"):
+        train("sam_b", resume=root / "straight", verbose=False)
+    # the run's own names, or its last.pt as the model, are the run's: the finished run has nothing left to do
+    for model in (str(root / "tiny.pt"), str(root / "straight" / "last.pt")):
+        out = train(model, str(root / "d"), resume=root / "straight", verbose=False)
+        assert out["steps"] == 6 and out["args"]["model"] == str(root / "tiny.pt")
+
+
+def test_resume_of_a_run_on_a_python_dataset_asks_for_data(tmp_path, capsys):
+    train(tiny_model(), DATA, epochs=1, project=tmp_path, name="mem", **FAST)
+    with pytest.raises(ConfigError, match="does not record the dataset it was trained on .*; pass data="):
+        train(resume=tmp_path / "mem", verbose=False)
+    assert main(["train", f"resume={tmp_path / 'mem'}"]) == 2
+    assert "pass data=" in capsys.readouterr().err
+    out = train(tiny_model(), DATA, resume=tmp_path / "mem", verbose=False)  # given: as before
+    assert out["steps"] == 3
 
 
 @pytest.mark.parametrize("bad,match", [(dict(epochs=0), "epochs=0: expected a whole number >= 1"),

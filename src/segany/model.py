@@ -66,16 +66,19 @@ class SAM:
                 print(layer_table(self.model))
         return s
 
-    def train(self, data: Any, **kwargs: Any) -> dict[str, Any]:
+    def train(self, data: Any = None, **kwargs: Any) -> dict[str, Any]:
         """Fine-tune this model in place on ``data`` (COCO JSON, YOLO-seg folder, ``"synthetic:N"``);
-        see :func:`segany.train.train` for the options. Returns the run summary (checkpoint paths...)."""
+        see :func:`segany.train.train` for the options. With ``resume=`` (a run folder), ``data``
+        may be left out: the run's own is used, and its ``last.pt`` is loaded into this model.
+        Returns the run summary (checkpoint paths...)."""
         from .train import train
 
         kwargs.setdefault("device", self.device)
         # Before training: the cached embedding (and the logits that earlier results make when
         # first read, see Predictor.image) come from the weights as they are now.
         self.predictor.reset_image()
-        return train(self.model, data, **kwargs)
+        # self, not self.model: the run records the checkpoint this model was loaded from.
+        return train(self, data, **kwargs)
 
     def val(self, data: Any, **kwargs: Any) -> dict[str, Any]:
         """Box / point / multi-point mIoU on ``data``; see :func:`segany.train.val`."""
@@ -97,15 +100,17 @@ class SAM:
         """Export SAM / MobileSAM to ONNX: ``<stem>_encoder.onnx`` (preprocessed ``(1, 3, S, S)``
         image → embedding) and ``<stem>_decoder.onnx`` (the layout of Meta's ONNX decoder: see
         :class:`segany.onnx_export.OnnxDecoder`). ``file``: the stem (default: the model's name as
-        given to ``SAM``, e.g. ``sam_b`` for ``"sam_b.pt"``, in the current folder), or with one part,
-        the ``.onnx`` file itself. ``parts``: "encoder", "decoder" or both. Returns ``{part: path}``. Needs ``pip install 'segany[export]'``."""
+        given to ``SAM``, e.g. ``sam_b`` for ``"sam_b.pt"``, in the current folder), a folder to write
+        the default names in (one that exists, or a path ending in a separator), or with one part,
+        the ``.onnx`` file itself. ``parts``: "encoder", "decoder" or both. Returns ``{part: path}``.
+        Needs ``pip install 'segany[export]'``."""
         from .errors import ConfigError
         from .onnx_export import OPSET, export_onnx
 
         if format != "onnx":
             raise ConfigError(f"format={format!r}: segany exports to 'onnx' only (model.save() writes a checkpoint)")
-        return export_onnx(self.model, self.config.family, file if file is not None else self._stem,
-                           parts, opset or OPSET, return_single_mask)
+        return export_onnx(self.model, self.config.family, file, parts, opset or OPSET, return_single_mask,
+                           name=self._stem)
 
     def __repr__(self) -> str:
         return f"SAM({self.config.name!r}, device={self.device})"

@@ -161,14 +161,17 @@ def decoder_example_inputs(sam: nn.Module, n_points: int = 3) -> tuple[torch.Ten
     ))
 
 
-def export_onnx(sam: nn.Module, family: str, file: str | os.PathLike, parts: str | Sequence[str] = PARTS,
-                opset: int = OPSET, return_single_mask: bool = False) -> dict[str, Path]:
+def export_onnx(sam: nn.Module, family: str, file: str | os.PathLike | None = None,
+                parts: str | Sequence[str] = PARTS, opset: int = OPSET, return_single_mask: bool = False,
+                name: str = "sam") -> dict[str, Path]:
     """Export ``parts`` of ``sam`` (a :class:`segany.models.Sam` of ``family``): "encoder",
     "decoder" or both, to ONNX files.
 
-    With one part and ``file`` ending in ``.onnx``, that is the file written; otherwise ``file``
-    (less a ``.onnx`` suffix) is the stem of ``<stem>_encoder.onnx`` and ``<stem>_decoder.onnx``.
-    Returns ``{part: path}``.
+    With one part and ``file`` ending in ``.onnx``, that is the file written; a ``file`` that is a
+    folder (one that exists, or a path ending in a separator) gets ``<name>_encoder.onnx`` and
+    ``<name>_decoder.onnx``; otherwise ``file`` (less a ``.onnx`` suffix) is the stem of
+    ``<stem>_encoder.onnx`` and ``<stem>_decoder.onnx``. ``file=None``: ``name`` in the current
+    folder. Returns ``{part: path}``.
     """
     if family not in ("sam_vit", "mobile_sam"):
         what = "SAM 2 / SAM 2.1" if family == "sam2" else repr(family)
@@ -181,12 +184,7 @@ def export_onnx(sam: nn.Module, family: str, file: str | os.PathLike, parts: str
     if unknown or not parts:
         raise ConfigError(f"parts={unknown or parts!r}: choose 'encoder', 'decoder' or both")
     require_onnx()
-    file = Path(file)
-    if len(parts) == 1 and file.suffix == ".onnx":
-        targets = {parts[0]: file}
-    else:
-        stem = file.with_suffix("") if file.suffix == ".onnx" else file
-        targets = {p: stem.with_name(f"{stem.name}_{p}.onnx") for p in PARTS if p in parts}
+    targets = output_paths(file, parts, name)
     was_training = sam.training
     sam.eval()
     try:
@@ -202,6 +200,22 @@ def export_onnx(sam: nn.Module, family: str, file: str | os.PathLike, parts: str
     finally:
         sam.train(was_training)
     return targets
+
+
+def output_paths(file: str | os.PathLike | None, parts: Sequence[str], name: str) -> dict[str, Path]:
+    """Where each part of an export goes (see :func:`export_onnx`)."""
+    if file is None:
+        file = name
+    text = os.fspath(file)
+    # Path() drops a trailing separator, and "out/" names a folder (made if need be), as "out" does
+    # when it exists: the files go in it, not beside it as out_encoder.onnx.
+    if text.endswith(tuple(s for s in (os.sep, os.altsep) if s)) or Path(text).is_dir():
+        file = Path(text) / name
+    file = Path(file)
+    if len(parts) == 1 and file.suffix == ".onnx":
+        return {parts[0]: file}
+    stem = file.with_suffix("") if file.suffix == ".onnx" else file
+    return {p: stem.with_name(f"{stem.name}_{p}.onnx") for p in PARTS if p in parts}
 
 
 def _export(module: nn.Module, args: tuple, path: Path, inputs: Sequence[str], outputs: Sequence[str],
@@ -229,8 +243,8 @@ Export a SAM or MobileSAM model to ONNX: <stem>_encoder.onnx (preprocessed, padd
 embedding) and <stem>_decoder.onnx (the inputs and outputs of Meta's ONNX decoder). Needs
 pip install 'segany[export]'.
   model               checkpoint name or path       format  onnx (the only one)
-  file                stem of the files (default: the model's name, in this folder), or with
-                      one part the .onnx file itself
+  file                stem of the files (default: the model's name, in this folder), a folder
+                      (existing, or ending in /) to write them in, or with one part the .onnx file
   parts               both, encoder or decoder      opset   ONNX opset (default 18)
   return_single_mask  the decoder returns Meta's one best mask instead of all 4
   device              '', 'cpu', 'cuda:0', ..."""

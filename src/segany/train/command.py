@@ -7,6 +7,7 @@ from typing import Any
 
 TRAIN_HELP = """\
 usage: segany train model=sam_b data=path/to/dataset [key=value ...]
+       segany train resume=runs/train/exp        (goes on with that run's model, data and settings)
 
 Fine-tune a SAM model with prompts simulated from the ground truth (noisy boxes, points, corrective
 clicks); loss focal + dice (20:1) + IoU MSE; AdamW with warm-up + cosine; checkpoints last.pt /
@@ -20,7 +21,8 @@ best.pt (plain state dicts) and last_state.pt in project/name (default runs/trai
   val_data       dataset that picks best.pt by mIoU (val_max_images 50)
   device '', amp true (GPU only), seed 0, threads, project runs/train, name exp, exist_ok false
   workers        processes making samples (default 0 on CPU, up to 8 on GPU)    verbose true
-  resume         true (project/name) or the run folder / its last.pt"""
+  resume         true (project/name) or the run folder / its last.pt; model, data and the settings
+                 left out are the run's (others must agree with them)"""
 
 VAL_HELP = """\
 usage: segany val model=path/to/checkpoint data=path/to/dataset [key=value ...]
@@ -43,19 +45,15 @@ def _options(fn, skip: set[str]) -> dict[str, Any]:
 
 
 def run_train(tokens: list[str]) -> int:
-    from ..cli import UsageError, parse_options
+    from ..cli import parse_options
     from .trainer import train
 
     valid = _options(train, {"on_epoch_end"})
     valid["resume"] = None  # true or a path
     valid["model"] = ""
     opts = parse_options(tokens, valid, types=TYPES, command="train")
-    if opts.get("data") is None or not opts.get("model"):
-        # No default model: sam_b (fresh random weights) and sam_b.pt (Meta's) are one character apart.
-        raise UsageError("train needs model= (a checkpoint to fine-tune, e.g. sam_b.pt, or an architecture "
-                         "for fresh weights, e.g. sam_b) and data=path/to/dataset (COCO .json, YOLO-seg folder "
-                         "or synthetic:N)")
-    if opts.get("resume") is None:
+    # model= and data= are checked by train (a ConfigError, exit 2): a resumed run takes its own.
+    if not opts.get("resume"):
         opts.pop("resume", None)
     out = train(**opts)
     print(f"checkpoints: {out['last']} (last), {out['best']} (best); state: {out['save_dir']}/last_state.pt")

@@ -20,22 +20,21 @@ import inspect
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoints import read_state_dict
 from ..data.datasets import load_dataset
 from ..engine.device import select_device
 from ..engine.export import atomic_torch_save
-from ..errors import ConfigError, SkippedImageWarning, StateDictMismatchError, warn
+from ..errors import ConfigError, SkippedImageWarning, warn
 from .common import next_run_dir, resolve_model
 from .losses import sam_loss
 from .batch import InputFrameSamples, batch_prompts, pad_mask
 from .prompts_sim import corrective_points, noisy_boxes, random_points
+from .resume import load_last, record_name, recorded_data, resumed_settings, saved_run, weights_sum
 
 TRAINABLE = {"decoder": ("mask_decoder",), "prompt+decoder": ("prompt_encoder", "mask_decoder"),
              "all": ("image_encoder", "prompt_encoder", "mask_decoder")}
@@ -121,9 +120,9 @@ def batch_loss(model: nn.Module, emb: torch.Tensor, masks: torch.Tensor, image_i
     return total, parts_sum
 
 
-def train(model: Any, data: Any, epochs: int = 10, batch: int = 2, lr: float = 1e-4, imgsz: int | None = None,
-          trainable: str = "decoder", weight_decay: float = 0.01, warmup: float = 0.05, max_instances: int = 8,
-          click_rounds: int = 1, box_prob: float = 0.5, grad_clip: float = 1.0, amp: bool = True,
+def train(model: Any = None, data: Any = None, epochs: int = 10, batch: int = 2, lr: float = 1e-4,
+          imgsz: int | None = None, trainable: str = "decoder", weight_decay: float = 0.01, warmup: float = 0.05,
+          max_instances: int = 8, click_rounds: int = 1, box_prob: float = 0.5, grad_clip: float = 1.0, amp: bool = True,
           device: str = "", seed: int = 0, val_data: Any = None, val_max_images: int | None = 50,
           project: str = "runs/train", name: str = "exp", exist_ok: bool = False, resume: bool | str = False,
           verbose: bool = True, threads: int | None = None, workers: int | None = None,
@@ -133,10 +132,14 @@ def train(model: Any, data: Any, epochs: int = 10, batch: int = 2, lr: float = 1
 
     ``trainable``: ``"decoder"`` (mask decoder), ``"prompt+decoder"`` or ``"all"``. ``warmup`` is a
     fraction of all steps. ``resume=True`` continues ``project/name``; a path continues that run
-    (its ``last.pt`` / folder). ``val_data`` picks ``best.pt`` by validation mIoU (mean of box and
+    (its ``last.pt`` / folder) with the run's own settings, model and data: ``model`` and ``data``
+    may be left out (a model object given is loaded with the run's ``last.pt``; otherwise the model
+    is rebuilt from it). ``val_data`` picks ``best.pt`` by validation mIoU (mean of box and
     best-of-3 point), else by the lowest epoch training loss. ``on_epoch_end(epoch, record)`` is
     called after each epoch's checkpoints are written. Returns the run summary.
     """
+    if not resume:
+        _require_model_and_data(model, data)
     if trainable not in TRAINABLE:  # before anything is built or written
         raise ConfigError(f"trainable={trainable!r}; choose one of {', '.join(TRAINABLE)}")
     for key, value in dict(epochs=epochs, batch=batch, max_instances=max_instances).items():
@@ -157,10 +160,26 @@ def train(model: Any, data: Any, epochs: int = 10, batch: int = 2, lr: float = 1
     # 2.0 from a config file is 2 to torch and val, which take ints only.
     seed = int(seed)
     val_max_images, threads, workers = (None if v is None else int(v) for v in (val_max_images, threads, workers))
+    state = None
+    if resume:
+        run_dir, state = saved_run(resume, project, name)
+        saved = state.get("args", {})
+        # A resumed run goes on with the settings its optimizer and schedule were made with: those
+        # left at their defaults take the run's values, others must agree with them.
+        # epochs too: the cosine schedule was laid out over the run's epochs.
+        given = dict(epochs=epochs, batch=batch, lr=lr, warmup=warmup, weight_decay=weight_decay, trainable=trainable,
+                     seed=seed, max_instances=max_instances, click_rounds=click_rounds, box_prob=box_prob,
+                     grad_clip=grad_clip, imgsz=imgsz)
+        (epochs, batch, lr, warmup, weight_decay, trainable, seed, max_instances, click_rounds, box_prob,
+         grad_clip, imgsz) = resumed_settings(given, saved, model, data, run_dir, _defaults()).values()
+        data = recorded_data(saved, run_dir) if data is None else data
     if threads:
         torch.set_num_threads(threads)
     dev = select_device(device)
-    net, config = resolve_model(model, imgsz)
+    # A resumed run without a model object is rebuilt from its own last.pt: the weights would be
+    # replaced by it anyway, and the model it started from may be a download or gone.
+    from_last = state is not None and (model is None or isinstance(model, (str, os.PathLike)))
+    net, config = resolve_model(run_dir / "last.pt" if from_last else model, imgsz)
     if config.family == "mobile_sam" and net.img_size != 1024:
         # TinyViT's input size is not in its weights: the checkpoint would reload at 1024 and give
         # wrong masks without an error.
@@ -174,41 +193,8 @@ def train(model: Any, data: Any, epochs: int = 10, batch: int = 2, lr: float = 1
         val_ds = load_dataset(val_data)
         if len(val_ds) == 0:
             raise ConfigError(f"val_data={val_data!r} holds no annotated images")
-    state = None
-    if resume:
-        run_dir = Path(project) / name if resume is True else Path(resume)
-        run_dir = run_dir.parent if run_dir.suffix == ".pt" else run_dir
-        if not (run_dir / "last_state.pt").is_file() or not (run_dir / "last.pt").is_file():
-            raise ConfigError(f"resume: {run_dir} holds no run to continue (last.pt and last_state.pt); "
-                              "give the run folder, or start a new run without resume")
-        state = torch.load(run_dir / "last_state.pt", map_location="cpu", weights_only=True)
-        # A resumed run goes on with the settings its optimizer and schedule were made with: those
-        # left at their defaults take the run's values, others must agree with them.
-        saved = state.get("args", {})
-        # epochs too: the cosine schedule was laid out over the run's epochs.
-        given = dict(epochs=epochs, batch=batch, lr=lr, warmup=warmup, weight_decay=weight_decay, trainable=trainable,
-                     seed=seed, max_instances=max_instances, click_rounds=click_rounds, box_prob=box_prob,
-                     grad_clip=grad_clip)
-        defaults = {k: p.default for k, p in inspect.signature(train).parameters.items()}
-        changed = {k: (v, saved[k]) for k, v in given.items() if k in saved and saved[k] != v and v != defaults[k]}
-        if changed:
-            raise ConfigError("resume continues a run with its own settings, and these differ from it: "
-                              + ", ".join(f"{k}={v!r} (the run has {was!r})" for k, (v, was) in changed.items())
-                              + "; leave them out, or start a new run")
-        given.update({k: saved[k] for k in given if k in saved})
-        (epochs, batch, lr, warmup, weight_decay, trainable, seed, max_instances, click_rounds, box_prob,
-         grad_clip) = given.values()
-        last = read_state_dict(run_dir / "last.pt")
-        # The two files are written one after the other: a run stopped between them would resume
-        # one epoch's weights with another epoch's optimizer.
-        if "weights_sum" in state and state["weights_sum"] != _weights_sum(last):
-            raise ConfigError(f"resume: {run_dir}'s last.pt and last_state.pt are from different epochs (the run "
-                              "stopped while saving); resume from an earlier copy or start a new run")
-        try:
-            net.load_state_dict(last, strict=True)
-        except RuntimeError as e:
-            raise StateDictMismatchError(f"resume: {run_dir / 'last.pt'} is not a checkpoint of this model "
-                                         f"({str(e).splitlines()[0][:200]})") from None
+    if state is not None:
+        load_last(net, run_dir, state, loaded=from_last)
     else:
         run_dir = next_run_dir(project, name, exist_ok)
     net.to(dev)
@@ -228,8 +214,9 @@ def train(model: Any, data: Any, epochs: int = 10, batch: int = 2, lr: float = 1
     train_encoder = trainable == "all"
     args = dict(epochs=epochs, batch=batch, lr=lr, imgsz=net.img_size, trainable=trainable, seed=seed,
                 weight_decay=weight_decay, warmup=warmup, max_instances=max_instances, click_rounds=click_rounds,
-                box_prob=box_prob, grad_clip=grad_clip, data=str(data), model=str(model) if isinstance(model, str)
-                else config.name)
+                box_prob=box_prob, grad_clip=grad_clip, data=record_name(data), model=record_name(model))
+    if state is not None:  # the run's own model and data, not the last.pt it was rebuilt from
+        args.update({k: state["args"][k] for k in ("model", "data") if k in state.get("args", {})})
     if workers is None:  # the GPU would wait on one process making samples; 2 CPU cores would not
         workers = min(8, max(1, (os.cpu_count() or 1) - 1)) if dev.type == "cuda" else 0
     mean, std = net.pixel_mean.view(1, 3, 1, 1), net.pixel_std.view(1, 3, 1, 1)
@@ -301,7 +288,7 @@ def train(model: Any, data: Any, epochs: int = 10, batch: int = 2, lr: float = 1
             best_fit = fitness
             atomic_torch_save(sd, run_dir / "best.pt")
         atomic_torch_save(dict(optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch + 1, step=step,
-                               best_fitness=best_fit, history=history, args=args, weights_sum=_weights_sum(sd)),
+                               best_fitness=best_fit, history=history, args=args, weights_sum=weights_sum(sd)),
                           run_dir / "last_state.pt")
         if verbose:
             print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
@@ -314,9 +301,21 @@ def train(model: Any, data: Any, epochs: int = 10, batch: int = 2, lr: float = 1
                 epochs=epochs, steps=step, best_fitness=best_fit, history=history, args=args, model=net)
 
 
-def _weights_sum(sd: dict[str, torch.Tensor]) -> float:
-    """A fingerprint of a state dict (the sum of all its values, in float64)."""
-    return float(sum(t.double().sum() for t in sd.values() if t.is_floating_point()))
+MODEL_AND_DATA = ("model= (a checkpoint to fine-tune, e.g. sam_b.pt, or an architecture for fresh weights, "
+                  "e.g. sam_b)", "data=path/to/dataset (COCO .json, YOLO-seg folder or synthetic:N)")
+
+
+def _require_model_and_data(model: Any, data: Any) -> None:
+    """A :class:`ConfigError` naming what a new run lacks (a resumed one takes the run's own)."""
+    missing = [text for text, value in zip(MODEL_AND_DATA, (model, data)) if value is None or value == ""]
+    if missing:
+        # No default model: sam_b (fresh random weights) and sam_b.pt (Meta's) are one character apart.
+        raise ConfigError(f"train needs {' and '.join(missing)}, or resume=path/to/run to continue a run")
+
+
+def _defaults() -> dict[str, Any]:
+    """train's default values by name (a resumed run takes the run's value for those left so)."""
+    return {k: p.default for k, p in inspect.signature(train).parameters.items()}
 
 
 def _check(key: str, value: Any, want: str, ok: Callable[[float], bool]) -> None:
