@@ -154,7 +154,8 @@ def test_info_and_benchmark(small_ckpt, tmp_path):
     shutil.copy(small_ckpt, cache / "mobile_sam.pt")  # found in the cache under a registry alias
     info, bench_json, bench_table = run_many([
         ["info", f"model={small_ckpt}", "detailed=True"],
-        ["benchmark", f"model={small_ckpt},missing_model.pt", "format=json", "runs=1", "warmup=0", "everything=False"],
+        ["benchmark", f"model=[{small_ckpt},missing_model.pt]", "format=json", "runs=1", "warmup=0",
+         "everything=False"],  # a list in brackets, as bboxes= takes them (or comma-separated without)
         ["benchmark", "runs=1", "warmup=0", "everything=False", "device=cpu"],
     ], tmp_path)
     out = ok(info).stdout
@@ -165,7 +166,7 @@ def test_info_and_benchmark(small_ckpt, tmp_path):
     assert [r["status"] for r in rows] == ["ok", "skipped"]
     assert rows[0]["size_mb"] > 1 and abs(rows[0]["params_m"] - 4.940144) < 1e-6
     assert rows[0]["encoder_ms"] > 0 and rows[0]["prompt_ms"] > 0 and rows[0]["everything_ms"] is None
-    assert "not found locally" in rows[1]["reason"]
+    assert "not found locally" in rows[1]["reason"] and rows[1]["model"] == "missing_model.pt"
 
     table = ok(bench_table).stdout
     assert "size (MB)" in table and "params (M)" in table and "encoder (ms/im)" in table

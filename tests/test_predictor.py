@@ -290,6 +290,36 @@ def test_masks_read_the_unpadded_logits_and_the_rest_is_made_when_read(model, im
     assert not callable(r._low_res)
 
 
+def test_logits_made_when_read_are_refused_once_the_weights_changed(model, img_path):
+    # A second predictor on the same weights (as README shares them between threads) is not reset
+    # when they change: the deferred logits would come from other weights than the masks.
+    import pickle
+
+    from segany.errors import WeightsChangedError
+
+    other = Predictor(model=model.model, config=model.config)
+    other.set_image(img_path)
+    kept, unread, dropped = (other(bboxes=[40, 40, 120, 110])[0] for _ in range(3))
+    full = kept.low_res_logits.clone()  # read before the change: made, and kept
+    other.set_image(test_image(H, W, seed=7))  # `dropped`'s are made now, while the weights are those
+    assert callable(unread._low_res) is False and torch.equal(dropped.low_res_logits, full)
+    other.set_image(img_path)
+    unread = other(bboxes=[40, 40, 120, 110])[0]
+    state = model.model.state_dict()
+    try:
+        with torch.no_grad():
+            model.model.mask_decoder.iou_token.weight.add_(1.0)  # in place, as an optimizer step
+        with pytest.raises(WeightsChangedError, match="weights have changed since the prediction"):
+            unread.low_res_logits
+        assert torch.equal(kept.low_res_logits, full)  # made before: unaffected
+        other.set_image(test_image(H, W, seed=7))  # the image changing does not fail either
+        with pytest.raises(WeightsChangedError):
+            unread.low_res_logits
+        assert pickle.loads(pickle.dumps(unread)).low_res_logits is None and len(unread) == 1
+    finally:
+        model.model.load_state_dict(state)
+
+
 def test_very_elongated_images_keep_a_pixel_of_short_side(model):
     # 3000 × 5: the short side resized to the model's input size would round to 0 pixels.
     img = np.full((5, 3000, 3), 128, np.uint8)

@@ -324,6 +324,18 @@ def test_undo_after_segment_everything_brings_back_the_prompts(server, page, sha
     page.check("#multimask")
 
 
+def test_undo_of_everything_run_on_no_prompts_goes_back_to_prompting(server, page, shapes):
+    _open(page, server, shapes)
+    with page.expect_response("**/everything"):
+        page.click("#everything")
+    page.wait_for_function("document.getElementById('status').textContent.includes('masks in')")
+    assert "active" in page.get_attribute("#everything", "class")
+    page.click("#undo")  # nothing to ask the server: the masks go, and so does everything's state
+    page.wait_for_function("!document.getElementById('status').textContent.includes('masks in')")
+    assert "active" not in (page.get_attribute("#everything", "class") or "")
+    assert page.evaluate("S.mode") == "prompt" and page.evaluate("S.masks.length") == 0
+
+
 def mask_utils_encode(mask: np.ndarray) -> dict:
     from pycocotools import mask as mask_utils
 

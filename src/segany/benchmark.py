@@ -247,7 +247,9 @@ def run_cli(tokens: list[str]) -> int:
         raise UsageError("runs must be >= 1 and warmup >= 0")
     models = opts["model"]
     if isinstance(models, str):
-        models = [m.strip() for m in models.split(",") if m.strip()]
+        if models.startswith("[") and models.endswith("]"):  # [a.pt,b.pt]: a list of unquoted names, as JSON is not
+            models = models[1:-1]
+        models = [m.strip().strip("'\"") for m in models.split(",") if m.strip()]
     elif models is not None:
         models = [str(m) for m in (models if isinstance(models, list) else [models])]
     if opts["source"] is not None:

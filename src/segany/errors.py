@@ -90,5 +90,9 @@ class BoxSourceError(SegAnyError, ValueError):
     """The boxes of one image cannot be read (malformed label line, size mismatch, ...)."""
 
 
+class WeightsChangedError(SegAnyError, RuntimeError):
+    """Something made from a model's weights was asked for after they changed (deferred logits)."""
+
+
 class SkippedImageWarning(UserWarning):
     """A file listed by a directory or glob source could not be read and was skipped."""

@@ -20,10 +20,11 @@ import torch
 from torch import nn
 
 from ..config import DEFAULTS, EVERYTHING_DEFAULTS, check_options
-from ..errors import ConfigError, PromptError, warn
+from ..errors import ConfigError, PromptError, WeightsChangedError, warn
 from ..hub import resolve_weights, same_checkpoint
 from ..models.registry import ModelConfig
 from .decoding import decode_in_chunks
+from .deferred import DeferredLogits, refused
 from .device import autocast, select_device
 from .image_state import Features, ImageState, feature_slice, load_image_state, save_image_state
 from .prompts import Prompts, parse_prompts
@@ -84,7 +85,10 @@ class Predictor:
     def image(self, state: ImageState | None) -> None:
         if state is not self._image:
             for r in list(self._deferred):
-                r.low_res_logits  # noqa: B018 - reading makes them, from the image they belong to
+                try:
+                    r.low_res_logits  # noqa: B018 - reading makes them, from the image they belong to
+                except WeightsChangedError as e:  # said when they are read; the embedding is let go
+                    r.low_res_logits = refused(e)
             self._deferred.clear()
         self._image = state
 
@@ -324,9 +328,9 @@ class Predictor:
         pick = (torch.arange(n, device=order.device)[:, None] * k + order).flatten()
         cls = torch.arange(n).repeat_interleave(k)
         low_res_logits: Any = low_res
-        if low_res.shape[-2:] != model.prompt_encoder.mask_input_size:
-            def low_res_logits():  # the same prompts through the same model, the whole logits
-                return self.decode(state, parsed, multimask, half=half, model=model)[0]
+        if low_res.shape[-2:] != model.prompt_encoder.mask_input_size:  # the same prompts, the whole logits
+            low_res_logits = DeferredLogits(lambda: self.decode(state, parsed, multimask, half=half, model=model)[0],
+                                            model)
         t2 = time.perf_counter()
         results = Results(
             orig_img=state.orig_img,

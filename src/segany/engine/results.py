@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import WeightsChangedError
 from . import export, plotting
 from .containers import ArrayLike, Boxes, Masks, convert, index_positions, take
 from .polygons import masks_to_boxes
@@ -119,8 +120,12 @@ class Results:
     # --- container behaviour -------------------------------------------------------------
 
     def __getstate__(self) -> dict:
-        """Pickled with the low-res logits made, not the function that makes them."""
-        self.low_res_logits  # noqa: B018 - reading makes them
+        """Pickled with the low-res logits made, not the function that makes them (None where
+        they can no longer be made: the model's weights changed since)."""
+        try:
+            self.low_res_logits  # noqa: B018 - reading makes them
+        except WeightsChangedError:
+            return {**self.__dict__, "_low_res": None}
         return self.__dict__
 
     def __len__(self) -> int:

@@ -110,7 +110,13 @@ function updateButtons() {
 }
 
 async function segment() {
-  if (!S.points.length && !S.box) { S.masks = []; S.candidates = []; draw(); updateButtons(); return; }
+  if (!S.points.length && !S.box) {
+    // No prompt left (cleared, or undo of "everything" run on none): back to prompting, and a
+    // request still in flight (++seq) cannot bring back masks of prompts no longer on screen.
+    ++S.seq; Object.assign(S, { mode: "prompt", masks: [], candidates: [] });
+    draw(); updateButtons(); status("click or drag on the image to segment");
+    return;
+  }
   const seq = ++S.seq, body = { multimask_output: $("multimask").checked, polygons: true };
   if (S.points.length) {
     body.points = [S.points.map((p) => [p.x, p.y])];
