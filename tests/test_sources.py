@@ -530,4 +530,11 @@ def test_a_video_url_is_downloaded_and_read_frame_by_frame(tmp_path: Path, monke
             list(iter_sources(f"{base}/bad.mp4"))
         with pytest.raises(ImageError, match=r"could not download video .*missing\.mp4: HTTP Error 404"):
             list(iter_sources(f"{base}/missing.mp4"))
+        # saved as an annotated video at the source's rate over vid_stride, as a video file is
+        from segany import SAM
+
+        SAM()(f"{base}/v.avi", bboxes=[5, 5, 40, 30], save=True, vid_stride=2, project=str(tmp_path / "runs"),
+              name="url")
+        saved = cv2.VideoCapture(str(tmp_path / "runs" / "url" / "v.mp4"))
+        assert saved.get(cv2.CAP_PROP_FPS) == pytest.approx(5.0) and saved.get(cv2.CAP_PROP_FRAME_COUNT) == 2
         assert list(scratch.iterdir()) == []  # every download removed

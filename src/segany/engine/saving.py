@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from .export import atomic_write_text
-from .sources import video_of
+from .sources import frame_rate, video_of
 
 if TYPE_CHECKING:
     from .results import Results
@@ -76,14 +76,9 @@ class VideoWriter:
     renamed into place by :meth:`close` (a run cut short still leaves a playable file)."""
 
     def __init__(self, path: Path, source: str, vid_stride: int = 1) -> None:
-        import cv2
-
         self.path, self.frames = path, 0
         self._tmp = path.with_name(f".{path.stem}.part{path.suffix}")
-        capture = cv2.VideoCapture(source) if os.path.isfile(source) else None  # a URL's download is gone
-        fps = capture.get(cv2.CAP_PROP_FPS) if capture is not None else 0.0
-        if capture is not None:
-            capture.release()
+        fps = frame_rate(source) or 0.0
         self.fps = (fps if 0 < fps < 1000 else 30.0) / max(int(vid_stride), 1)
         self._writer = None
 

@@ -276,6 +276,23 @@ def video_of(name: str) -> tuple[str, int] | None:
     return (frame[1], int(frame[2])) if frame else None
 
 
+# Frame rates of the last video URLs read (their downloads are removed after), for an annotated
+# video of one (saving.VideoWriter).
+_URL_RATES: dict[str, float] = {}
+
+
+def frame_rate(video: str) -> float | None:
+    """Frames per second of a video file, or of a video URL read in this process; None if unknown."""
+    if _is_url(video):
+        return _URL_RATES.get(video)
+    cap = cv2.VideoCapture(video) if os.path.isfile(video) else None
+    try:
+        return cap.get(cv2.CAP_PROP_FPS) if cap is not None and cap.isOpened() else None
+    finally:
+        if cap is not None:
+            cap.release()
+
+
 def _iter_video(s: str, vid_stride: int, name: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """Frames of the video file ``s``, named (and errors worded) after ``name`` (default ``s``)."""
     cap = cv2.VideoCapture(s)
@@ -283,6 +300,11 @@ def _iter_video(s: str, vid_stride: int, name: str | None = None) -> Iterator[tu
     try:
         if not cap.isOpened():
             raise ImageError(f"{s} is not a readable video (OpenCV could not open it)")
+        if _is_url(s):
+            _URL_RATES.pop(s, None)  # (re)inserted last: the oldest go first
+            _URL_RATES[s] = cap.get(cv2.CAP_PROP_FPS)
+            for old in list(_URL_RATES)[:-64]:
+                del _URL_RATES[old]
         index = kept = 0
         while True:
             if index % vid_stride == 0:
