@@ -203,6 +203,22 @@ def test_coco_boxes_in_coco_and_yolo_out(tmp_path, small_ckpt, oracle):
     assert (tmp_path / "yolo" / "classes.txt").read_text() == "box\ndisc\nblob\n"
 
 
+def test_classes_of_a_coco_source_are_its_category_ids(tmp_path, small_ckpt, oracle):
+    # The file says 1 box, 3 disc, 7 blob (and a COCO output writes those ids): classes= names them,
+    # not the 0..K-1 order they get in YOLO labels.
+    make_dataset(tmp_path, HAND)
+    kw = dict(data=tmp_path / "images", det_model=None, labels=tmp_path / "coco.json", sam_model=small_ckpt,
+              verbose=False)
+    for classes, want in (([3], {3}), ([1, 7], {1, 7})):
+        out = tmp_path / f"coco_{classes}"
+        auto_annotate(output_dir=out, format="coco", classes=classes, **kw)
+        doc = json.loads((out / "annotations.json").read_text())
+        assert doc["annotations"] and {a["category_id"] for a in doc["annotations"]} == want
+    with pytest.raises(ConfigError, match=r"classes=\[2\]: with boxes from a COCO JSON, classes are its "
+                                          r"category ids; \[2\] not among them \(\[1, 3, 7\]\)"):
+        auto_annotate(output_dir=tmp_path / "none", classes=[2], **kw)
+
+
 def test_random_sam_mechanics_and_coco(tmp_path, small_ckpt):
     truth = make_dataset(tmp_path, HAND)
     s = auto_annotate(data=tmp_path / "images", det_model=None, labels=tmp_path / "labels", sam_model=small_ckpt,

@@ -200,3 +200,19 @@ def test_a_predictor_without_a_model_checks_its_options_when_one_is_set_up(small
     pred = Predictor(overrides=dict(imgsz=256))
     pred.setup_model(small_ckpt)
     assert len(pred(img_path, bboxes=BOX)[0]) == 1
+
+
+@pytest.mark.parametrize("device", ["xpu", "meta", "nonsense", "cuda:abc"])
+def test_devices_segany_does_not_run_on_are_one_line_errors(device):
+    from segany.engine.device import select_device
+
+    with pytest.raises(ConfigError, match=f"device='{device}'"):
+        select_device(device)
+
+
+def test_cpu_and_cpu_0_are_one_device(model, img_path):
+    from segany.engine.device import select_device
+
+    assert select_device("cpu:0") == select_device("cpu") == torch.device("cpu")
+    pred = Predictor(model=model.model, config=model.config, overrides=dict(device="cpu:0"))
+    assert len(pred(img_path, bboxes=BOX, device="cpu")[0]) == 1  # not "this predictor runs on cpu:0"

@@ -303,6 +303,25 @@ def test_resolve_cache_hit_by_file_name(tmp_path, cache, monkeypatch):
     assert resolve_weights("sam_b", download=False) == cache / "sam_vit_b_01ec64.pth"
 
 
+def test_download_into_a_read_only_folder_is_a_download_error(server, tmp_path, monkeypatch):
+    # A read-only mount (root passes permission bits, so access() stands in for the mount here)
+    from segany import hub
+
+    real_access = os.access
+    monkeypatch.setattr(hub.os, "access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode))
+    with pytest.raises(DownloadError, match=r"the folder .* is not writable \(set \$SEGANY_WEIGHTS_DIR"):
+        download_file(server + "/good", tmp_path / "w.pth", GOOD_SHA[:6], progress=False)
+    monkeypatch.undo()
+    # A failure whose clean-up fails too (the folder went read-only meanwhile): the download's error
+    # is the one raised, not the clean-up's OSError.
+    def unlink(self, missing_ok=False):
+        raise OSError(30, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(DownloadError, match="is corrupt: its SHA-256"):
+        download_file(server + "/good", tmp_path / "w.pth", "0" * 64, progress=False)  # a wrong digest
+
+
 def test_unusable_weights_dir_is_a_clear_error(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_bytes(b"x")

@@ -182,9 +182,9 @@ def auto_annotate(
             except (ImageError, BoxSourceError, OSError) as e:
                 summary.failed[path] = str(e)
                 continue
-            if keep is not None:
+            if source.keep is not None:
                 found_boxes += len(xyxy)
-                xyxy, cls = xyxy[np.isin(cls, keep)], cls[np.isin(cls, keep)]
+                xyxy, cls = xyxy[np.isin(cls, source.keep)], cls[np.isin(cls, source.keep)]
                 kept_boxes += len(xyxy)
             if predictor is None and len(xyxy):
                 predictor = _load_sam(sam_model, device)

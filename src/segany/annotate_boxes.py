@@ -230,6 +230,18 @@ class CocoBoxes:
     box covers a group, not one object. ``image_ids`` keeps the JSON's image ids, so a COCO
     output uses the same ones."""
 
+    def classes_of(self, category_ids: list[int] | None) -> list[int] | None:
+        """``classes=`` given as the JSON's category ids (what the file and a COCO output show) →
+        the class ids of the boxes (0..K-1 in id order); an id the file lacks is an error."""
+        if category_ids is None:
+            return None
+        to_class = {cid: k for k, cid in self.category_ids.items()}
+        unknown = [c for c in category_ids if c not in to_class]
+        if unknown:
+            raise ConfigError(f"classes={category_ids}: with boxes from a COCO JSON, classes are its category ids; "
+                              f"{unknown} not among them ({sorted(to_class)})")
+        return [to_class[c] for c in category_ids]
+
     def __init__(self, file: Path, images: list[str], root: Path | None) -> None:
         try:
             # -sig: json.loads refuses a BOM, which files saved on Windows may start with.
@@ -328,6 +340,7 @@ def make_box_source(det_model: Any, labels: Any, images: list[str], root: Path |
             source = YoloLabels(path, images, names)
         elif path.is_file() and path.suffix.lower() == ".json":
             source = CocoBoxes(path, images, root)
+            classes = source.classes_of(classes)
         else:
             raise ConfigError(f"labels={str(labels)!r} must be a folder of YOLO box labels (<image stem>.txt) "
                               "or a COCO .json file")
@@ -341,4 +354,5 @@ def make_box_source(det_model: Any, labels: Any, images: list[str], root: Path |
     else:  # names of the source itself: only a LabelImg classes.txt can miss a class
         origin = str(getattr(source, "names_file", None) or "the names")
     check_names_cover(source.names, source.found, classes, origin)
+    source.keep = classes  # the source's own class ids to keep (None: all)
     return source

@@ -12,6 +12,7 @@ a half-written checkpoint, or a web page in its place, behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
@@ -179,6 +180,9 @@ def download_file(
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(dest.parent, os.W_OK | os.X_OK):  # a read-only mount or folder: say so, not "EROFS"
+        raise DownloadError(f"Could not download {url}: the folder {dest.parent} is not writable (set "
+                            f"$SEGANY_WEIGHTS_DIR to a writable folder for the weights cache).{_by_hand(url, dest)}")
     _remove_stale_parts(dest)
     # A unique temporary name, so two processes downloading the same file do not mix their data;
     # mode "xb" also keeps the user's umask (unlike mkstemp's 0600).
@@ -210,7 +214,8 @@ def download_file(
         _check_download(url, dest, received, expected, size, digest.hexdigest(), sha256, head)
         os.replace(tmp, dest)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (a folder gone read-only: the error above is the one to see)
+            tmp.unlink(missing_ok=True)
         raise
     return dest
 

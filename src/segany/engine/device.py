@@ -24,10 +24,16 @@ def select_device(device: str | int | torch.device | None = "") -> torch.device:
         dev = torch.device(spec)
     except RuntimeError:
         raise ConfigError(f"device={device!r} is not a device; use '', 'cpu', 'cuda', 'cuda:0' or 'mps'") from None
+    if dev.type not in ("cpu", "cuda", "mps"):  # xpu, meta, ...: torch names them, segany does not run there
+        raise ConfigError(f"device={device!r}: segany runs on 'cpu', 'cuda' ('cuda:0', ...) or 'mps', not {dev.type}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r} asks for CUDA but no CUDA GPU is available here; use device='cpu'")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"device={device!r} asks for MPS but it is not available here; use device='cpu'")
+    if dev.type == "cpu":
+        return torch.device("cpu")  # cpu:0 is the CPU: one device, compared equal
+    if dev.type == "cuda" and dev.index is None:
+        return torch.device("cuda", torch.cuda.current_device())  # as '' picks it: 'cuda' and 'cuda:0' agree
     return dev
 
 
