@@ -313,7 +313,7 @@ def test_url_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_urls_are_sent_encoded_as_a_browser_does() -> None:
-    from segany.engine.sources import _encoded_url
+    from segany.engine.urls import encoded_url as _encoded_url
 
     assert _encoded_url("http://h:81/b b/ü.png?q=ä b#x y") == "http://h:81/b%20b/%C3%BC.png?q=%C3%A4%20b#x%20y"
     assert _encoded_url("http://bücher.de/a.png") == "http://xn--bcher-kva.de/a.png"  # the host in IDNA form

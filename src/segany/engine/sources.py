@@ -12,7 +12,7 @@ Choices worth knowing:
 - 16-bit data is scaled to 8 bits by /257 (65535 → 255); float data must lie in 0..1 and is
   scaled by 255; other integer dtypes must hold 0..255. Anything else is refused with a
   message instead of being guessed at (Pillow "I" images are read as 16-bit data).
-- URLs (http/https) are downloaded with urllib, ``URL_TIMEOUT`` seconds per connect/read; one
+- URLs (http/https) are downloaded by :mod:`.urls` (a timeout per connect/read); one
   whose path ends in a video extension goes to a temporary file, read frame by frame, then removed.
 - Tensors follow Ultralytics' layout: ``(3,H,W)``, ``(1,3,H,W)`` or a batch ``(B,3,H,W)``,
   **RGB**, float in 0..1 (uint8 0..255 also accepted).
@@ -29,17 +29,14 @@ Choices worth knowing:
 from __future__ import annotations
 
 import glob
-import http.client
 import io
 import os
 import re
 import tempfile
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import cv2
 import numpy as np
@@ -49,6 +46,7 @@ from PIL import Image
 from segany.errors import ConfigError, ImageError, ImageNotFoundError, SkippedImageWarning, warn
 
 from .pixels import array_to_bgr, decode_bytes, pil_to_bgr, tensor_to_bgr
+from .urls import download, is_url
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     ".avif .bmp .dib .gif .hdr .jp2 .jpe .jpeg .jpg .mpo .pbm .pfm .pgm .png .pnm .ppm .tga .tif "
@@ -57,11 +55,6 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 VIDEO_EXTENSIONS: frozenset[str] = frozenset(
     ".3gp .asf .avi .flv .m4v .mkv .mov .mp4 .mpeg .mpg .ts .webm .wmv".split()
 )
-URL_TIMEOUT = 30.0  # seconds for connect and each read of a URL download
-
-
-def _is_url(s: str) -> bool:
-    return s[:8].lower().startswith(("http://", "https://"))
 
 
 def _suffix(s: str) -> str:
@@ -70,7 +63,7 @@ def _suffix(s: str) -> str:
 
 def _is_video(s: str) -> bool:
     """Whether a path, or the path part of a URL (not its query), names a video file."""
-    return _suffix(urllib.parse.urlsplit(s).path if _is_url(s) else s) in VIDEO_EXTENSIONS
+    return _suffix(urllib.parse.urlsplit(s).path if is_url(s) else s) in VIDEO_EXTENSIONS
 
 
 def _source_string(source: str | os.PathLike) -> str:
@@ -104,50 +97,12 @@ def _load_path(s: str) -> np.ndarray:
     return decode_bytes(data, s)
 
 
-def _download(url: str, out: BinaryIO, what: str) -> None:
-    """Copy ``url`` into ``out`` a chunk at a time; any failure, a cut-off body included, is an
-    ImageError naming the URL (``what``: "image" or "video")."""
-    request = urllib.request.Request(_encoded_url(url), headers={"User-Agent": "segany"})
-    reason = None
-    try:
-        with urllib.request.urlopen(request, timeout=URL_TIMEOUT) as response:
-            expected, got = response.headers.get("Content-Length", ""), 0
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-                got += len(chunk)
-        # read(n) ends quietly where the connection closed, short of Content-Length or not
-        if expected.isdigit() and got < int(expected):
-            reason = f"the connection closed after {got} bytes, {int(expected) - got} more were expected"
-    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
-        reason = (f"the connection closed after {len(e.partial)} bytes, {e.expected} more were expected"
-                  if isinstance(e, http.client.IncompleteRead) else str(e) or type(e).__name__)
-    if reason is not None:
-        raise ImageError(f"could not download {what} {url}: {reason}")
-
-
 def _load_url(url: str) -> np.ndarray:
     if _is_video(url):
         raise ImageError(f"{url} is a video, not one image: {ONE_IMAGE_ONLY}")
     buffer = io.BytesIO()
-    _download(url, buffer, "image")
+    download(url, buffer, "image")
     return decode_bytes(buffer.getvalue(), url)
-
-
-def _encoded_url(url: str) -> str:
-    """``url`` as a browser or curl sends it: spaces and non-ASCII letters of the path, query and
-    fragment percent-encoded (what is already encoded, and the delimiters, stay), a non-ASCII
-    host name in IDNA form (bücher.de → xn--bcher-kva.de)."""
-    parts = urllib.parse.urlsplit(url)
-    netloc = parts.netloc
-    if parts.hostname and not parts.hostname.isascii():
-        try:
-            netloc = netloc.replace(parts.hostname, parts.hostname.encode("idna").decode("ascii"))
-        except UnicodeError:
-            pass  # left as it is: the download reports the failure
-    safe = "/?#[]@!$&'()*+,;=%~:"
-    return urllib.parse.urlunsplit((parts.scheme, netloc, urllib.parse.quote(parts.path, safe=safe),
-                                    urllib.parse.quote(parts.query, safe=safe),
-                                    urllib.parse.quote(parts.fragment, safe=safe)))
 
 
 def load_image(source: Any) -> np.ndarray:
@@ -169,7 +124,7 @@ def load_image(source: Any) -> np.ndarray:
         return pil_to_bgr(source)
     if isinstance(source, (str, os.PathLike)):
         s = _source_string(source)
-        return _load_url(s) if _is_url(s) else _load_path(s)
+        return _load_url(s) if is_url(s) else _load_path(s)
     raise ImageError(
         f"unsupported image source of type {type(source).__name__}; expected a path, URL, "
         "PIL.Image, numpy array or torch.Tensor"
@@ -186,7 +141,7 @@ class _Listed(str):
 def _expand_path(s: str) -> Iterator[str]:
     """One path-like source → the image/video paths (or URL) it stands for; the paths a
     directory or glob lists are :class:`_Listed` (skipped when unreadable)."""
-    if _is_url(s):
+    if is_url(s):
         yield s
         return
     path = Path(s)
@@ -283,7 +238,7 @@ _URL_RATES: dict[str, float] = {}
 
 def frame_rate(video: str) -> float | None:
     """Frames per second of a video file, or of a video URL read in this process; None if unknown."""
-    if _is_url(video):
+    if is_url(video):
         return _URL_RATES.get(video)
     cap = cv2.VideoCapture(video) if os.path.isfile(video) else None
     try:
@@ -300,7 +255,7 @@ def _iter_video(s: str, vid_stride: int, name: str | None = None) -> Iterator[tu
     try:
         if not cap.isOpened():
             raise ImageError(f"{s} is not a readable video (OpenCV could not open it)")
-        if _is_url(s):
+        if is_url(s):
             _URL_RATES.pop(s, None)  # (re)inserted last: the oldest go first
             _URL_RATES[s] = cap.get(cv2.CAP_PROP_FPS)
             for old in list(_URL_RATES)[:-64]:
@@ -328,7 +283,7 @@ def _iter_video_url(url: str, vid_stride: int) -> Iterator[tuple[str, np.ndarray
     fd, tmp = tempfile.mkstemp(prefix="segany-", suffix=_suffix(urllib.parse.urlsplit(url).path))
     try:
         with os.fdopen(fd, "wb") as f:
-            _download(url, f, "video")
+            download(url, f, "video")
         yield from _iter_video(tmp, vid_stride, name=url)
     finally:
         os.unlink(tmp)
@@ -338,7 +293,7 @@ def _load_item(item: Any, vid_stride: int) -> Iterator[tuple[str | None, np.ndar
     """One expanded item → (name or None for in-memory images, BGR image) pairs."""
     if isinstance(item, str):
         if _is_video(item):
-            yield from (_iter_video_url if _is_url(item) else _iter_video)(item, vid_stride)
+            yield from (_iter_video_url if is_url(item) else _iter_video)(item, vid_stride)
         else:
             yield item, load_image(item)
     elif isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 4:
@@ -400,7 +355,7 @@ def count_sources(source: Any, vid_stride: int = 1) -> int | None:
     total = 0
     for item in _expand(source):  # raises what iter_sources would: missing, empty, bad type
         if isinstance(item, str) and _is_video(item):
-            n = None if _is_url(item) else _video_frames(item, vid_stride)  # a URL: not downloaded to count
+            n = None if is_url(item) else _video_frames(item, vid_stride)  # a URL: not downloaded to count
             if n is None:
                 return None
             total += n
