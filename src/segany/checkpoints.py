@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from .errors import (CheckpointNotFoundError, CorruptCheckpointError, StateDictMismatchError, UnsafeCheckpointError,
-                     warn)
+                     short_reason, warn)
 from .models.registry import ModelConfig, build_model
-from .recognition import RecognitionNotes, StateDict, infer_config, recognise, short_reason
+from .recognition import RecognitionNotes, StateDict, infer_config, recognise
 
 __all__ = ["read_state_dict", "infer_config", "load_state_dict_strict", "load_model", "config_with"]
 

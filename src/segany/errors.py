@@ -7,6 +7,7 @@ would expect (``FileNotFoundError``, ``ValueError``, ...), so both kinds of ``ex
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 
@@ -20,6 +21,16 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
+
+
+def short_reason(e: BaseException, sentence: bool = False) -> str:
+    """An exception's first line (``sentence``: its first sentence, where torch goes on with advice
+    for other cases), for a message; its type when it has none."""
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    first = text.splitlines()[0]
+    return (re.split(r"(?<=[.!?])\s", first, maxsplit=1)[0] if sentence else first)[:200]
 
 
 class SegAnyError(Exception):

@@ -11,15 +11,10 @@ from typing import Any
 
 import torch
 
-from .errors import StateDictMismatchError, UnknownArchitectureError, warn
+from .errors import StateDictMismatchError, UnknownArchitectureError, short_reason, warn
 from .models.registry import MODELS, SAM_DECODER, ModelConfig, find_config
 
 StateDict = dict[str, torch.Tensor]
-
-
-def short_reason(e: BaseException) -> str:
-    """An exception's first line, for a message (its type when it has none)."""
-    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
 
 
 @dataclasses.dataclass

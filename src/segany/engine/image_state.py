@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import re
-
 import dataclasses
 import hashlib
 from dataclasses import dataclass
@@ -15,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ImageNotFoundError, SegAnyError
+from ..errors import ImageNotFoundError, SegAnyError, short_reason
 from ..models.sam2 import Sam2
 from .export import atomic_torch_save
 
@@ -86,12 +84,6 @@ def save_image_state(state: ImageState, model: nn.Module, path: str | Path) -> P
     return atomic_torch_save(data, path, "image.emb")
 
 
-def _first_sentence(text: str) -> str:
-    """The first sentence of an error message (torch's go on with advice for other cases)."""
-    first = text.strip().splitlines()[0] if text.strip() else ""
-    return re.split(r"(?<=[.!?])\s", first, maxsplit=1)[0][:160]
-
-
 def load_image_state(path: str | Path, model: nn.Module) -> ImageState:
     """Read a file of :func:`save_image_state` for ``model`` (features on the CPU); a missing file,
     a damaged one or one made by another model is an error that says so."""
@@ -108,7 +100,7 @@ def load_image_state(path: str | Path, model: nn.Module) -> ImageState:
     except Exception as e:  # any damage shows up as any exception inside torch.load or here
         # (not torch's own advice, which may suggest weights_only=False: unsafe for a file of unknown origin)
         raise SegAnyError(f"'{path}' is not an embedding saved by Predictor.save_embedding "
-                          f"({type(e).__name__}: {_first_sentence(str(e))}); make one with "
+                          f"({type(e).__name__}: {short_reason(e, sentence=True)}); make one with "
                           "set_image(...) then save_embedding(path)") from None
     main = feats if isinstance(feats, torch.Tensor) else feats.get("image_embed")
     pe = model.prompt_encoder

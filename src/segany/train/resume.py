@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..checkpoints import read_state_dict
-from ..errors import ConfigError, StateDictMismatchError
+from ..errors import ConfigError, StateDictMismatchError, short_reason
 
 
 def saved_run(resume: bool | str | os.PathLike, project: Any, name: str) -> tuple[Path, dict[str, Any]]:
@@ -99,7 +99,7 @@ def load_last(net: nn.Module, run_dir: Path, state: dict[str, Any], loaded: bool
         net.load_state_dict(last, strict=True)
     except RuntimeError as e:
         raise StateDictMismatchError(f"resume: {run_dir / 'last.pt'} is not a checkpoint of this model "
-                                     f"({str(e).splitlines()[0][:200]})") from None
+                                     f"({short_reason(e)})") from None
 
 
 def weights_sum(sd: dict[str, torch.Tensor]) -> float:
