@@ -38,7 +38,6 @@ Choices worth knowing:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -50,10 +49,10 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from . import __version__
 from .annotate_boxes import (DEFAULT_DET_MODEL, BoxSourceError, check_classes, check_detector_options,
                              make_box_source)
-from .engine.export import atomic_write_text, encode_rle, to_numpy, yolo_line
+from .annotate_output import add_coco, coco_image_ids, read_coco, write_class_names, write_coco
+from .engine.export import atomic_write_text, to_numpy, yolo_line
 from .engine.sources import VIDEO_EXTENSIONS, expand_sources, load_image
 from .errors import ConfigError, ImageError, SegAnyError, warn
 
@@ -162,10 +161,10 @@ def auto_annotate(
     resumed = format == "coco" and coco_file.exists() and not overwrite
     # YOLO: image → its label file; COCO: image → its file_name in annotations.json.
     targets = _label_files(paths, out, summary) if format == "yolo" else _coco_names(paths, root, summary)
-    coco = _read_coco(coco_file) if resumed else {"images": [], "annotations": [], "last_ann": 0}
+    coco = read_coco(coco_file) if resumed else {"images": [], "annotations": [], "last_ann": 0}
     done = {str(e["file_name"]): int(e["id"]) for e in coco["images"]}  # COCO: file_name → image id
-    image_ids = _image_ids(paths, getattr(source, "image_ids", {}),
-                           {p: done[n] for p, n in targets.items() if n in done}, set(done.values()))
+    image_ids = coco_image_ids(paths, getattr(source, "image_ids", {}),
+                                {p: done[n] for p, n in targets.items() if n in done}, set(done.values()))
     predictor = None
     found_boxes = kept_boxes = 0  # boxes before and after the classes filter
     seen: set[int] = set()  # classes written (a detector may emit one its names lack)
@@ -198,16 +197,16 @@ def auto_annotate(
             if format == "yolo":
                 atomic_write_text(target, "".join(yolo_line(c, poly) + "\n" for c, poly, *_ in objects))
             else:
-                _add_coco(coco, image_ids[path], target, image.shape[:2], objects, source.category_ids)
+                add_coco(coco, image_ids[path], target, image.shape[:2], objects, source.category_ids)
             seen.update(c for c, *_ in objects)
             summary.written.append(path)
     finally:
         bar.close()
     names = _names_for(source.names, seen)
     if format == "coco" and (not resumed or summary.written):
-        _write_coco(coco_file, coco, names, source.category_ids)
+        write_coco(coco_file, coco, names, source.category_ids)
     elif format == "yolo" and write_names:
-        _write_names(out, names, clash="classes" in {t.stem for t in targets.values()})
+        write_class_names(out, names, clash="classes" in {t.stem for t in targets.values()})
     if found_boxes and not kept_boxes:
         warn(f"classes={keep} kept none of the {found_boxes} boxes found: the label files written are "
              "empty (check the class ids; a rerun skips these images unless overwrite=True)")
@@ -265,21 +264,6 @@ def _coco_names(paths: list[str], root: Path | None, summary: AnnotateSummary) -
             continue
         owner[name] = names[p] = name
     return names
-
-
-def _read_coco(file: Path) -> dict[str, Any]:
-    """The COCO output of an earlier run, to add to: it is written whole, so the images it lists
-    are the done ones. ``last_ann``: its highest annotation id (new ones are numbered after it)."""
-    try:
-        doc = json.loads(file.read_text(encoding="utf-8"))
-        images, annotations = list(doc["images"]), list(doc["annotations"])
-        if not all(isinstance(e["file_name"], str) and int(e["id"]) >= 0 for e in images):
-            raise ValueError("an image without a file_name or an id")
-        last = max((int(a["id"]) for a in annotations), default=0)
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{file} is not an annotations file of auto_annotate ({e}): a rerun adds the missing "
-                          "images to it; move it away, or pass overwrite=True to start over") from None
-    return {"images": images, "annotations": annotations, "last_ann": last}
 
 
 def _names_for(names: dict[int, str], seen: set[int]) -> dict[int, str]:
@@ -348,61 +332,3 @@ def _segment(predictor, path: str, image: np.ndarray, xyxy: np.ndarray, cls: np.
             continue
         summary.empty_masks.append(EmptyMask(path, i, c, reason))
     return objects
-
-
-def _image_ids(paths: list[str], known: dict[str, int], done: dict[str, int], used: set[int]) -> dict[str, int]:
-    """COCO image ids: those already in the output (``done``; ``used``: all ids there), else a box
-    source's own (a COCO JSON's), the other images numbered after them; no id twice."""
-    ids, used = dict(done), set(used)
-    for p, i in known.items():
-        if p not in ids and i not in used:
-            ids[p] = i
-            used.add(i)
-    n = max([*known.values(), *used], default=0)
-    for p in paths:
-        if p not in ids:
-            n += 1
-            ids[p] = n
-    return ids
-
-
-def _add_coco(coco: dict, image_id: int, name: str, shape: tuple[int, int],
-              objects: list, category_ids: dict[int, int] | None) -> None:
-    coco["images"].append({"id": image_id, "file_name": name, "height": int(shape[0]), "width": int(shape[1])})
-    for c, _, mask, score, box in objects:
-        x1, y1, x2, y2 = (float(v) for v in box)
-        coco["last_ann"] += 1
-        coco["annotations"].append({
-            "id": coco["last_ann"],
-            "image_id": image_id,
-            "category_id": category_ids.get(c, c) if category_ids else c,
-            "segmentation": encode_rle(mask),
-            "area": int(mask.sum()),
-            "bbox": [x1, y1, x2 - x1, y2 - y1],  # of the mask, pixel edges (as Results.to_coco)
-            "iscrowd": 0,
-            "score": score,
-        })
-
-
-def _write_coco(file: Path, coco: dict, names: dict[int, str], category_ids: dict[int, int] | None) -> None:
-    cats = [{"id": category_ids.get(k, k) if category_ids else k, "name": n} for k, n in sorted(names.items())]
-    doc = {"info": {"description": "segany auto_annotate", "version": __version__}, "licenses": [],
-           "images": coco["images"], "annotations": coco["annotations"], "categories": cats}
-    atomic_write_text(file, json.dumps(doc))
-
-
-def _write_names(out: Path, names: dict[int, str], clash: bool) -> None:
-    """``classes.txt`` (one name per line, by id) and a minimal ``data.yaml`` for YOLO trainers."""
-    n = max(names, default=-1) + 1
-    full = [names.get(i, str(i)) for i in range(n)]
-    # json.dumps gives double-quoted strings, which YAML reads as the same strings.
-    yaml = ("# written by segany auto_annotate: add train/val image paths to train on it\n"
-            f"nc: {n}\nnames:\n" + "".join(f"  {i}: {json.dumps(s)}\n" for i, s in enumerate(full)))
-    files = {"data.yaml": yaml, "classes.txt": "".join(s + "\n" for s in full)}
-    if clash:
-        warn("an image is named 'classes': classes.txt is not written (it is that image's label file)")
-        del files["classes.txt"]
-    for name, text in files.items():
-        f = out / name
-        if not (f.is_file() and f.read_text(encoding="utf-8") == text):  # a rerun leaves it untouched
-            atomic_write_text(f, text)
