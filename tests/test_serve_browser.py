@@ -94,6 +94,14 @@ def _click(page, x: float, y: float, w: int, h: int, button: str = "left") -> No
     page.mouse.click(box["x"] + (x + 0.5) * box["width"] / w, box["y"] + (y + 0.5) * box["height"] / h, button=button)
 
 
+def test_api_docs_pages_work_offline(server, page):
+    """/docs renders the API (Swagger UI loads from this server: the page fixture refuses every
+    other address)."""
+    page.goto(server + "/docs")
+    page.locator(".swagger-ui .info .title", has_text="segany").wait_for()
+    page.locator(".opblock-summary-path", has_text="/api/images/{image_id}/prompt").first.wait_for()
+
+
 def test_click_to_segment_end_to_end(server, page, tmp_path):
     import httpx
 

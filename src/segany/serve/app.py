@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -70,7 +71,10 @@ def create_app(model: Any, device: str = "", max_images: int = 16, max_cache_byt
         yield
         await run_in_threadpool(worker.stop)
 
-    app = FastAPI(title="segany", summary="Segment Anything: prompt an image, get masks", lifespan=lifespan)
+    # /docs with Swagger UI from files in fastapi_offline, not from a CDN: the server is often run
+    # where there is no internet. No /redoc: ReDoc's bundle still fetches its logo from a CDN.
+    app = FastAPIOffline(title="segany", summary="Segment Anything: prompt an image, get masks", lifespan=lifespan,
+                         static_url="/static/docs", redoc_url=None)
     app.state.service, app.state.worker = service, worker
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
 

@@ -43,12 +43,12 @@ def is_loopback(host: str) -> bool:
 
 
 def require_serve_deps() -> None:
-    """FastAPI and uvicorn, or a clear message naming the extra to install."""
+    """FastAPI, uvicorn and fastapi_offline, or a clear message naming the extra to install."""
     import importlib.util
 
-    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("fastapi", "uvicorn", "fastapi_offline") if importlib.util.find_spec(m) is None]
     if missing:
-        raise MissingDependencyError(f"segany serve needs {' and '.join(missing)}: pip install segany[serve]")
+        raise MissingDependencyError(f"segany serve needs {', '.join(missing)}: pip install segany[serve]")
 
 
 def listen(host: str, port: int) -> socket.socket:
