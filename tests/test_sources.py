@@ -75,13 +75,15 @@ def test_16bit_png_scaled_to_8bit(tmp_path: Path) -> None:
     color = _bgr().astype(np.uint16) * 257
     cv2.imwrite(str(tmp_path / "c16.png"), color)
     np.testing.assert_array_equal(load_image(tmp_path / "c16.png"), _bgr())
-    gray = np.tile(np.arange(W, dtype=np.uint16) * 1000, (H, 1))
-    cv2.imwrite(str(tmp_path / "g16.png"), gray)
-    out = load_image(tmp_path / "g16.png")
-    _assert_bgr(out)
-    expected = np.rint(gray / 257).astype(np.uint8)
-    for c in range(3):
-        np.testing.assert_array_equal(out[..., c], expected)
+    # Every 16-bit value, as a grayscale and as a colour file and as arrays: the pixels that
+    # cv2.imread gives (what Meta's predictor is fed), whichever way the data comes.
+    gray = np.arange(1 << 16, dtype=np.uint32).reshape(256, 256).astype(np.uint16)
+    bgr16 = np.dstack([gray, gray[::-1], gray.T])
+    for name, data in (("g16.png", gray), ("bgr16.png", bgr16)):
+        cv2.imwrite(str(tmp_path / name), data)
+        expected = cv2.imread(str(tmp_path / name))
+        for source in (tmp_path / name, data):
+            np.testing.assert_array_equal(load_image(source), expected)
 
 
 def test_grayscale_rgba_and_palette_png(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """Pixels of one image → H×W×3 uint8 BGR (OpenCV's convention), for :mod:`segany.engine.sources`:
-numpy arrays, ``PIL.Image``, tensors and encoded file bytes. The value rules (16-bit /257,
+numpy arrays, ``PIL.Image``, tensors and encoded file bytes. The value rules (16-bit: the high byte,
 float 0..1, refusals instead of guesses) are listed in that module's docstring."""
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ def _to_uint8(a: np.ndarray, what: str) -> np.ndarray:
     if a.dtype == np.bool_:
         return a.astype(np.uint8) * 255
     if a.dtype == np.uint16 or (a.dtype.kind == "u" and a.dtype.itemsize == 2):
-        return ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)  # rounded /257
+        # The high byte, as cv2.imread and Pillow turn 16-bit files into 8-bit ones: a file and
+        # its pixels as an array give one image, and the image a Meta SamPredictor user gets.
+        return (a >> 8).astype(np.uint8)
     if a.dtype.kind == "f":
         if not np.isfinite(a).all():
             raise ImageError(f"{what}: float image contains NaN or infinite values")

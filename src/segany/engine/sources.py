@@ -9,7 +9,7 @@ Choices worth knowing:
   ``rotate``/``convert``, so applying it here could turn an image twice (``ImageOps.exif_transpose``
   gives the displayed orientation).
 - Alpha is dropped, not composited: the colour under a transparent pixel is kept as is.
-- 16-bit data is scaled to 8 bits by /257 (65535 → 255); float data must lie in 0..1 and is
+- 16-bit data keeps its high byte (65535 → 255), as ``cv2.imread`` reads 16-bit files; float data must lie in 0..1 and is
   scaled by 255; other integer dtypes must hold 0..255. Anything else is refused with a
   message instead of being guessed at (Pillow "I" images are read as 16-bit data).
 - URLs (http/https) are downloaded by :mod:`.urls` (a timeout per connect/read); one
