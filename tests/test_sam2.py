@@ -136,8 +136,7 @@ def _check_prompts(pair: Pair, ours_pred: Predictor, ref_pred: SAM2ImagePredicto
             ref_up, ref_iou, ref_low = take(ref_up), take(ref_iou), take(ref_low)
             where = f"{name}, multimask={multimask}"
             assert _diff(res.boxes.conf, ref_iou) <= TOL, where
-            # Meta clamps the returned low-res logits to ±32 (after upsampling from the raw ones).
-            assert _diff(res.low_res_logits.clamp(-32, 32), ref_low) <= TOL, where
+            assert _diff(res.low_res_logits, ref_low) <= TOL, where
             up = pair.ours.postprocess_masks(res.low_res_logits[:, None], (pair.size,) * 2, (h, w))[:, 0]
             assert _diff(up, ref_up) <= TOL, where
             differ = res.masks.data != (ref_up > 0)
@@ -180,6 +179,36 @@ def test_tiny_full_size_features_and_prompts(tiny_pair):
     for i in range(2):
         assert _diff(feats[f"high_res_feats_{i}"], ref_pred._features["high_res_feats"][i]) <= TOL
     _check_prompts(pair, ours_pred, ref_pred, h, w, FULL_SIZE_CASES)
+
+
+def test_sharp_logits_are_clamped_and_refine_as_sam2():
+    """With logits past ±32 (as a trained model's, made here by a larger mask-head output layer in
+    both models), the results' low_res_logits are clamped as sam2's predictor returns them, masks
+    come from the unclamped ones, and feeding them back (the README's refinement) goes as in sam2.
+    Logits are compared within 30 × TOL: they are 30 times larger."""
+    pair = Pair("2.1", small=True, seed=5)
+    with torch.no_grad():
+        for m in (pair.ours, pair.ref):
+            for k, v in m.state_dict().items():
+                if "output_hypernetworks_mlps" in k and "layers.2" in k:
+                    v.mul_(30)
+    h, w = 180, 240
+    ours_pred, ref_pred, _ = pair.predictors(test_image(h, w, seed=4))
+    box = np.array([20, 30, 200, 160], float)
+    with torch.no_grad():
+        ref_up, ref_iou, ref_low = ref_pred.predict(box=box, multimask_output=False, return_logits=True)
+    res = ours_pred(bboxes=box, multimask_output=False)[0]
+    assert np.abs(ref_low).max() == 32, "the case needs logits past ±32"
+    assert _diff(res.low_res_logits, torch.from_numpy(ref_low)) <= 30 * TOL
+    assert np.array_equal(res.masks.data.numpy(), ref_up > 0)
+    with torch.no_grad():
+        ref_up, ref_iou, ref_low = ref_pred.predict(box=box, mask_input=ref_low, multimask_output=False,
+                                                    return_logits=True)
+    res = ours_pred(bboxes=box, masks=res.low_res_logits, multimask_output=False)[0]
+    assert _diff(res.boxes.conf, torch.from_numpy(ref_iou)) <= TOL
+    assert _diff(res.low_res_logits, torch.from_numpy(ref_low)) <= 30 * TOL
+    differ = res.masks.data.numpy() != (ref_up > 0)
+    assert (np.abs(ref_up[differ]) <= 30 * TOL).all()
 
 
 @pytest.fixture(scope="module", params=["2", "2.1"])

@@ -329,10 +329,12 @@ class Predictor:
         # them (a copy of 16 masks of a 12-megapixel photo took ~130 ms).
         low_res = low_res.flatten(0, 1)[pick]
         masks = self.logits_to_masks(state, low_res[:, None])[:, 0]
-        low_res_logits: Any = low_res
+        limit = getattr(model, "low_res_logits_limit", None)
+        low_res_logits: Any = low_res if limit is None else low_res.clamp_(-limit, limit)
         if low_res.shape[-2:] != model.prompt_encoder.mask_input_size:  # the same prompts, the whole logits
             def whole() -> torch.Tensor:
-                return self.decode(state, parsed, multimask, half=half, model=model)[0].flatten(0, 1)[pick]
+                logits = self.decode(state, parsed, multimask, half=half, model=model)[0].flatten(0, 1)[pick]
+                return logits if limit is None else logits.clamp_(-limit, limit)
 
             low_res_logits = DeferredLogits(whole, model)
         t2 = time.perf_counter()

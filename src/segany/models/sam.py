@@ -37,6 +37,7 @@ class Sam(nn.Module):
 
     mask_threshold: float = 0.0
     resize_mode: str = "longest_side"  # how the engine brings an image to the input frame (see engine.transforms)
+    low_res_logits_limit: float | None = None  # Meta's SamPredictor returns them unclamped (cf. Sam2)
 
     def __init__(self, image_encoder: nn.Module, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder) -> None:
         super().__init__()

@@ -38,6 +38,9 @@ class Sam2(nn.Module):
 
     mask_threshold: float = 0.0
     resize_mode: str = "stretch"  # both sides to img_size (see engine.transforms)
+    # sam2's predictor hands out its low-res logits clamped to ±32 (masks are made before), so
+    # that is what a refinement prompt (masks=results.low_res_logits) feeds back.
+    low_res_logits_limit: float | None = 32.0
 
     def __init__(
         self,
