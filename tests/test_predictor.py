@@ -316,6 +316,11 @@ def test_logits_made_when_read_are_refused_once_the_weights_changed(model, img_p
         with pytest.raises(WeightsChangedError):
             unread.low_res_logits
         assert pickle.loads(pickle.dumps(unread)).low_res_logits is None and len(unread) == 1
+        # The masks stay usable: selections and copies work, their logits are refused when read
+        for copy in (unread[0], next(iter(unread)), unread[unread.boxes.conf > -1], unread.cpu(), unread.numpy()):
+            assert np.array_equal(np.asarray(copy.masks.data), unread.masks.data.numpy())
+            with pytest.raises(WeightsChangedError):
+                copy.low_res_logits
     finally:
         model.model.load_state_dict(state)
 

@@ -298,6 +298,19 @@ def test_run_file_names_of_frames_urls_and_odd_names() -> None:
     assert source_name("http://h/a.jpg?x=1&y=2") == "a.jpg"  # as the verbose line shows it
 
 
+def test_run_json_names_a_url_image_as_its_saved_file(tmp_path) -> None:
+    import json
+
+    from segany.engine.saving import RunWriter
+
+    writer = RunWriter(project=str(tmp_path), name="p")
+    writer.write(Results(synthetic_image(), "https://example.com/a/%C3%BC.png?x=1&y=2",
+                         torch.from_numpy(synthetic_masks()[:1])))
+    assert sorted(f.name for f in writer.folder.iterdir()) == ["ü.json", "ü.png"]
+    image = json.loads((writer.folder / "ü.json").read_text())["image"]
+    assert image["file_name"] == "ü.png" and image["path"] == "https://example.com/a/%C3%BC.png?x=1&y=2"
+
+
 def test_colours_stay_distinct_past_the_palette() -> None:
     from segany.engine.plotting import PALETTE_BGR, color
 

@@ -19,6 +19,7 @@ import torch
 from ..errors import WeightsChangedError
 from . import export, plotting
 from .containers import ArrayLike, Boxes, Masks, convert, index_positions, take
+from .deferred import refused
 from .polygons import masks_to_boxes
 
 __all__ = ["Boxes", "Masks", "Results"]
@@ -117,16 +118,22 @@ class Results:
                 raise ValueError(f"low_res_logits must be ({len(self.masks)}, s, s), got {shape}")
         self._low_res = value
 
+    def _readable_logits(self) -> torch.Tensor | Callable[[], ArrayLike] | None:
+        """The low-res logits, made if they were deferred; where they can no longer be made (the
+        model's weights changed since), a stand-in that raises that error when read, so that
+        copies and selections of the masks still work."""
+        try:
+            return self.low_res_logits
+        except WeightsChangedError as e:
+            return refused(e)
+
     # --- container behaviour -------------------------------------------------------------
 
     def __getstate__(self) -> dict:
         """Pickled with the low-res logits made, not the function that makes them (None where
         they can no longer be made: the model's weights changed since)."""
-        try:
-            self.low_res_logits  # noqa: B018 - reading makes them
-        except WeightsChangedError:
-            return {**self.__dict__, "_low_res": None}
-        return self.__dict__
+        logits = self._readable_logits()
+        return {**self.__dict__, "_low_res": None if callable(logits) else logits}
 
     def __len__(self) -> int:
         return len(self.masks)
@@ -134,10 +141,11 @@ class Results:
     def __getitem__(self, idx: Any) -> Results:
         """Index, slice, list or bool array → a Results holding those masks (an int keeps N=1)."""
         sel = index_positions(idx, len(self))
+        logits = self._readable_logits()
         return self._new(
             self.masks[sel],
             self.boxes[sel],
-            None if self.low_res_logits is None else take(self.low_res_logits, sel),
+            logits if logits is None or callable(logits) else take(logits, sel),
             None if self.records is None else [self.records[i] for i in sel],
         )
 
@@ -156,7 +164,8 @@ class Results:
     def _apply(self, how: str, device: Any = None) -> Results:
         masks = {"cpu": self.masks.cpu, "numpy": self.masks.numpy}.get(how, lambda: self.masks.to(device))()
         boxes = {"cpu": self.boxes.cpu, "numpy": self.boxes.numpy}.get(how, lambda: self.boxes.to(device))()
-        return self._new(masks, boxes, convert(self.low_res_logits, how, device), self.records)
+        logits = self._readable_logits()
+        return self._new(masks, boxes, logits if callable(logits) else convert(logits, how, device), self.records)
 
     def cpu(self) -> Results:
         """A copy with every tensor on the CPU."""

@@ -184,7 +184,7 @@ class RunWriter:
                 self._clip.writer.add(r.plot())
         if self.save:
             h, w = r.orig_shape
-            record = dict(image=dict(file_name=Path(r.path).name, path=r.path, height=h, width=w),
+            record = dict(image=dict(file_name=source_name(r.path), path=r.path, height=h, width=w),
                           speed=speed_ms if speed_ms is not None else dict(r.speed),
                           annotations=r.to_coco(image_id=self.written))
             atomic_write_text(self.folder / f"{stem}.json", json.dumps(record))
