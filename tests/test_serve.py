@@ -242,6 +242,13 @@ def test_mask_input_of_another_image_is_422(client, image_id):
     assert "another image" in body["detail"]
 
 
+def test_count_mismatch_with_mask_input_names_the_field(client, image_id):
+    lid = client.post(f"/api/images/{image_id}/prompt", json={"points": [[5, 5]]}).json()["masks"][0]["logits_id"]
+    body = client.post(f"/api/images/{image_id}/prompt", json={"points": [[5, 5], [9, 9]], "mask_input": [lid]})
+    detail = check_error(body, 422)["detail"]
+    assert "mask_input: 1" in detail and "masks" not in detail
+
+
 @pytest.mark.parametrize("body,field", [({"points_per_side": 0}, "points_per_side"),
                                         ({"crop_n_layers": 9}, "crop_n_layers"),
                                         ({"pred_iou_thresh": 2}, "pred_iou_thresh"),
@@ -265,6 +272,15 @@ def test_prompt_body_that_is_not_json_is_415(client, image_id):
 @pytest.mark.parametrize("data", [b"not an image at all", b"", b"\x89PNG\r\n\x1a\n" + b"\0" * 64])
 def test_not_an_image_is_415(client, data):
     check_error(client.post("/api/images", content=data, headers={"Content-Type": "image/png"}), 415, "file")
+
+
+def test_format_that_cannot_be_sized_before_decoding_is_415(client):
+    # A Radiance .hdr (OpenCV reads it, Pillow cannot): its size is unknown until decoded, and a
+    # few MB can decode to gigabytes, so the server refuses it without decoding.
+    hdr = cv2.imencode(".hdr", np.zeros((400, 400, 3), np.float32))[1].tobytes()
+    r = client.post("/api/images", content=hdr, headers={"Content-Type": "application/octet-stream"})
+    check_error(r, 415, "file")
+    assert "PNG, JPEG" in r.json()["detail"]
 
 
 def test_multipart_without_file_field_is_422(client):
@@ -308,9 +324,31 @@ def test_body_over_size_cap_is_413(client, image_id):
     check_error(client.post(f"/api/images/{image_id}/prompt", content=big_json, headers=JSON), 413, "body")
 
 
-def test_wrong_method_and_route_are_json_4xx(client):
-    check_error(client.get("/api/images"), 405)
+def test_json_bodies_have_a_cap_of_their_own(sam):
+    """A prompt body is refused past 1 MiB even where uploads may be 32 MiB: FastAPI parses JSON on
+    the event loop, so a 30 MB body held every other request for seconds."""
+    from segany.serve.limits import JSON_BODY_BYTES
+
+    with TestClient(create_app(sam, max_body_bytes=32 << 20)) as c:
+        image_id = c.post("/api/images", files={"file": ("img.png", PNG, "image/png")}).json()["id"]
+        url = f"/api/images/{image_id}/prompt"
+        big = b'{"points": [[1, 1]], "pad": "' + b"x" * JSON_BODY_BYTES + b'"}'
+        assert "far smaller" in check_error(c.post(url, content=big, headers=JSON), 413, "body")["detail"]
+        chunks = (big[i: i + 4096] for i in range(0, len(big), 4096))  # no Content-Length
+        check_error(c.post(url, content=chunks, headers=JSON), 413, "body")
+        # the largest request the default caps allow (64 objects of 64 points) is far under it
+        points = [[[float(x), float(y)] for x in range(8) for y in range(8)]] * 64
+        assert len(json.dumps({"points": points})) < JSON_BODY_BYTES // 4
+        assert c.post(url, json={"points": [[10.5, 20.5]]}).status_code == 200
+
+
+def test_wrong_method_and_route_are_json_4xx(client, image_id):
+    assert check_error(client.get("/api/images"), 405) and client.get("/api/images").headers["allow"] == "POST"
+    assert client.delete(f"/api/images/{image_id}/prompt").headers["allow"] == "POST"
     check_error(client.get("/api/nothing"), 404)
+    for path in ("/api/health", "/api/models"):  # HEAD wherever GET
+        head = client.head(path)
+        assert head.status_code == 200 and head.content == b""
 
 
 # ------------------------------------------------------------------------------- worker and CLI

@@ -99,7 +99,9 @@ def create_app(model: Any, device: str = "", max_images: int = 16, max_cache_byt
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_r: Request, e: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"detail": str(e.detail), "field": getattr(e, "field", None)}, status_code=e.status_code)
+        # e.headers: a 405's Allow (the methods the path takes)
+        return JSONResponse({"detail": str(e.detail), "field": getattr(e, "field", None)}, status_code=e.status_code,
+                            headers=e.headers)
 
     async def run(priority: int, fn, *args):
         try:
@@ -135,6 +137,9 @@ def create_app(model: Any, device: str = "", max_images: int = 16, max_cache_byt
         cfg, net = predictor.model_config, predictor.model
         return {"models": [dict(name=name, architecture=getattr(cfg, "name", None), img_size=net.img_size,
                                 device=str(predictor.device), active=True)]}
+
+    for path, endpoint in (("/api/health", health), ("/api/models", models)):  # HEAD wherever GET (uptime checks)
+        app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
 
     @app.post("/api/images", tags=["images"], response_model=ImageInfo, openapi_extra=UPLOAD_DOC)
     async def upload(request: Request) -> ImageInfo:

@@ -14,12 +14,14 @@ Labels = Union[int, list[int], list[list[int]]]
 Boxes = Union[list[float], list[list[float]]]
 MAX_EVERYTHING_POINTS = 64 * 64  # point prompts per segment-everything request, crops included
 _ENGINE_BOXES = re.compile(r"\bbboxes\b")
+_ENGINE_MASKS = re.compile(r"\bmasks(?=: \d)")
 
 
 def api_wording(message: str) -> str:
     """An engine message (error or warning) in the API's names: the engine's argument ``bboxes``
-    is the request field ``boxes`` (see :meth:`PromptRequest.prompts`)."""
-    return _ENGINE_BOXES.sub("boxes", message)
+    is the request field ``boxes``, and ``masks`` counted (``masks: 2``) is ``mask_input`` (see
+    :meth:`PromptRequest.prompts`)."""
+    return _ENGINE_MASKS.sub("mask_input", _ENGINE_BOXES.sub("boxes", message))
 
 
 class ImageInfo(BaseModel):

@@ -108,15 +108,15 @@ class SegmentService:
         except Image.DecompressionBombError as e:  # over twice Pillow's limit: refused from the header
             sizes = bomb_sizes(e)
             raise TooLargeError(self._too_large(f"{sizes[0]} pixels" if sizes else "larger than Pillow reads")) from None
-        except Exception:  # not something Pillow knows: OpenCV may still read it (checked after)
-            w = h = 0
+        except Exception:
+            # Formats only OpenCV reads (Radiance .hdr, ...) cannot be sized before decoding, and a
+            # few MB of them can decode to gigabytes: refused, where a local file would be read.
+            raise ImageError("the upload is not an image in a format this server reads "
+                             "(PNG, JPEG, WebP, TIFF, BMP, GIF, ...)") from None
         self._check_pixels(w, h)
         # No warnings.catch_warnings here: it is not thread-safe, and uploads decode in request
-        # threads while the model thread records a prompt's warnings. What Pillow could not size
-        # is checked after decoding.
-        img = decode_bytes(data, "the upload")
-        self._check_pixels(img.shape[1], img.shape[0])
-        return img
+        # threads while the model thread records a prompt's warnings.
+        return decode_bytes(data, "the upload")
 
     def _check_pixels(self, w: int, h: int) -> None:
         if w * h > self.max_pixels:
