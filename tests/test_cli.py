@@ -152,12 +152,15 @@ def test_info_and_benchmark(small_ckpt, tmp_path):
     cache = tmp_path / "weights-cache"
     cache.mkdir()
     shutil.copy(small_ckpt, cache / "mobile_sam.pt")  # found in the cache under a registry alias
-    info, bench_json, bench_table = run_many([
+    info, bench_json, bench_table, bench_none = run_many([
         ["info", f"model={small_ckpt}", "detailed=True"],
         ["benchmark", f"model=[{small_ckpt},missing_model.pt]", "format=json", "runs=1", "warmup=0",
          "everything=False"],  # a list in brackets, as bboxes= takes them (or comma-separated without)
         ["benchmark", "runs=1", "warmup=0", "everything=False", "device=cpu"],
+        ["benchmark", "model=missing_model.pt", "runs=1"],  # the models named: none could be timed
     ], tmp_path)
+    assert bench_none.returncode == 1 and "none of the models given could be timed" in bench_none.stderr
+    assert "missing_model.pt: not found locally" in bench_none.stdout
     out = ok(info).stdout
     assert "summary:" in out and "4,940,144 parameters" in out and "GFLOPs" in out and "MB" in out
     assert "image_encoder" in out  # the detailed table
@@ -211,6 +214,13 @@ BAD_USAGE = {
     "value missing": (["predict", "--bboxes", "--save"], ["--bboxes needs a value"]),
     "empty value": (["predict", "source="], ["source= has no value"]),
     "benchmark of a folder": (["benchmark", "source=imgs", "runs=1"], ["source=imgs", "one image"]),
+    # the value "help" of a --key is a value (a model, a run folder), not a request for the help
+    "help as a value": (["info", "--model", "help"], ["Checkpoint 'help' not found"]),
+    "option under both names": (["predict", "points_per_side=4", "points_stride=4"],
+                                ["'points_stride' is given twice (as 'points_per_side' and 'points_stride')"]),
+    "option name without value": (["info", "model"], ["'model' needs a value: model=VALUE or --model VALUE"]),
+    "stray word": (["predict", "yes"], ["unexpected argument 'yes'", "source=yes"]),
+    "stray word, no source option": (["info", "yes"], ["unexpected argument 'yes'"]),
 }
 
 
@@ -229,6 +239,8 @@ def bad_usage_runs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
 @pytest.mark.parametrize("case", list(BAD_USAGE))
 def test_bad_usage_exits_2_with_one_line(case, bad_usage_runs):
     one_line_error(bad_usage_runs[case], 2, *BAD_USAGE[case][1])
+    if case == "stray word, no source option":
+        assert "source=" not in bad_usage_runs[case].stderr  # info has no source option
 
 
 def test_failed_predict_leaves_no_run_folder(tmp_path, image, small_ckpt):

@@ -221,7 +221,8 @@ BENCHMARK_HELP = """\
 usage: segany benchmark [model=a.pt,b.pt] [format=table|json|csv] [everything=True] [device='']
 
 Size (MB), parameters (M) and speed (ms per image) of the checkpoints available locally, as in
-the seed's SAM-vs-YOLO table. Nothing is downloaded: missing checkpoints are listed as skipped.
+the seed's SAM-vs-YOLO table. Nothing is downloaded: missing checkpoints are listed as skipped
+(exit status 1 when none of the models named with model= could be timed).
   model       comma-separated names/paths or a list (default: every registry model, timed when
               its checkpoint is in the weights cache; FastSAM/YOLO-seg rows when the
               ultralytics package is installed)
@@ -271,4 +272,8 @@ def run_cli(tokens: list[str]) -> int:
         print(f"segany benchmark on {select_device(str(opts['device']))} (torch {torch.__version__}), "
               f"ms per image, mean of {opts['runs']} run(s)")
     print(format_rows(rows, fmt))
+    if models is not None and not any(r["status"] == "ok" for r in rows):
+        # The models asked for were all skipped: nothing was measured, which a script must see.
+        print("segany: error: none of the models given could be timed (see the reasons above)", file=sys.stderr)
+        return 1
     return 0

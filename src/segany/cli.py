@@ -119,10 +119,12 @@ def _balance(s: str) -> int:
     return s.count("[") + s.count("(") - s.count("]") - s.count(")")
 
 
-def split_args(tokens: list[str], booleans: set[str]) -> list[tuple[str, str | None]]:
+def split_args(tokens: list[str], booleans: set[str], names: frozenset[str] | set[str] = frozenset()
+               ) -> list[tuple[str, str | None]]:
     """``key=value`` / ``--key value`` / ``--key=value`` / ``--flag`` / ``--no-flag`` → (key, raw text).
 
     A raw text of ``None`` means a bare boolean flag (True). Dashes in keys become underscores.
+    ``names``: the command's option names, for the message about a stray argument.
     """
     out: list[tuple[str, str | None]] = []
     i = 0
@@ -152,8 +154,11 @@ def split_args(tokens: list[str], booleans: set[str]) -> list[tuple[str, str | N
         elif tok.startswith("-") and len(tok) > 1 and not _number(tok):
             raise UsageError(f"unknown option '{tok}': options are key=value or --key value")
         else:
-            raise UsageError(f"unexpected argument '{tok}': options are key=value (e.g. source={tok}) "
-                             "or --key value")
+            if tok in names:
+                raise UsageError(f"'{tok}' needs a value: " + (f"{tok}=True or --{tok}" if tok in booleans
+                                                                 else f"{tok}=VALUE or --{tok} VALUE"))
+            example = f" (e.g. source={tok})" if "source" in names and not tok.startswith("=") else ""
+            raise UsageError(f"unexpected argument '{tok}': options are key=value{example} or --key value")
         # Rejoin a list that the shell split at spaces: bboxes=[1, 2, 3, 4]
         while raw is not None and raw.lstrip()[:1] in ("[", "(") and _balance(raw) > 0 and i < len(tokens):
             raw, i = raw + " " + tokens[i], i + 1
@@ -174,14 +179,18 @@ def parse_options(tokens: list[str], valid: dict[str, Any], aliases: dict[str, s
     booleans |= {a for a, k in aliases.items() if k in booleans}
     names = set(valid) | set(aliases)
     out: dict[str, Any] = {}
-    for key, raw in split_args(tokens, booleans):
+    given: dict[str, list[str]] = {}  # option → the names it was given under
+    for key, raw in split_args(tokens, booleans, names):
         if key not in names:
             listed = (f"Valid options: {', '.join(sorted(valid))}" if len(valid) <= 12
                       else f"'segany {command or 'COMMAND'} --help' lists the options")
             raise UsageError(f"unknown option '{key}'.{suggest(key, names)} {listed}")
         canonical = aliases.get(key, key)
         if canonical in out:
-            raise UsageError(f"'{key}' is given twice" + (f" (as '{canonical}')" if canonical != key else ""))
+            both = list(dict.fromkeys([*given[canonical], key]))
+            raise UsageError(f"'{canonical}' is given twice" + (
+                " (as " + " and ".join(f"'{k}'" for k in both) + ")" if len(both) > 1 else ""))
+        given.setdefault(canonical, []).append(key)
         if raw == NO_VALUE:
             raise UsageError(f"--{key} needs a value: --{key} VALUE or {key}=VALUE")
         value = True if raw is None else parse_value(raw, key, as_text=canonical in texts)
@@ -293,7 +302,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _wants_help(args: list[str]) -> bool:
-    return any(a in ("-h", "--help", "help") for a in args)
+    """``-h``, ``--help`` or a bare ``help`` among the options; not ``help`` as the value of a
+    ``--key`` before it (``--name help`` names a run folder)."""
+    return any(a in ("-h", "--help") or (a == "help" and not (i and args[i - 1].startswith("--")
+                                                             and "=" not in args[i - 1]))
+               for i, a in enumerate(args))
 
 
 def _dispatch(args: list[str]) -> int:

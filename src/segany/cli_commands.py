@@ -107,7 +107,7 @@ def run_annotate(tokens: list[str]) -> int:
     defaults, var_kw = _annotate_defaults(fn)
     valid = dict(defaults)
     if var_kw:  # extra keys go to auto_annotate, which checks them itself
-        for key, _ in split_args(tokens, {k for k, v in defaults.items() if isinstance(v, bool)}):
+        for key, _ in split_args(tokens, {k for k, v in defaults.items() if isinstance(v, bool)}, set(defaults)):
             valid.setdefault(key, None)
     opts = parse_options(tokens, valid, command="annotate", texts=TEXT_OPTIONS | {"labels"})  # labels: a path here
     if opts.get("data") is None:
