@@ -231,7 +231,29 @@ def test_prompt_warnings_use_the_api_field_names(client, image_id):
 
 
 def test_invalid_json_is_422(client, image_id):
-    check_error(client.post(f"/api/images/{image_id}/prompt", content=b"{not json", headers=JSON), 422, "body")
+    url = f"/api/images/{image_id}/prompt"
+    check_error(client.post(url, content=b"{not json", headers=JSON), 422, "body")
+    check_error(client.post(url, content=b'{"points": [[1, 1]]}\xff', headers=JSON), 422, "body")  # not UTF-8
+    check_error(client.post(url, content=b"[" * 100_000 + b"]" * 100_000, headers=JSON), 422, "body")  # too deep
+
+
+def test_error_answers_are_those_the_openapi_document_gives(client, image_id):
+    from segany.serve.schemas import ErrorBody
+
+    paths = client.get("/openapi.json").json()["paths"]
+    for path, codes in (("/api/images", {"413", "415", "422", "503"}),
+                        ("/api/images/{image_id}/prompt", {"404", "413", "415", "422", "503"}),
+                        ("/api/images/{image_id}/everything", {"404", "413", "415", "422", "503"})):
+        responses = paths[path]["post"]["responses"]
+        assert codes <= set(responses), path
+        for code in codes:
+            ref = responses[code]["content"]["application/json"]["schema"]["$ref"]
+            assert ref.endswith("/ErrorBody"), (path, code)
+    for r in (client.post(f"/api/images/{image_id}/prompt", json={"points": "x"}),       # pydantic's 422
+              client.post(f"/api/images/{image_id}/prompt", json={"points": [[-5, 5]]}),  # the engine's 422
+              client.post("/api/images/0123/prompt", json={"points": [[5, 5]]}),          # 404
+              client.post("/api/images", content=b"not an image")):                      # 415
+        assert r.status_code >= 400 and ErrorBody.model_validate(r.json()).detail
 
 
 def test_mask_input_of_another_image_is_422(client, image_id):

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ConfigError, ImageError, PromptError, SegAnyError
 from .limits import ApiError, BodyLimitMiddleware, read_body
-from .schemas import EverythingRequest, ImageInfo, PromptRequest, api_wording
+from .schemas import EverythingRequest, ImageInfo, PromptRequest, api_wording, error_responses
 from .service import SegmentService, TooLargeError, content_id
 from .worker import ENCODE, EVERYTHING, PROMPT, ModelWorker, QueueFullError
 
@@ -99,6 +99,11 @@ def create_app(model: Any, device: str = "", max_images: int = 16, max_cache_byt
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_r: Request, e: StarletteHTTPException) -> JSONResponse:
+        if e.status_code == 400 and e.detail == "There was an error parsing the body":
+            # FastAPI's answer to a JSON body that is not UTF-8 or is nested too deeply: a malformed
+            # prompt, as other JSON errors are
+            return JSONResponse({"detail": "body: not valid JSON (not UTF-8 text, or nested too deeply)",
+                                 "field": "body"}, status_code=422)
         # e.headers: a 405's Allow (the methods the path takes)
         return JSONResponse({"detail": str(e.detail), "field": getattr(e, "field", None)}, status_code=e.status_code,
                             headers=e.headers)
@@ -141,7 +146,8 @@ def create_app(model: Any, device: str = "", max_images: int = 16, max_cache_byt
     for path, endpoint in (("/api/health", health), ("/api/models", models)):  # HEAD wherever GET (uptime checks)
         app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
 
-    @app.post("/api/images", tags=["images"], response_model=ImageInfo, openapi_extra=UPLOAD_DOC)
+    @app.post("/api/images", tags=["images"], response_model=ImageInfo, openapi_extra=UPLOAD_DOC,
+              responses=error_responses(400, 413, 415, 422, 503))
     async def upload(request: Request) -> ImageInfo:
         """Upload an image (multipart field ``file``, or the raw bytes as the body). Returns its id
         (content hash) and size; the embedding is computed once and cached."""
@@ -163,7 +169,7 @@ def create_app(model: Any, device: str = "", max_images: int = 16, max_cache_byt
         h, w = entry.state.original_size
         return ImageInfo(id=image_id, width=w, height=h)
 
-    @app.post("/api/images/{image_id}/prompt", tags=["images"])
+    @app.post("/api/images/{image_id}/prompt", tags=["images"], responses=error_responses(404, 413, 415, 422, 503))
     async def prompt(image_id: str, body: PromptRequest) -> dict[str, Any]:
         """Masks for point/box/mask prompts (shapes as in ``SAM(...)``: ``points`` ``[[x, y], ...]`` is
         one object per point, ``[[[x, y], ...]]`` one object with several points; labels 1/0), in
@@ -178,7 +184,7 @@ def create_app(model: Any, device: str = "", max_images: int = 16, max_cache_byt
                 raise ApiError(422, e.args[0], "mask_input") from None
         return await run(PROMPT, service.prompt, entry, prompts, body.multimask_output, body.png, body.polygons)
 
-    @app.post("/api/images/{image_id}/everything", tags=["images"])
+    @app.post("/api/images/{image_id}/everything", tags=["images"], responses=error_responses(404, 413, 415, 422, 503))
     async def everything(image_id: str, body: EverythingRequest | None = None) -> dict[str, Any]:
         """Segment everything (Meta's automatic mask generator parameters, bounded)."""
         entry = cached(image_id)

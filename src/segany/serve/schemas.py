@@ -24,6 +24,21 @@ def api_wording(message: str) -> str:
     return _ENGINE_MASKS.sub("mask_input", _ENGINE_BOXES.sub("boxes", message))
 
 
+class ErrorBody(BaseModel):
+    """Every error answer (4xx/5xx)."""
+
+    detail: str = Field(description="what is wrong and how to fix it")
+    field: Optional[str] = Field(None, description="the request part at fault (a body field, file, image_id, body)")
+    errors: Optional[list[dict[str, Any]]] = Field(None, description="a 422's validation errors, when there are several")
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` for a route's error statuses, all with :class:`ErrorBody`."""
+    what = {400: "malformed request", 404: "unknown image id (upload it again)", 413: "over a size cap",
+            415: "not an image / not JSON", 422: "invalid prompt or options", 503: "queue full: retry"}
+    return {code: {"model": ErrorBody, "description": what[code]} for code in statuses}
+
+
 class ImageInfo(BaseModel):
     id: str = Field(description="content hash of the upload; use it in the other calls")
     width: int
