@@ -42,3 +42,10 @@ def test_bench_gpu_runs_its_attention_ab_on_the_cpu(tmp_path):
 
     assert variants[2:] == [f"ours bf16 {policy}" for policy in POLICIES] and len(POLICIES) >= 9
     assert all("error" not in r and r["rel_err_vs_fp32"] < 0.05 for r in rows)
+
+
+def test_bench_large_prompts_runs(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_large_prompts.py"), "--size", "120", "160",
+                          "--repeat", "1"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "(120x160): 1 box" in res.stdout and "16 boxes" in res.stdout and "3 masks" in res.stdout
